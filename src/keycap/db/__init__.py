@@ -1,0 +1,1 @@
+"""Everything that talks to the database: engines, schema, types and statements."""

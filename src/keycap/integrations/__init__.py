@@ -1,0 +1,1 @@
+"""Framework integrations (the only modules that know HTTP)."""
