@@ -119,3 +119,14 @@ async def client(db_url: str, clock: FakeClock) -> AsyncIterator[APIKeyClient]:
             for table in reversed(metadata.sorted_tables):
                 await conn.execute(delete(table))
         yield c
+
+
+#: Lines the concurrency tests report (admitted counts, final values); printed at the end.
+REPORT: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if REPORT:
+        terminalreporter.section("keycap concurrency results")
+        for line in REPORT:
+            terminalreporter.write_line(line)

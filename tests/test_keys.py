@@ -20,18 +20,31 @@ async def _org(client: APIKeyClient) -> str:
 
 
 def _assert_aware(key: object) -> None:
-    for field in ("created_at", "updated_at", "expires_at", "revoked_at", "disabled_at", "last_used_at"):
+    for field in (
+        "created_at",
+        "updated_at",
+        "expires_at",
+        "revoked_at",
+        "disabled_at",
+        "last_used_at",
+    ):
         value = getattr(key, field)
         if value is not None:
             assert isinstance(value, datetime)
             assert value.tzinfo is UTC, f"{field} came back {value!r}"
 
 
-async def test_create_key_returns_the_plaintext_once(client: APIKeyClient, clock: FakeClock) -> None:
+async def test_create_key_returns_the_plaintext_once(
+    client: APIKeyClient, clock: FakeClock
+) -> None:
     org = await _org(client)
     issued = await client.create_key(
-        org, name="research-agent", scopes=["chat:write", "chat:write"], expires_in="7d",
-        metadata={"user_id": "u_1", "nested": {"n": [1, 2.5, None, True]}}, delegated_by="user_456",
+        org,
+        name="research-agent",
+        scopes=["chat:write", "chat:write"],
+        expires_in="7d",
+        metadata={"user_id": "u_1", "nested": {"n": [1, 2.5, None, True]}},
+        delegated_by="user_456",
     )
     key = issued.key
     assert issued.plaintext.startswith("sk_live_")
@@ -52,7 +65,9 @@ async def test_datetimes_come_back_aware_utc_with_microseconds(
 ) -> None:
     clock.now = datetime(2026, 3, 1, 8, 30, 15, 123456, tzinfo=UTC)
     org = await _org(client)
-    issued = await client.create_key(org, expires_at=datetime(2027, 1, 1, 0, 0, 0, 654321, tzinfo=UTC))
+    issued = await client.create_key(
+        org, expires_at=datetime(2027, 1, 1, 0, 0, 0, 654321, tzinfo=UTC)
+    )
     await client.validate_key(issued.plaintext)
     await client.disable_key(issued.id)
     await client.revoke_key(issued.id)
@@ -63,11 +78,14 @@ async def test_datetimes_come_back_aware_utc_with_microseconds(
         assert key.last_used_at == clock.now
 
 
-async def test_list_keys_filters_in_sql_and_paginates(client: APIKeyClient, clock: FakeClock) -> None:
+async def test_list_keys_filters_in_sql_and_paginates(
+    client: APIKeyClient, clock: FakeClock
+) -> None:
     org = await _org(client)
     other = (await client.create_organization("Other")).id
     project = (await client.create_project(org, "p")).id
     product = (await client.create_product(org, "x")).id
+
     async def create(org_id: str, name: str, **kw: object) -> APIKey:
         clock.advance(seconds=1)  # list order is creation time
         return (await client.create_key(org_id, name=name, **kw)).key  # type: ignore[arg-type]
@@ -94,11 +112,17 @@ async def test_list_keys_filters_in_sql_and_paginates(client: APIKeyClient, cloc
     assert await names(product_id=product) == ["product"]
     assert len(await client.list_keys()) == 7
     assert await names(org_id=org, limit=2, offset=1) == ["project", "product"]
-    assert {active.id, scoped.id, narrowed.id, expiring.id} <= {k.id for k in await client.list_keys(org_id=org)}
+    assert {active.id, scoped.id, narrowed.id, expiring.id} <= {
+        k.id for k in await client.list_keys(org_id=org)
+    }
     for key in await client.list_keys(org_id=org):
         assert (await client.get_key(key.id)).status_at(clock.now) == {
-            "active": KeyStatus.ACTIVE, "project": KeyStatus.ACTIVE, "product": KeyStatus.ACTIVE,
-            "expiring": KeyStatus.EXPIRED, "revoked": KeyStatus.REVOKED, "disabled": KeyStatus.DISABLED,
+            "active": KeyStatus.ACTIVE,
+            "project": KeyStatus.ACTIVE,
+            "product": KeyStatus.ACTIVE,
+            "expiring": KeyStatus.EXPIRED,
+            "revoked": KeyStatus.REVOKED,
+            "disabled": KeyStatus.DISABLED,
         }[key.name]
     with pytest.raises(InvalidArgumentError):
         await client.list_keys(status="bogus")
@@ -106,7 +130,9 @@ async def test_list_keys_filters_in_sql_and_paginates(client: APIKeyClient, cloc
 
 async def test_update_key(client: APIKeyClient, clock: FakeClock) -> None:
     org = await _org(client)
-    issued = await client.create_key(org, name="a", scopes=["x"], expires_in="1h", metadata={"a": 1})
+    issued = await client.create_key(
+        org, name="a", scopes=["x"], expires_in="1h", metadata={"a": 1}
+    )
     clock.advance(minutes=1)
     updated = await client.update_key(issued.id, name="b", scopes=["y", "x"], metadata={"b": 2})
     assert (updated.name, updated.scopes, updated.metadata) == ("b", ("x", "y"), {"b": 2})

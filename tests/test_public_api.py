@@ -62,7 +62,10 @@ T = datetime(2026, 1, 1, tzinfo=UTC)
     ("error", "data"),
     [
         (errors.InvalidKeyError(), {}),
-        (errors.ExpiredKeyError(T, key_id="key_x"), {"expired_at": T.isoformat(), "key_id": "key_x"}),
+        (
+            errors.ExpiredKeyError(T, key_id="key_x"),
+            {"expired_at": T.isoformat(), "key_id": "key_x"},
+        ),
         (errors.RevokedKeyError(T), {"revoked_at": T.isoformat()}),
         (errors.DisabledKeyError(T), {"disabled_at": T.isoformat()}),
         (errors.ForbiddenError("product"), {"reason": "product"}),

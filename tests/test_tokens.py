@@ -89,7 +89,15 @@ def test_huge_input_is_rejected_before_any_work() -> None:
 
 
 @pytest.mark.parametrize(
-    ("prefix", "env"), [("", "live"), ("sk_", "live"), ("SK", "live"), ("sk", "li ve"), ("sk", "x" * 17), ("1sk", "live")]
+    ("prefix", "env"),
+    [
+        ("", "live"),
+        ("sk_", "live"),
+        ("SK", "live"),
+        ("sk", "li ve"),
+        ("sk", "x" * 17),
+        ("1sk", "live"),
+    ],
 )
 def test_bad_prefix_or_environment_is_a_configuration_error(prefix: str, env: str) -> None:
     with pytest.raises(ConfigurationError):

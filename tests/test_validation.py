@@ -157,7 +157,11 @@ async def test_tenancy_rules_agree_in_sql_and_in_python(
     issued = await client.create_key(
         w.org, project_id=names[key_project], product_id=names[key_product]
     )
-    asked = {"org_id": names.get(org), "project_id": names.get(project), "product_id": names.get(product)}
+    asked = {
+        "org_id": names.get(org),
+        "project_id": names.get(project),
+        "product_id": names.get(product),
+    }
     for track in (True, False):
         if granted:
             key = await client.validate_key(issued.plaintext, track_usage=track, **asked)
@@ -185,7 +189,9 @@ async def test_scope_rules_agree_in_sql_and_in_python(client: APIKeyClient) -> N
     ]:
         for track in (True, False):
             if ok:
-                await client.validate_key(issued.plaintext, required_scopes=required, track_usage=track)
+                await client.validate_key(
+                    issued.plaintext, required_scopes=required, track_usage=track
+                )
             else:
                 with pytest.raises(InsufficientScopeError):
                     await client.validate_key(
@@ -199,7 +205,11 @@ async def test_a_rejected_call_writes_nothing(client: APIKeyClient, clock: FakeC
     await client.validate_key(issued.plaintext)
     before = await row_of(client, issued.id)
     clock.advance(minutes=1)
-    for kwargs in ({"required_scopes": ["b"]}, {"org_id": "org_AAAAAAAAAAAAAAAA"}, {"product_id": "prod_AAAAAAAAAAAAAAAA"}):
+    for kwargs in (
+        {"required_scopes": ["b"]},
+        {"org_id": "org_AAAAAAAAAAAAAAAA"},
+        {"product_id": "prod_AAAAAAAAAAAAAAAA"},
+    ):
         with pytest.raises(KeyRejectedError):
             await client.validate_key(issued.plaintext, **kwargs)  # type: ignore[arg-type]
     clock.advance(hours=1)
@@ -241,13 +251,11 @@ async def test_statements_per_validation(client: APIKeyClient, backend: str) -> 
     with count_statements(client) as seen:
         await client.validate_key(issued.plaintext, required_scopes=["a"], track_usage=False)
     assert len(seen) == 1 and seen[0].lstrip().upper().startswith("SELECT")
-    with count_statements(client) as seen:
-        with pytest.raises(InvalidKeyError):
-            await client.validate_key(issued.plaintext[:-1] + "x")
+    with count_statements(client) as seen, pytest.raises(InvalidKeyError):
+        await client.validate_key(issued.plaintext[:-1] + "x")
     assert seen == []  # refused on format/checksum, no I/O
-    with count_statements(client) as seen:
-        with pytest.raises(InsufficientScopeError):
-            await client.validate_key(issued.plaintext, required_scopes=["b"])
+    with count_statements(client) as seen, pytest.raises(InsufficientScopeError):
+        await client.validate_key(issued.plaintext, required_scopes=["b"])
     assert len(seen) <= 2
 
 
@@ -277,7 +285,9 @@ async def test_a_key_of_another_prefix_or_environment_is_invalid(
     client: APIKeyClient, clock: FakeClock
 ) -> None:
     org = (await client.create_organization("A")).id
-    test_env = APIKeyClient(client._db.engine, signing_secret=SECRET, environment="test", clock=clock)
+    test_env = APIKeyClient(
+        client._db.engine, signing_secret=SECRET, environment="test", clock=clock
+    )
     issued = await test_env.create_key(org)
     assert issued.plaintext.startswith("sk_test_")
     await test_env.validate_key(issued.plaintext)

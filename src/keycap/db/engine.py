@@ -124,7 +124,9 @@ def translate(error: BaseException) -> KeycapError:
         detail = _describe(error)
         if error.connection_invalidated or isinstance(error, exc.InterfaceError):
             return DatabaseUnavailableError(f"database unavailable: {detail}")
-        if isinstance(error, exc.OperationalError) and not detail.lower().startswith(
+        # SQLite reports schema mistakes as OperationalError too; those are not outages.
+        message = str(error.orig).strip().lower()
+        if isinstance(error, exc.OperationalError) and not message.startswith(
             _SQLITE_NOT_UNAVAILABLE
         ):
             return DatabaseUnavailableError(f"database unavailable: {detail}")

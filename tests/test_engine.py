@@ -1,0 +1,95 @@
+"""URLs, drivers, engines the app owns, and what an unreachable database looks like."""
+
+import pytest
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from keycap import (
+    APIKeyClient,
+    ConfigurationError,
+    DatabaseError,
+    DatabaseUnavailableError,
+)
+from keycap.db.engine import normalize_url
+from keycap.tokens import KeyFormat
+from tests.conftest import SECRET
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("sqlite:///app.db", "sqlite+aiosqlite:///app.db"),
+        ("sqlite://", "sqlite+aiosqlite://"),
+        ("postgresql://u@h/db", "postgresql+asyncpg://u@h/db"),
+        ("postgres://u@h/db", "postgresql+asyncpg://u@h/db"),
+        ("postgresql+asyncpg://u@h/db", "postgresql+asyncpg://u@h/db"),
+        ("postgresql+psycopg://u@h/db", "postgresql+psycopg://u@h/db"),
+        ("mysql://u@h/db", "mysql+aiomysql://u@h/db?charset=utf8mb4"),
+        ("mariadb://u@h/db", "mariadb+aiomysql://u@h/db?charset=utf8mb4"),
+        ("mysql+asyncmy://u@h/db?charset=utf8mb4", "mysql+asyncmy://u@h/db?charset=utf8mb4"),
+    ],
+)
+def test_plain_urls_map_to_async_drivers(raw: str, expected: str) -> None:
+    assert normalize_url(raw).render_as_string(hide_password=False) == expected
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "postgresql+psycopg2://u:secretpw@h/db",
+        "mysql+pymysql://u:secretpw@h/db",
+        "mysql+mysqldb://u:secretpw@h/db",
+        "sqlite+pysqlite:///x.db",
+        "oracle://u:secretpw@h/db",
+        "not a url secretpw",
+        "",
+        None,
+        42,
+    ],
+)
+def test_bad_urls_are_configuration_errors_that_hide_passwords(raw: object) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        APIKeyClient(raw, signing_secret=SECRET)  # type: ignore[arg-type]
+    assert "secretpw" not in str(info.value)
+
+
+async def test_an_app_owned_engine_is_not_disposed(db_url: str) -> None:
+    engine = create_async_engine(normalize_url(db_url))
+    async with APIKeyClient(engine, signing_secret=SECRET) as client:
+        await client.list_organizations()
+    async with engine.connect() as conn:  # still usable
+        await conn.exec_driver_sql("SELECT 1")
+    await engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://keycap:secretpw@127.0.0.1:1/keycap",
+        "mysql://keycap:secretpw@127.0.0.1:1/keycap",
+        "sqlite:////nonexistent-dir/sub/keycap.db",
+    ],
+)
+async def test_unreachable_database_is_typed_and_hides_the_password(url: str) -> None:
+    async with APIKeyClient(url, signing_secret=SECRET) as client:
+        with pytest.raises(DatabaseUnavailableError) as info:
+            await client.validate_key(KeyFormat().generate()[1])  # well formed: reaches I/O
+        with pytest.raises(DatabaseUnavailableError):
+            await client.list_organizations()
+        with pytest.raises(DatabaseUnavailableError):
+            await client.create_organization("A")
+    assert "secretpw" not in str(info.value) and "secretpw" not in repr(info.value)
+
+
+async def test_missing_tables_are_a_database_error(tmp_path: object) -> None:
+    async with APIKeyClient(f"sqlite:///{tmp_path}/empty.db", signing_secret=SECRET) as client:
+        with pytest.raises(DatabaseError) as info:
+            await client.list_organizations()
+    assert not isinstance(info.value, DatabaseUnavailableError)
+
+
+async def test_in_memory_sqlite_works_for_quick_experiments() -> None:
+    async with APIKeyClient("sqlite://", signing_secret=SECRET) as client:
+        await client.create_tables()
+        org = await client.create_organization("A")
+        issued = await client.create_key(org.id)
+        assert (await client.validate_key(issued.plaintext)).use_count == 1
