@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from sqlalchemy import event, exc
@@ -148,6 +148,20 @@ def _describe(error: exc.DBAPIError) -> str:
     return f"{type(orig).__name__}: {first[:200]}" if first else type(orig).__name__
 
 
+@asynccontextmanager
+async def _translated(
+    connecting: AbstractAsyncContextManager[AsyncConnection],
+) -> AsyncIterator[AsyncConnection]:
+    """Enter ``connecting``; whatever the driver raises inside comes out as a KeycapError."""
+    try:
+        async with connecting as conn:
+            yield conn
+    except KeycapError:
+        raise
+    except Exception as error:
+        raise translate(error) from error
+
+
 class Database:
     """The engine and the two ways keycap talks to it.
 
@@ -167,23 +181,13 @@ class Database:
 
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[AsyncConnection]:
-        try:
-            async with self.engine.begin() as conn:
-                yield conn
-        except KeycapError:
-            raise
-        except Exception as error:
-            raise translate(error) from error
+        async with _translated(self.engine.begin()) as conn:
+            yield conn
 
     @asynccontextmanager
     async def autocommit(self) -> AsyncIterator[AsyncConnection]:
-        try:
-            async with self._autocommit.connect() as conn:
-                yield conn
-        except KeycapError:
-            raise
-        except Exception as error:
-            raise translate(error) from error
+        async with _translated(self._autocommit.connect()) as conn:
+            yield conn
 
     async def dispose(self) -> None:
         if self.owned:

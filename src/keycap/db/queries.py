@@ -169,22 +169,18 @@ async def insert_key(
     org_id = values["org_id"]
     try:
         async with db.begin() as conn:
-            if project_id is not None:
-                found = await conn.scalar(
-                    select(projects.c.id).where(
-                        projects.c.id == project_id, projects.c.org_id == org_id
+            for table, resource, id_ in (
+                (projects, "project", project_id),
+                (products, "product", product_id),
+            ):
+                if (
+                    id_ is not None
+                    and await conn.scalar(
+                        select(table.c.id).where(table.c.id == id_, table.c.org_id == org_id)
                     )
-                )
-                if found is None:
-                    raise NotFoundError("project", project_id)
-            if product_id is not None:
-                found = await conn.scalar(
-                    select(products.c.id).where(
-                        products.c.id == product_id, products.c.org_id == org_id
-                    )
-                )
-                if found is None:
-                    raise NotFoundError("product", product_id)
+                    is None
+                ):
+                    raise NotFoundError(resource, id_)
             if project_id is not None and product_id is not None:
                 linked = await conn.scalar(
                     select(literal(1)).where(

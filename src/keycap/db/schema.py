@@ -60,33 +60,30 @@ organizations = Table(
     **_MYSQL,
 )
 
-projects = Table(
-    "keycap_projects",
-    metadata,
-    Column("id", String(ID), nullable=False),
-    Column("org_id", String(ID), nullable=False),
-    Column("name", String(NAME), nullable=False),
-    Column("created_at", UTCDateTime(), nullable=False),
-    PrimaryKeyConstraint("id"),
-    UniqueConstraint("org_id", "name"),
-    UniqueConstraint("org_id", "id"),
-    ForeignKeyConstraint(["org_id"], [organizations.c.id], ondelete="CASCADE"),
-    **_MYSQL,
-)
 
-products = Table(
-    "keycap_products",
-    metadata,
-    Column("id", String(ID), nullable=False),
-    Column("org_id", String(ID), nullable=False),
-    Column("name", String(NAME), nullable=False),
-    Column("created_at", UTCDateTime(), nullable=False),
-    PrimaryKeyConstraint("id"),
-    UniqueConstraint("org_id", "name"),
-    UniqueConstraint("org_id", "id"),
-    ForeignKeyConstraint(["org_id"], [organizations.c.id], ondelete="CASCADE"),
-    **_MYSQL,
-)
+def _org_child(name: str) -> Table:
+    """A table of things an organization owns, named uniquely within it (projects, products).
+
+    ``(org_id, id)`` is unique so that other tables can reference it with a
+    composite foreign key that pins the organization.
+    """
+    return Table(
+        name,
+        metadata,
+        Column("id", String(ID), nullable=False),
+        Column("org_id", String(ID), nullable=False),
+        Column("name", String(NAME), nullable=False),
+        Column("created_at", UTCDateTime(), nullable=False),
+        PrimaryKeyConstraint("id"),
+        UniqueConstraint("org_id", "name"),
+        UniqueConstraint("org_id", "id"),
+        ForeignKeyConstraint(["org_id"], [organizations.c.id], ondelete="CASCADE"),
+        **_MYSQL,
+    )
+
+
+projects = _org_child("keycap_projects")
+products = _org_child("keycap_products")
 
 project_products = Table(
     "keycap_project_products",
