@@ -93,3 +93,13 @@ async def test_in_memory_sqlite_works_for_quick_experiments() -> None:
         org = await client.create_organization("A")
         issued = await client.create_key(org.id)
         assert (await client.validate_key(issued.plaintext)).use_count == 1
+
+
+async def test_a_broken_clock_is_a_configuration_error(db_url: str) -> None:
+    from datetime import datetime
+
+    with pytest.raises(ConfigurationError):
+        APIKeyClient(db_url, signing_secret=SECRET, clock="now")  # type: ignore[arg-type]
+    async with APIKeyClient(db_url, signing_secret=SECRET, clock=datetime.now) as client:
+        with pytest.raises(ConfigurationError, match="clock"):
+            await client.create_organization("A")  # datetime.now() is naive

@@ -148,3 +148,62 @@ def test_the_wheel_ships_the_migrations(tmp_path: Path) -> None:
         "keycap/migrations/script.py.mako",
         "keycap/migrations/versions/0001_initial_keycap_schema.py",
     } <= names
+
+
+APP_ENV_PY = """
+from alembic import context
+from sqlalchemy import create_engine
+import keycap.migrations
+
+def do_run_migrations(connection):
+    context.configure(connection=connection, target_metadata=None,
+                      include_name=lambda name, type_, parents:
+                          not (type_ == "table" and name.startswith("keycap_")))
+    with context.begin_transaction():
+        context.run_migrations()
+    keycap.migrations.upgrade_connection(connection)
+
+with create_engine(context.config.get_main_option("sqlalchemy.url")).begin() as connection:
+    do_run_migrations(connection)
+"""
+
+APP_REVISION = """
+from alembic import op
+import sqlalchemy as sa
+revision = "app1"
+down_revision = None
+def upgrade():
+    op.create_table("app_orders", sa.Column("id", sa.Integer, primary_key=True))
+"""
+
+
+def test_the_documented_recipe_for_an_apps_own_env_py(tmp_path: Path) -> None:
+    """docs/migrations.md: the app's env.py runs its migrations, then keycap's."""
+    (tmp_path / "versions").mkdir()
+    (tmp_path / "env.py").write_text(APP_ENV_PY)
+    (tmp_path / "versions" / "app1.py").write_text(APP_REVISION)
+    (tmp_path / "script.py.mako").write_text("")
+    db = tmp_path / "app.db"
+    (tmp_path / "alembic.ini").write_text(
+        f"[alembic]\nscript_location = {tmp_path}\nsqlalchemy.url = sqlite:///{db}\n"
+    )
+    for _ in range(2):  # and again, when both are already at head
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "alembic",
+                "-c",
+                str(tmp_path / "alembic.ini"),
+                "upgrade",
+                "head",
+            ],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+    tables = asyncio.run(_table_names(f"sqlite:///{db}"))
+    assert {"app_orders", "alembic_version", "keycap_alembic_version", *KEYCAP_TABLES} <= tables

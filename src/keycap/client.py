@@ -19,6 +19,7 @@ from keycap.db.schema import keys, organizations, products, projects
 from keycap.db.schema import metadata as schema_metadata
 from keycap.errors import (
     AlreadyExistsError,
+    ConfigurationError,
     DatabaseError,
     InvalidArgumentError,
     InvalidKeyError,
@@ -77,6 +78,8 @@ class APIKeyClient:
         self._format = tokens.KeyFormat(key_prefix, environment)
         self._ring = PepperRing(signing_secret)
         self._track_usage = inputs.flag(track_usage, "track_usage")
+        if clock is not None and not callable(clock):
+            raise ConfigurationError("clock must be a callable returning an aware datetime")
         self._clock = clock or timeutil.utcnow
         if isinstance(database, AsyncEngine):
             self._db = Database(database, owned=False)
@@ -104,7 +107,10 @@ class APIKeyClient:
         await self._db.dispose()
 
     def _now(self) -> datetime:
-        return timeutil.aware_utc(self._clock(), "clock()")
+        try:
+            return timeutil.aware_utc(self._clock(), "clock()")
+        except InvalidArgumentError as error:
+            raise ConfigurationError(f"the client's clock is broken: {error.problem}") from None
 
     # --- schema ---------------------------------------------------------------------
 

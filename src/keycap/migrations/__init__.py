@@ -37,12 +37,33 @@ def config(url: str | None = None) -> Any:
 
 def upgrade_connection(connection: Any, revision: str = "head") -> None:
     """Upgrade keycap's tables on an open *sync* connection (inside ``run_sync``, or
-    in an app's own env.py). Runs in the connection's current transaction."""
-    from alembic import command
+    at the end of an app's own env.py), in the connection's current transaction.
 
-    cfg = config()
-    cfg.attributes["connection"] = connection
-    command.upgrade(cfg, revision)
+    Alembic's ``context`` proxy does not nest: ``alembic.command.upgrade`` called
+    from inside another Alembic run would tear down the caller's proxy. So this
+    drives a ``MigrationContext`` directly; keycap's revisions use only ``op``.
+    """
+    from alembic.operations import Operations
+    from alembic.runtime.migration import MigrationContext, MigrationStep
+    from alembic.script import ScriptDirectory
+
+    from keycap.db.schema import metadata
+
+    script = ScriptDirectory(SCRIPT_LOCATION)
+
+    def steps(current: Any, _context: Any) -> list[Any]:
+        revisions = script.iterate_revisions(revision, current, implicit_base=True)
+        return [
+            MigrationStep.upgrade_from_script(script.revision_map, rev)
+            for rev in reversed(list(revisions))
+        ]
+
+    context = MigrationContext.configure(
+        connection,
+        opts={"version_table": VERSION_TABLE, "target_metadata": metadata, "fn": steps},
+    )
+    with Operations.context(context), context.begin_transaction():
+        context.run_migrations()
 
 
 def upgrade(url: str, revision: str = "head") -> None:
