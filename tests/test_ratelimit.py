@@ -1,0 +1,86 @@
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+
+from keycap import ratelimit
+from keycap.errors import InvalidArgumentError
+from keycap.ratelimit import RateLimit, admits, remaining, retry_after_ms, view
+
+MIN = 60_000
+
+
+def test_rate_limit_value_object() -> None:
+    rl = RateLimit(100, "minute")
+    assert (rl.units, rl.window_ms, rl.key) == (100, MIN, "100/minute")
+    assert RateLimit(Decimal("1000"), "minute", meter="tokens").units == 10**9
+    assert RateLimit(5, timedelta(seconds=90), name="burst").key == "burst"
+    for bad in (
+        RateLimit(1.5),
+        RateLimit(-1),
+        RateLimit(1, "fortnight"),
+        RateLimit(1, timedelta(days=31)),
+        RateLimit(1, timedelta(microseconds=1500)),
+        RateLimit(1, name="bad name"),
+    ):
+        with pytest.raises(InvalidArgumentError):
+            _ = (bad.units, bad.window_ms, bad.key)
+
+
+def test_a_fresh_burst_is_capped_at_exactly_the_limit() -> None:
+    start, cur, prev = 0, 0, 0
+    admitted = 0
+    now = 10 * MIN + 12_345
+    for _ in range(500):
+        v = view(MIN, now, start, cur, prev)
+        if admits(100, v, 1):
+            admitted += 1
+            start, prev, cur = v.aligned, v.previous, v.current + 1
+    assert admitted == 100
+
+
+def test_no_double_burst_across_a_boundary() -> None:
+    # 100 at the very end of one window, then a burst right after the boundary.
+    v = view(MIN, 2 * MIN - 1, 0, 0, 0)
+    start, prev, cur = v.aligned, 0, 100
+    v = view(MIN, 2 * MIN + 1, start, cur, prev)
+    assert remaining(100, v) == 0
+    assert not admits(100, v, 1)
+
+
+def test_lagging_clock_joins_the_newer_window() -> None:
+    v = view(MIN, 5 * MIN - 10, 5 * MIN, 7, 3)  # stored window is ahead of this clock
+    assert (v.aligned, v.current, v.previous, v.weight) == (5 * MIN, 7, 3, 1000)
+
+
+@pytest.mark.parametrize(
+    ("limit", "stored", "cur", "prev", "now", "cost"),
+    [
+        (100, 10 * MIN, 100, 0, 10 * MIN + 5_000, 1),
+        (100, 10 * MIN, 60, 80, 10 * MIN + 5_000, 1),
+        (100, 10 * MIN, 60, 80, 10 * MIN + 5_000, 30),
+        (10, 10 * MIN, 3, 10, 10 * MIN + 59_999, 5),
+        (7, 10 * MIN, 7, 7, 10 * MIN + 1, 7),
+        (100, 9 * MIN, 100, 50, 10 * MIN + 100, 1),
+        (3, 10 * MIN, 0, 3, 10 * MIN, 1),
+    ],
+)
+def test_retry_after_is_exact(
+    limit: int, stored: int, cur: int, prev: int, now: int, cost: int
+) -> None:
+    v = view(MIN, now, stored, cur, prev)
+    wait = retry_after_ms(limit, MIN, now, v, cost)
+    assert wait is not None
+    # Nothing else happens meanwhile: the stored counters stay as they are.
+    assert admits(limit, view(MIN, now + wait, stored, cur, prev), cost)
+    if wait > 0:
+        assert not admits(limit, view(MIN, now + wait - 1, stored, cur, prev), cost)
+
+
+def test_a_cost_above_the_limit_never_fits() -> None:
+    assert retry_after_ms(10, MIN, 0, view(MIN, 0, 0, 0, 0), 11) is None
+
+
+def test_window_aliases() -> None:
+    assert ratelimit.window_ms("second") == 1000
+    assert ratelimit.window_ms("month") == 30 * 86_400_000
