@@ -3,24 +3,44 @@
 Start with :class:`APIKeyClient`; every error is a :class:`KeycapError`.
 """
 
+from keycap.budgets import Budget
 from keycap.client import APIKeyClient
 from keycap.errors import (
     AlreadyExistsError,
+    BudgetExceededError,
     ConfigurationError,
     DatabaseError,
     DatabaseUnavailableError,
     DisabledKeyError,
     ExpiredKeyError,
     ForbiddenError,
+    HoldClosedError,
     InsufficientScopeError,
     InvalidArgumentError,
     InvalidKeyError,
     KeycapError,
     KeyRejectedError,
     NotFoundError,
+    RateLimitedError,
     RevokedKeyError,
+    UsageExhaustedError,
 )
-from keycap.models import APIKey, IssuedKey, KeyStatus, Organization, Product, Project
+from keycap.models import (
+    APIKey,
+    BudgetAlert,
+    BudgetStatus,
+    Charge,
+    Hold,
+    IssuedKey,
+    KeyStatus,
+    Organization,
+    Product,
+    Project,
+    RateLimitStatus,
+    Settlement,
+    UsageRow,
+)
+from keycap.ratelimit import RateLimit
 
 __version__ = "0.1.0"
 
@@ -28,12 +48,19 @@ __all__ = [
     "APIKey",
     "APIKeyClient",
     "AlreadyExistsError",
+    "Budget",
+    "BudgetAlert",
+    "BudgetExceededError",
+    "BudgetStatus",
+    "Charge",
     "ConfigurationError",
     "DatabaseError",
     "DatabaseUnavailableError",
     "DisabledKeyError",
     "ExpiredKeyError",
     "ForbiddenError",
+    "Hold",
+    "HoldClosedError",
     "InsufficientScopeError",
     "InvalidArgumentError",
     "InvalidKeyError",
@@ -45,5 +72,11 @@ __all__ = [
     "Organization",
     "Product",
     "Project",
+    "RateLimit",
+    "RateLimitStatus",
+    "RateLimitedError",
     "RevokedKeyError",
+    "Settlement",
+    "UsageExhaustedError",
+    "UsageRow",
 ]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from enum import Enum
 from types import TracebackType
@@ -11,22 +12,41 @@ from typing import Any, Final, Self
 from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from keycap import ids, inputs, policy, timeutil, tokens
+from keycap import ids, inputs, metering, money, policy, timeutil, tokens
 from keycap import scopes as scope_rules
+from keycap.budgets import Budget, BudgetSpec
+from keycap.db import metering as db_metering
 from keycap.db import queries, rows
 from keycap.db.engine import Database, create_engine
+from keycap.db.schema import budgets as budgets_table
 from keycap.db.schema import keys, organizations, products, projects
 from keycap.db.schema import metadata as schema_metadata
+from keycap.db.schema import rate_limits as rate_limits_table
 from keycap.errors import (
     AlreadyExistsError,
     ConfigurationError,
     DatabaseError,
+    HoldClosedError,
     InvalidArgumentError,
     InvalidKeyError,
     NotFoundError,
 )
 from keycap.hashing import PepperRing
-from keycap.models import APIKey, IssuedKey, KeyStatus, Organization, Product, Project
+from keycap.models import (
+    APIKey,
+    BudgetStatus,
+    Charge,
+    Hold,
+    IssuedKey,
+    KeyStatus,
+    Organization,
+    Product,
+    Project,
+    RateLimitStatus,
+    Settlement,
+    UsageRow,
+)
+from keycap.ratelimit import RateLimit
 from keycap.timeutil import Clock
 
 __all__ = ["UNSET", "APIKeyClient"]
@@ -44,6 +64,7 @@ UNSET: Final = _Unset.UNSET
 
 # Attempts of validate_key when the key changes between its statements.
 _VALIDATE_ATTEMPTS = 3
+_MAX_HOLD_TTL = timedelta(days=30)
 
 
 class APIKeyClient:
@@ -59,7 +80,10 @@ class APIKeyClient:
         environment: the second part (``live``, ``test``).
         track_usage: record ``last_used_at`` and ``use_count`` on each accepted
             validation (default True; also settable per call).
-        clock: returns the current aware datetime; inject one in tests.
+        clock: returns the current aware datetime; inject one in tests. Rate
+            windows and budget periods follow it too (docs/limits-and-budgets.md).
+        on_budget_alert: ``async def handler(alert: BudgetAlert)``, awaited after
+            commit once for each alert threshold a charge crosses.
 
     Raises:
         ConfigurationError: a bad URL, a missing driver, or bad secrets/prefixes.
@@ -74,6 +98,7 @@ class APIKeyClient:
         environment: str = "live",
         track_usage: bool = True,
         clock: Clock | None = None,
+        on_budget_alert: metering.AlertHandler | None = None,
     ) -> None:
         self._format = tokens.KeyFormat(key_prefix, environment)
         self._ring = PepperRing(signing_secret)
@@ -81,6 +106,9 @@ class APIKeyClient:
         if clock is not None and not callable(clock):
             raise ConfigurationError("clock must be a callable returning an aware datetime")
         self._clock = clock or timeutil.utcnow
+        if on_budget_alert is not None and not callable(on_budget_alert):
+            raise ConfigurationError("on_budget_alert must be an async callable")
+        self._on_alert = on_budget_alert
         if isinstance(database, AsyncEngine):
             self._db = Database(database, owned=False)
         else:
@@ -292,6 +320,9 @@ class APIKeyClient:
         expires_at: datetime | None = None,
         metadata: dict[str, Any] | None = None,
         delegated_by: str | None = None,
+        max_uses: int | None = None,
+        rate_limits: Sequence[RateLimit] = (),
+        budgets: Sequence[Budget] = (),
     ) -> IssuedKey:
         """Issue a key. Its plaintext is in the result, once; only a digest is stored.
 
@@ -304,6 +335,10 @@ class APIKeyClient:
             expires_in: a duration (``"7d"``), or ``expires_at``: an aware datetime.
             metadata: a JSON object of at most 16 KiB, returned with the key.
             delegated_by: who the key acts for (a user id, a parent key id).
+            max_uses: a lifetime cap on accepted validations ("activations").
+            rate_limits: the key's own rate limits (:class:`RateLimit`).
+            budgets: the key's own budgets (:class:`Budget`). Limits and budgets
+                are created in the same transaction as the key.
 
         Raises:
             NotFoundError: the organization, project or product does not exist in that org.
@@ -317,6 +352,9 @@ class APIKeyClient:
         granted = scope_rules.normalize(scopes, "scopes")
         meta = inputs.metadata(metadata)
         delegated = None if delegated_by is None else inputs.text(delegated_by, "delegated_by")
+        cap = _max_uses(max_uses)
+        limit_specs = _sequence(rate_limits, RateLimit, "rate_limits")
+        budget_specs = [BudgetSpec.of(b) for b in _sequence(budgets, Budget, "budgets")]
         now = self._now()
         expiry = timeutil.resolve_expiry(expires_in, expires_at, now)
 
@@ -340,8 +378,14 @@ class APIKeyClient:
             "disabled_at": None,
             "last_used_at": None,
             "use_count": 0,
+            "max_uses": cap,
         }
-        await queries.insert_key(self._db, values, project_id, product_id)
+        subject = db_metering.Subject(values["id"], org_id, project_id, values["id"])
+        extra = [
+            (rate_limits_table, [_rate_limit_row(subject, rl, now) for rl in limit_specs]),
+            (budgets_table, [_budget_row(subject, spec, now) for spec in budget_specs]),
+        ]
+        await queries.insert_key(self._db, values, project_id, product_id, extra)
         key = rows.to_key({**values, "scopes": granted})
         return IssuedKey.model_construct(key=key, plaintext=plaintext)
 
@@ -399,9 +443,11 @@ class APIKeyClient:
         metadata: dict[str, Any] | _Unset = UNSET,
         expires_in: str | timedelta | _Unset = UNSET,
         expires_at: datetime | _Unset | None = UNSET,
+        max_uses: int | _Unset | None = UNSET,
     ) -> APIKey:
-        """Change a key's name, scopes, metadata or expiry (``expires_at=None``: never).
-        Arguments left out are unchanged. Takes effect on the next validation.
+        """Change a key's name, scopes, metadata, expiry (``expires_at=None``: never) or
+        usage cap (``max_uses=None``: none). Arguments left out are unchanged. Takes
+        effect on the next validation.
 
         Raises: NotFoundError, InvalidArgumentError.
         """
@@ -414,6 +460,8 @@ class APIKeyClient:
             values["scopes"] = scope_rules.encode(scope_rules.normalize(scopes, "scopes"))
         if metadata is not UNSET:
             values["metadata"] = inputs.metadata(metadata)
+        if max_uses is not UNSET:
+            values["max_uses"] = _max_uses(max_uses)
         if expires_in is not UNSET or expires_at is not UNSET:
             if expires_in is not UNSET and expires_at is not UNSET:
                 raise InvalidArgumentError("expires_in", "give expires_in or expires_at, not both")
@@ -449,8 +497,19 @@ class APIKeyClient:
         return self._found(await queries.set_disabled(self._db, key_id, self._now(), False), key_id)
 
     async def delete_key(self, key_id: str) -> None:
-        """Delete a key and everything recorded for it. Prefer :meth:`revoke_key`,
-        which keeps the record. Raises: NotFoundError."""
+        """Delete a key with its own limits and budgets. Prefer :meth:`revoke_key`,
+        which keeps the record. The key is revoked first and its open holds are
+        released, so no reservation is left holding a project's or organization's
+        budget; its ledger rows stay (with its id) as financial history.
+
+        Raises: NotFoundError.
+        """
+        key_id = ids.check(ids.KEY, key_id)
+        await self.revoke_key(key_id)
+        now = self._now()
+        for hold_id in await db_metering.open_hold_ids(self._db, key_id):
+            with contextlib.suppress(HoldClosedError):  # settled or expired meanwhile
+                await metering.release(self._db, hold_id=hold_id, idempotency_key=None, now=now)
         await self._delete(keys, ids.KEY, key_id)
 
     @staticmethod
@@ -470,19 +529,27 @@ class APIKeyClient:
         project_id: str | None = None,
         org_id: str | None = None,
         track_usage: bool | None = None,
+        cost: money.Amount | Mapping[str, money.Amount] | None = None,
     ) -> APIKey:
-        """Check a presented key against the grant rule (docs/security.md) and return it.
+        """Check a presented key against the grant rule (docs/security.md) and its limits.
 
-        A refused call writes nothing. An accepted one records the use
-        (``use_count``, ``last_used_at``) unless usage tracking is off; the
-        returned key shows the use just recorded.
+        Rate limits and the usage cap always apply. With ``cost`` (a ``Decimal``
+        for the ``spend`` meter, or ``{meter: amount}``), every applicable budget
+        is debited too. It is all decided in one transaction: all pass and all are
+        consumed, or the call is refused and nothing is consumed or written.
+
+        The returned key carries the tightest rate limit (``rate_limit``) and, with
+        ``cost``, the charge and its budgets (``charge``), for response headers.
 
         Raises:
             InvalidKeyError: malformed, unknown, or wrong secret.
             RevokedKeyError, DisabledKeyError, ExpiredKeyError: the key's state.
             ForbiddenError: not valid for the organization, project or product asked for.
             InsufficientScopeError: ``missing_scopes`` lists what is lacking.
-            InvalidArgumentError: a bad ``required_scopes`` or id argument.
+            UsageExhaustedError: ``max_uses`` reached.
+            RateLimitedError: a rate limit refused; ``retry_after`` says when to retry.
+            BudgetExceededError: a budget of the key, project or organization refused.
+            InvalidArgumentError: a bad ``required_scopes``, id or ``cost`` argument.
             DatabaseUnavailableError: the database could not be reached.
         """
         # Everything that can be refused without I/O is refused first, cheapest first.
@@ -496,34 +563,282 @@ class APIKeyClient:
         track = (
             self._track_usage if track_usage is None else inputs.flag(track_usage, "track_usage")
         )
+        amounts = None if cost is None else money.costs(cost)
         key_id = ids.key_id(public_id)
         digests = self._ring.digests(plaintext)
         now = self._now()
 
         for _ in range(_VALIDATE_ATTEMPTS):
-            if track and self._db.update_returning:
-                # PostgreSQL, SQLite: an accepted call is this one statement.
+            if track and amounts is None and self._db.update_returning:
+                # PostgreSQL, SQLite, a key no rate limit applies to: one statement.
                 row = await queries.record_use_returning(self._db, key_id, digests, req, now)
                 if row is not None:
                     await self._upgrade_pepper(key_id, row.pepper_id, plaintext)
                     return rows.to_key(row)
-            # Refused (or not tracking, or MySQL): read the row and let the policy say why.
+            # Refused, metered, untracked, or MySQL: read the row; the policy says why.
             looked = await queries.lookup_for_validation(self._db, key_id, req)
             if looked is None:
                 raise InvalidKeyError()
             digest_ok = self._ring.verify(plaintext, looked.pepper_id, looked.digest)
             policy.check(rows.to_facts(looked, digest_ok), req, now)
-            if not track:
+            if (exhausted := metering.usage_cap_error(looked)) is not None:
+                raise exhausted
+            count = track or looked.max_uses is not None  # a capped key is always counted
+            if amounts is not None or looked.has_rate_limits:
+                outcome = await metering.validate(
+                    self._db,
+                    key_id=key_id,
+                    digests=digests,
+                    req=req,
+                    amounts=amounts or {},
+                    count=count,
+                    now=now,
+                    on_alert=self._on_alert,
+                )
+                if outcome is not None:
+                    key_row, rate, charged = outcome
+                    await self._upgrade_pepper(key_id, looked.pepper_id, plaintext)
+                    return rows.to_key(key_row, rate_limit=rate, charge=charged)
+            elif not count:
                 await self._upgrade_pepper(key_id, looked.pepper_id, plaintext)
                 return rows.to_key(looked)
-            if not self._db.update_returning and await queries.record_use(
-                self._db, key_id, digests, req, now
-            ):
+            elif self._db.update_returning:
+                row = await queries.record_use_returning(self._db, key_id, digests, req, now)
+                if row is not None:
+                    await self._upgrade_pepper(key_id, row.pepper_id, plaintext)
+                    return rows.to_key(row)
+            elif await queries.record_use(self._db, key_id, digests, req, now):
                 # MySQL/MariaDB: recorded under the rule re-checked in SQL.
                 await self._upgrade_pepper(key_id, looked.pepper_id, plaintext)
                 return rows.to_key(looked, use_count=looked.use_count + 1, last_used_at=now)
             # The key changed between our statements (enabled, re-scoped...): decide again.
         raise DatabaseError("the key kept changing during validation; try again")
+
+    # --- metering: limits and budgets -------------------------------------------------
+
+    async def set_rate_limit(self, subject_id: str, limit: RateLimit) -> RateLimitStatus:
+        """Attach (or change, by name) a rate limit on a key, project or organization.
+        A project's or organization's limit is shared by all keys under it.
+
+        Raises: NotFoundError, InvalidArgumentError.
+        """
+        subject_id = ids.check_subject(subject_id)
+        spec = _sequence([limit], RateLimit, "limit")[0]
+        subject = await db_metering.resolve_subject(self._db, subject_id)
+        now = self._now()
+        row = await db_metering.upsert_rate_limit(
+            self._db,
+            subject,
+            name=spec.key,
+            meter=spec.meter,
+            units=spec.units,
+            window_ms=spec.window_ms,
+            now=now,
+        )
+        return metering.rate_limit_status(row, now)
+
+    async def remove_rate_limit(self, subject_id: str, name: str) -> bool:
+        """Remove a rate limit by name; False if there was none."""
+        subject_id = ids.check_subject(subject_id)
+        name = inputs.text(name, "name")
+        c = rate_limits_table.c
+        return bool(
+            await db_metering.delete_where(
+                self._db, rate_limits_table, c.subject_id == subject_id, c.name == name
+            )
+        )
+
+    async def get_rate_limits(self, subject_id: str) -> list[RateLimitStatus]:
+        """The rate limits attached directly to a key, project or organization."""
+        subject_id = ids.check_subject(subject_id)
+        now = self._now()
+        found = await db_metering.select_where(
+            self._db, rate_limits_table, rate_limits_table.c.subject_id == subject_id
+        )
+        return [metering.rate_limit_status(r, now) for r in found]
+
+    async def set_budget(self, subject_id: str, budget: Budget) -> BudgetStatus:
+        """Attach (or change: one per meter and period) a budget on a key, project or
+        organization. Changing a limit keeps what was used and held this period.
+
+        Raises: NotFoundError, InvalidArgumentError.
+        """
+        subject_id = ids.check_subject(subject_id)
+        spec = BudgetSpec.of(budget)
+        subject = await db_metering.resolve_subject(self._db, subject_id)
+        now = self._now()
+        return metering.budget_status(
+            await db_metering.upsert_budget(self._db, subject, spec, now), now
+        )
+
+    async def remove_budget(self, budget_id: str) -> bool:
+        """Remove a budget (its ledger rows stay); False if there was none."""
+        budget_id = ids.check(ids.BUDGET, budget_id)
+        return bool(
+            await db_metering.delete_where(self._db, budgets_table, budgets_table.c.id == budget_id)
+        )
+
+    async def get_budgets(self, subject_id: str) -> list[BudgetStatus]:
+        """The budgets attached directly to a key, project or organization, as they stand."""
+        subject_id = ids.check_subject(subject_id)
+        now = self._now()
+        found = await db_metering.select_where(
+            self._db, budgets_table, budgets_table.c.subject_id == subject_id
+        )
+        return [metering.budget_status(r, now) for r in found]
+
+    async def grant_credit(self, budget_id: str, amount: money.Amount) -> BudgetStatus:
+        """Top a budget up for its current period (a lifetime budget: for good).
+
+        Raises: NotFoundError, InvalidArgumentError.
+        """
+        budget_id = ids.check(ids.BUDGET, budget_id)
+        micros = money.to_micros(amount, "amount", allow_zero=False)
+        now = self._now()
+        return metering.budget_status(
+            await db_metering.grant_credit(self._db, budget_id, micros, now), now
+        )
+
+    # --- metering: charges and holds --------------------------------------------------
+
+    async def charge(
+        self,
+        key_id: str,
+        amount: money.Amount | Mapping[str, money.Amount],
+        *,
+        idempotency_key: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Charge:
+        """Charge a cost known after the work: every budget of each meter on the key,
+        its project and its organization takes it, or none does.
+
+        Raises:
+            BudgetExceededError: names the budget that refused.
+            RevokedKeyError, DisabledKeyError, ExpiredKeyError, NotFoundError: the key.
+            InvalidArgumentError: a bad amount, meter or idempotency key.
+        """
+        key_id = ids.check(ids.KEY, key_id)
+        amounts = money.costs(amount, "amount")
+        return await metering.charge(
+            self._db,
+            key_id=key_id,
+            amounts=amounts,
+            idempotency_key=_idempotency(idempotency_key),
+            metadata=inputs.metadata(metadata) or None,
+            now=self._now(),
+            on_alert=self._on_alert,
+        )
+
+    async def reserve(
+        self,
+        key_id: str,
+        amount: money.Amount,
+        *,
+        meter: str = money.DEFAULT_METER,
+        ttl: str | timedelta = "15m",
+        idempotency_key: str | None = None,
+    ) -> Hold:
+        """Reserve ``amount`` on every budget of ``meter`` before work whose cost is known
+        only afterwards; :meth:`settle` or :meth:`release` it after. Unsettled, it
+        returns to the budgets by itself after ``ttl`` (1 second to 30 days).
+
+        Raises: BudgetExceededError, the key's errors, InvalidArgumentError.
+        """
+        key_id = ids.check(ids.KEY, key_id)
+        micros = money.to_micros(amount, "amount")
+        lifetime = timeutil.parse_duration(ttl, "ttl")
+        if lifetime > _MAX_HOLD_TTL:
+            raise InvalidArgumentError("ttl", "must be at most 30 days")
+        return await metering.reserve(
+            self._db,
+            key_id=key_id,
+            meter=money.meter_name(meter),
+            amount=micros,
+            ttl=lifetime,
+            idempotency_key=_idempotency(idempotency_key),
+            now=self._now(),
+        )
+
+    async def settle(
+        self, hold_id: str, actual: money.Amount, *, idempotency_key: str | None = None
+    ) -> Settlement:
+        """Charge what was actually used against a hold and return the rest. At or below
+        the held amount this always succeeds; above it the excess is charged as far as
+        the budgets allow and the rest is recorded as ``shortfall``.
+
+        Raises: NotFoundError, HoldClosedError, InvalidArgumentError.
+        """
+        hold_id = ids.check(ids.HOLD, hold_id)
+        micros = money.to_micros(actual, "actual")
+        return await metering.settle(
+            self._db,
+            hold_id=hold_id,
+            actual=micros,
+            idempotency_key=_idempotency(idempotency_key),
+            now=self._now(),
+            on_alert=self._on_alert,
+        )
+
+    async def release(self, hold_id: str, *, idempotency_key: str | None = None) -> Hold:
+        """Return a hold to its budgets unused. Raises: NotFoundError, HoldClosedError."""
+        hold_id = ids.check(ids.HOLD, hold_id)
+        return await metering.release(
+            self._db,
+            hold_id=hold_id,
+            idempotency_key=_idempotency(idempotency_key),
+            now=self._now(),
+        )
+
+    async def get_hold(self, hold_id: str) -> Hold:
+        """Raises: NotFoundError."""
+        hold_id = ids.check(ids.HOLD, hold_id)
+        row = await db_metering.get_hold(self._db, hold_id)
+        if row is None:
+            raise NotFoundError("hold", hold_id)
+        return metering._hold_model(row)
+
+    async def sweep_expired_holds(self) -> int:
+        """Return every hold past its ttl to its budgets now (they are also returned
+        lazily when they stand in a charge's way). Returns how many."""
+        return await metering.sweep(self._db, self._now())
+
+    async def usage(
+        self,
+        *,
+        key_id: str | None = None,
+        project_id: str | None = None,
+        org_id: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        per: str = "day",
+    ) -> list[UsageRow]:
+        """What was charged, per day or month (UTC) and meter, from the ledger.
+
+        ``since`` defaults to 30 days ago; ``until`` (exclusive) to no end.
+        """
+        now = self._now()
+        if per not in ("day", "month"):
+            raise InvalidArgumentError("per", "must be 'day' or 'month'")
+        start = now - timedelta(days=30) if since is None else timeutil.aware_utc(since, "since")
+        end = timeutil.MAX_DATETIME if until is None else timeutil.aware_utc(until, "until")
+        found = await db_metering.usage(
+            self._db,
+            key_id=ids.check_optional(ids.KEY, key_id, field="key_id"),
+            project_id=ids.check_optional(ids.PROJECT, project_id, field="project_id"),
+            org_id=ids.check_optional(ids.ORG, org_id, field="org_id"),
+            since=start,
+            until=end,
+            monthly=per == "month",
+        )
+        return [
+            UsageRow.model_construct(
+                period=r.bucket,
+                meter=r.meter,
+                amount=money.from_micros(int(r.micros)),
+                charges=r.charges,
+            )
+            for r in found
+        ]
 
     async def _upgrade_pepper(self, key_id: str, pepper_id: str, plaintext: str) -> None:
         if self._ring.needs_upgrade(pepper_id):
@@ -541,3 +856,64 @@ def _asked(kind: str, value: object, field: str) -> str | None:
     if not isinstance(value, str):
         raise InvalidArgumentError(field, "must be a string id")
     return value if ids.is_valid(kind, value) else "-"
+
+
+def _max_uses(value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 10**12:
+        raise InvalidArgumentError("max_uses", "must be None or an int from 0 to 10**12")
+    return value
+
+
+def _sequence(value: object, kind: type[Any], field: str) -> list[Any]:
+    """A list of value objects, each checked by reading its validated properties."""
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+        raise InvalidArgumentError(field, f"must be a list of {kind.__name__}")
+    items = list(value)
+    if len(items) > 50 or not all(isinstance(v, kind) for v in items):
+        raise InvalidArgumentError(field, f"must be at most 50 {kind.__name__} objects")
+    if kind is RateLimit:
+        for rl in items:
+            _ = (rl.units, rl.window_ms, rl.key)  # each raises InvalidArgumentError if bad
+    return items
+
+
+def _rate_limit_row(subject: db_metering.Subject, rl: RateLimit, now: datetime) -> dict[str, Any]:
+    return {
+        "id": ids.new_id(ids.RATE_LIMIT),
+        **subject.columns,
+        "name": rl.key,
+        "meter": rl.meter,
+        "limit_units": rl.units,
+        "window_ms": rl.window_ms,
+        "window_start": 0,
+        "current_units": 0,
+        "previous_units": 0,
+        "created_at": now,
+    }
+
+
+def _budget_row(subject: db_metering.Subject, spec: BudgetSpec, now: datetime) -> dict[str, Any]:
+    from keycap import periods
+    from keycap.budgets import encode_thresholds
+
+    return {
+        "id": ids.new_id(ids.BUDGET),
+        **subject.columns,
+        "meter": spec.meter,
+        "period": spec.period.value,
+        "anchor_day": spec.anchor_day,
+        "limit_micros": spec.limit_micros,
+        "credit_micros": 0,
+        "used_micros": 0,
+        "held_micros": 0,
+        "period_start": periods.start(spec.period, now, spec.anchor_day),
+        "thresholds": encode_thresholds(spec.thresholds),
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+def _idempotency(value: object) -> str | None:
+    return None if value is None else inputs.text(value, "idempotency_key")

@@ -9,7 +9,11 @@
     │   ├── RevokedKeyError          .revoked_at
     │   ├── DisabledKeyError         .disabled_at
     │   ├── ForbiddenError           .reason: wrong organization, project or product
-    │   └── InsufficientScopeError   .missing_scopes
+    │   ├── InsufficientScopeError   .missing_scopes
+    │   ├── RateLimitedError         .retry_after, .limit, .remaining, .reset_at, .name
+    │   └── UsageExhaustedError      .max_uses
+    ├── BudgetExceededError          .scope, .meter, .limit, .used, .remaining, .reset_at
+    ├── HoldClosedError              .hold_id, .status
     ├── NotFoundError                .resource, .id
     ├── AlreadyExistsError           .resource, .existing_id
     ├── InvalidArgumentError         .field (also a ValueError)
@@ -26,23 +30,28 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from decimal import Decimal
 from typing import Any, ClassVar
 
 __all__ = [
     "AlreadyExistsError",
+    "BudgetExceededError",
     "ConfigurationError",
     "DatabaseError",
     "DatabaseUnavailableError",
     "DisabledKeyError",
     "ExpiredKeyError",
     "ForbiddenError",
+    "HoldClosedError",
     "InsufficientScopeError",
     "InvalidArgumentError",
     "InvalidKeyError",
     "KeyRejectedError",
     "KeycapError",
     "NotFoundError",
+    "RateLimitedError",
     "RevokedKeyError",
+    "UsageExhaustedError",
 ]
 
 
@@ -64,7 +73,11 @@ class KeycapError(Exception):
         """``code``, ``message`` and the error's data, JSON-ready (datetimes as ISO 8601)."""
         out: dict[str, Any] = {"code": self.code, "message": self.message}
         for name, value in self.data().items():
-            out[name] = value.isoformat() if isinstance(value, datetime) else value
+            if isinstance(value, datetime):
+                value = value.isoformat()
+            elif isinstance(value, Decimal):
+                value = str(value)  # exact; never a float
+            out[name] = value
         return out
 
     def __repr__(self) -> str:
@@ -172,6 +185,133 @@ class InsufficientScopeError(KeyRejectedError):
 
     def data(self) -> dict[str, Any]:
         return {**super().data(), "missing_scopes": list(self.missing_scopes)}
+
+
+class RateLimitedError(KeyRejectedError):
+    """A rate limit of the key, its project or its organization is used up for now."""
+
+    code = "rate_limited"
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        scope: str,
+        limit: int | Decimal,
+        remaining: int | Decimal,
+        retry_after: float | None,
+        reset_at: datetime,
+        key_id: str | None = None,
+    ) -> None:
+        when = (
+            "never (the cost exceeds the limit)" if retry_after is None else f"{retry_after:.3f}s"
+        )
+        super().__init__(
+            f"rate limit {name!r} ({scope}) exceeded; retry after {when}", key_id=key_id
+        )
+        self.name = name
+        #: "key", "project" or "organization": whose limit refused.
+        self.scope = scope
+        self.limit = limit
+        self.remaining = remaining
+        #: Seconds until the same call fits (millisecond precision); None: it never will.
+        self.retry_after = retry_after
+        self.reset_at = reset_at
+
+    def data(self) -> dict[str, Any]:
+        return {
+            **super().data(),
+            "name": self.name,
+            "scope": self.scope,
+            "limit": self.limit,
+            "remaining": self.remaining,
+            "retry_after": self.retry_after,
+            "reset_at": self.reset_at,
+        }
+
+
+class UsageExhaustedError(KeyRejectedError):
+    """The key reached ``max_uses`` accepted validations."""
+
+    code = "usage_exhausted"
+
+    def __init__(self, max_uses: int, *, key_id: str | None = None) -> None:
+        super().__init__(f"API key used up its {max_uses} uses", key_id=key_id)
+        self.max_uses = max_uses
+
+    def data(self) -> dict[str, Any]:
+        return {**super().data(), "max_uses": self.max_uses}
+
+
+class BudgetExceededError(KeycapError):
+    """A budget of the key, its project or its organization cannot take the amount."""
+
+    code = "budget_exceeded"
+
+    def __init__(
+        self,
+        *,
+        budget_id: str,
+        scope: str,
+        subject_id: str,
+        meter: str,
+        period: str,
+        limit: Decimal,
+        used: Decimal,
+        held: Decimal,
+        remaining: Decimal,
+        requested: Decimal,
+        reset_at: datetime | None,
+        key_id: str | None = None,
+    ) -> None:
+        super().__init__(
+            f"{scope} budget on {meter!r} ({period}) exceeded: requested {requested}, "
+            f"remaining {remaining}"
+        )
+        self.budget_id = budget_id
+        #: "key", "project" or "organization": whose budget refused.
+        self.scope = scope
+        self.subject_id = subject_id
+        self.meter = meter
+        self.period = period
+        self.limit = limit
+        self.used = used
+        self.held = held
+        self.remaining = remaining
+        self.requested = requested
+        #: When the period resets; None for a lifetime budget.
+        self.reset_at = reset_at
+        self.key_id = key_id
+
+    def data(self) -> dict[str, Any]:
+        return {
+            "budget_id": self.budget_id,
+            "scope": self.scope,
+            "subject_id": self.subject_id,
+            "meter": self.meter,
+            "period": self.period,
+            "limit": self.limit,
+            "used": self.used,
+            "held": self.held,
+            "remaining": self.remaining,
+            "requested": self.requested,
+            "reset_at": self.reset_at,
+            **({"key_id": self.key_id} if self.key_id else {}),
+        }
+
+
+class HoldClosedError(KeycapError):
+    """The hold was already settled, released or expired (and this is no replay)."""
+
+    code = "hold_closed"
+
+    def __init__(self, hold_id: str, status: str) -> None:
+        super().__init__(f"hold {hold_id} is already {status}")
+        self.hold_id = hold_id
+        self.status = status
+
+    def data(self) -> dict[str, Any]:
+        return {"hold_id": self.hold_id, "status": self.status}
 
 
 class NotFoundError(KeycapError):

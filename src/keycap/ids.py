@@ -16,12 +16,23 @@ ORG: Final = "org"
 PROJECT: Final = "proj"
 PRODUCT: Final = "prod"
 KEY: Final = "key"
+BUDGET: Final = "bud"
+HOLD: Final = "hold"
+RATE_LIMIT: Final = "rl"
 
 #: Random characters after the kind; a key id's part is the public id inside the token.
 RANDOM_LENGTH: Final = 16
 KEY_PUBLIC_ID_LENGTH: Final = 12
 
-_RESOURCE = {ORG: "organization", PROJECT: "project", PRODUCT: "product", KEY: "key"}
+_RESOURCE = {
+    ORG: "organization",
+    PROJECT: "project",
+    PRODUCT: "product",
+    KEY: "key",
+    BUDGET: "budget",
+    HOLD: "hold",
+    RATE_LIMIT: "rate limit",
+}
 _PATTERNS = {
     kind: re.compile(
         rf"{kind}_[0-9A-Za-z]{{{KEY_PUBLIC_ID_LENGTH if kind == KEY else RANDOM_LENGTH}}}"
@@ -68,3 +79,18 @@ def check(kind: str, value: object, *, field: str | None = None) -> str:
 
 def check_optional(kind: str, value: object, *, field: str | None = None) -> str | None:
     return None if value is None else check(kind, value, field=field)
+
+
+def check_subject(value: object, field: str = "subject_id") -> str:
+    """The id of a key, project or organization (what limits and budgets belong to).
+
+    Raises:
+        InvalidArgumentError: not a string.
+        NotFoundError: not an id of one of those kinds.
+    """
+    if not isinstance(value, str):
+        raise InvalidArgumentError(field, "must be the id of a key, project or organization")
+    for kind in (KEY, PROJECT, ORG):
+        if is_valid(kind, value):
+            return value
+    raise NotFoundError("key, project or organization", "(malformed id)")

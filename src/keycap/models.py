@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 from datetime import datetime
+from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["APIKey", "IssuedKey", "KeyStatus", "Organization", "Product", "Project"]
+__all__ = [
+    "APIKey",
+    "BudgetAlert",
+    "BudgetStatus",
+    "Charge",
+    "Hold",
+    "IssuedKey",
+    "KeyStatus",
+    "Organization",
+    "Product",
+    "Project",
+    "RateLimitStatus",
+    "Settlement",
+    "UsageRow",
+]
 
 
 class KeyStatus(StrEnum):
@@ -64,6 +79,12 @@ class APIKey(_Model):
     disabled_at: datetime | None
     last_used_at: datetime | None
     use_count: int
+    #: Lifetime cap on accepted validations; None: no cap.
+    max_uses: int | None = None
+    #: From a metered validate_key: the tightest rate limit after this call.
+    rate_limit: RateLimitStatus | None = None
+    #: From validate_key(cost=...): what was charged, and the budgets after it.
+    charge: Charge | None = None
 
     def status_at(self, now: datetime) -> KeyStatus:
         if self.revoked_at is not None:
@@ -88,3 +109,111 @@ class IssuedKey(_Model):
     @property
     def id(self) -> str:
         return self.key.id
+
+
+class BudgetStatus(_Model):
+    """A budget as it stands now (a passed period reads as a fresh one)."""
+
+    id: str
+    #: "key", "project" or "organization".
+    scope: str
+    subject_id: str
+    meter: str
+    period: str
+    anchor_day: int | None
+    limit: Decimal
+    #: Extra allowance granted for the current period (grant_credit).
+    credit: Decimal
+    used: Decimal
+    held: Decimal
+    remaining: Decimal
+    period_start: datetime
+    #: When the period resets; None for lifetime budgets.
+    reset_at: datetime | None
+    alert_thresholds: tuple[int, ...]
+
+
+class RateLimitStatus(_Model):
+    id: str
+    scope: str
+    subject_id: str
+    name: str
+    meter: str | None
+    #: Calls per window, or units of ``meter`` per window.
+    limit: int | Decimal
+    window_seconds: Decimal
+    remaining: int | Decimal
+    #: When the full limit is available again.
+    reset_at: datetime
+
+
+class BudgetAlert(_Model):
+    """A charge crossed ``threshold`` percent of a budget's limit in this period."""
+
+    budget_id: str
+    scope: str
+    subject_id: str
+    meter: str
+    threshold: int
+    limit: Decimal
+    used: Decimal
+    period_start: datetime
+    key_id: str | None
+
+
+class Charge(_Model):
+    """The result of ``charge`` (and of a metered ``validate_key``)."""
+
+    key_id: str
+    amounts: dict[str, Decimal]
+    #: Every budget debited, after the debit; the tightest first.
+    budgets: tuple[BudgetStatus, ...]
+    alerts: tuple[BudgetAlert, ...]
+    #: True when this is the stored result of an earlier call with the same idempotency key.
+    replayed: bool = False
+
+
+class Hold(_Model):
+    """Money reserved on every budget of a meter until settled, released or expired."""
+
+    id: str
+    key_id: str | None
+    meter: str
+    amount: Decimal
+    #: "open", "settled", "released" or "expired".
+    status: str
+    created_at: datetime
+    expires_at: datetime
+    closed_at: datetime | None
+    budgets: tuple[BudgetStatus, ...] = ()
+    replayed: bool = False
+
+
+class Settlement(_Model):
+    """The result of ``settle``: what was charged, returned, and could not be charged."""
+
+    hold_id: str
+    key_id: str | None
+    meter: str
+    held: Decimal
+    actual: Decimal
+    charged: Decimal
+    #: Held but not used: returned to the budgets.
+    returned: Decimal
+    #: Used beyond the hold that the budgets could not take; recorded in the ledger.
+    shortfall: Decimal
+    budgets: tuple[BudgetStatus, ...]
+    alerts: tuple[BudgetAlert, ...]
+    replayed: bool = False
+
+
+class UsageRow(_Model):
+    """Spending of one meter in one day or month, from the ledger."""
+
+    period: str
+    meter: str
+    amount: Decimal
+    charges: int
+
+
+APIKey.model_rebuild()

@@ -31,7 +31,14 @@ from sqlalchemy import (
 
 from keycap import scopes as scope_rules
 from keycap.db.engine import Conflict, Database
-from keycap.db.schema import keys, organizations, products, project_products, projects
+from keycap.db.schema import (
+    keys,
+    organizations,
+    products,
+    project_products,
+    projects,
+    rate_limits,
+)
 from keycap.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
 from keycap.policy import Requirement
 
@@ -52,6 +59,7 @@ KEY_COLUMNS = (
     keys.c.disabled_at,
     keys.c.last_used_at,
     keys.c.use_count,
+    keys.c.max_uses,
 )
 _AUTH_COLUMNS = (*KEY_COLUMNS, keys.c.digest, keys.c.pepper_id)
 
@@ -158,13 +166,19 @@ async def unlink_product(db: Database, project_id: str, product_id: str) -> bool
 
 
 async def insert_key(
-    db: Database, values: Mapping[str, Any], project_id: str | None, product_id: str | None
+    db: Database,
+    values: Mapping[str, Any],
+    project_id: str | None,
+    product_id: str | None,
+    extra: Sequence[tuple[Table, Sequence[Mapping[str, Any]]]] = (),
 ) -> None:
     """Insert a key after checking, in the same transaction, that its project and
     product belong to its organization (and are linked, when both are given).
 
     The composite foreign keys repeat the tenancy check at commit, so a project
     deleted or moved meanwhile cannot leave a key pointing across organizations.
+    ``extra`` rows (the key's rate limits and budgets) are inserted in the same
+    transaction.
     """
     org_id = values["org_id"]
     try:
@@ -195,6 +209,10 @@ async def insert_key(
                         "is not linked to the key's project (add_product_to_project first)",
                     )
             await conn.execute(insert(keys).values(**values))
+            # The key's own limits and budgets commit with it: never a key without its caps.
+            for table, rows in extra:
+                if rows:
+                    await conn.execute(insert(table), list(rows))
     except Conflict:
         if await get_by_id(db, organizations, org_id) is None:
             raise NotFoundError("organization", org_id) from None
@@ -349,6 +367,7 @@ async def lookup_for_validation(db: Database, key_id: str, req: Requirement) -> 
         )
     stmt = select(
         *_AUTH_COLUMNS,
+        has_rate_limits().label("has_rate_limits"),
         project_org.label("asked_project_org_id"),
         product_org.label("asked_product_org_id"),
         product_linked.label("asked_product_linked"),
@@ -363,10 +382,29 @@ def _record_use_stmt(
     # use_count = use_count + 1 is computed by the database under the row lock the
     # UPDATE takes, so concurrent validations from any number of processes never
     # lose a count; the WHERE re-decides the grant rule at the moment of writing.
+    # Only for keys no rate limit applies to (those go through a metered
+    # transaction); the usage cap lives on this row, so it is checked here too.
     return (
         update(keys)
-        .where(keys.c.id == key_id, grant_predicate(digests, req, now, dialect))
+        .where(
+            keys.c.id == key_id,
+            grant_predicate(digests, req, now, dialect),
+            or_(keys.c.max_uses.is_(None), keys.c.use_count < keys.c.max_uses),
+            ~has_rate_limits(),
+        )
         .values(use_count=keys.c.use_count + 1, last_used_at=now)
+    )
+
+
+def has_rate_limits() -> ColumnElement[bool]:
+    """A rate limit applies to the key: its own, its project's or its organization's."""
+    k = keys.c
+    return exists().where(
+        or_(
+            rate_limits.c.subject_id == k.id,
+            rate_limits.c.subject_id == k.org_id,
+            and_(k.project_id.is_not(None), rate_limits.c.subject_id == k.project_id),
+        )
     )
 
 

@@ -59,6 +59,9 @@ def to_key(row: Source, **override: Any) -> APIKey:
         disabled_at=m["disabled_at"],
         last_used_at=override.get("last_used_at", m["last_used_at"]),
         use_count=override.get("use_count", m["use_count"]),
+        max_uses=m.get("max_uses"),
+        rate_limit=override.get("rate_limit"),
+        charge=override.get("charge"),
     )
 
 
@@ -74,7 +77,7 @@ def to_facts(row: Row[Any], digest_ok: bool) -> KeyFacts:
         expires_at=m["expires_at"],
         revoked_at=m["revoked_at"],
         disabled_at=m["disabled_at"],
-        asked_project_org_id=m["asked_project_org_id"],
-        asked_product_org_id=m["asked_product_org_id"],
-        asked_product_linked=bool(m["asked_product_linked"]),
+        asked_project_org_id=m.get("asked_project_org_id"),
+        asked_product_org_id=m.get("asked_product_org_id"),
+        asked_product_linked=bool(m.get("asked_product_linked")),
     )

@@ -1,0 +1,701 @@
+"""Metering statements: rate windows, usage caps, budgets, holds, the ledger.
+
+Why each consumption is safe under concurrency, on every database:
+
+* Every consumption is one conditional UPDATE whose WHERE is the limit
+  (``used + held + :cost <= limit + credit``, the sliding-window inequality,
+  ``use_count < max_uses``). The database evaluates it against the row as it
+  is at that instant, under the row lock the UPDATE takes (PostgreSQL,
+  InnoDB) or the database write lock (SQLite), so two requests can never both
+  see room for one. No counter is ever computed in Python and written back.
+* A period rollover is folded into the same statement:
+  ``used = CASE WHEN period_start < :current THEN 0 ELSE used END + :cost``.
+  A reset and a charge cannot interleave, and ``period_start`` only moves
+  forward, so a server with a lagging clock cannot reset a period twice.
+* MySQL/MariaDB evaluate SET assignments left to right, each seeing the
+  columns already assigned; PostgreSQL and SQLite see the old row in every
+  assignment. Every multi-column SET here is written with ``ordered_values``
+  so that a column the later assignments read (``period_start``,
+  ``window_start``) is assigned last: both rules then give the same result.
+* A transaction touches rows in one fixed order: the key, then rate limits
+  by id, then budgets by id. A deadlock can still be reported (gap locks,
+  foreign-key checks); :func:`retrying` runs the whole unit again, a bounded
+  number of times, and so does a serialization failure or SQLite's busy error.
+* Every debit re-checks in its WHERE that the key is not revoked, disabled or
+  expired, so an expired key can never be charged or reserve.
+* SELECTs only find ids and build error details; nothing is decided on what
+  they read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import (
+    ColumnElement,
+    String,
+    and_,
+    case,
+    cast,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from keycap import budgets as budget_rules
+from keycap import ids, periods, ratelimit
+from keycap.db.engine import Conflict, Database
+from keycap.db.queries import AnyRow, grant_predicate
+from keycap.db.schema import budgets, holds, keys, ledger, operations, rate_limits
+from keycap.errors import DatabaseError, NotFoundError
+from keycap.policy import Requirement
+
+T = TypeVar("T")
+ATTEMPTS = 8
+
+SCOPES = {ids.KEY: "key", ids.PROJECT: "project", ids.ORG: "organization"}
+
+
+def scope_of(subject_id: str) -> str:
+    return SCOPES[subject_id.split("_", 1)[0]]
+
+
+# --- retries --------------------------------------------------------------------------
+
+
+def is_transient(error: BaseException) -> bool:
+    """A deadlock, serialization failure or busy database: the unit may simply be rerun."""
+    cause = error.__cause__ if isinstance(error, DatabaseError) else error
+    orig = getattr(cause, "orig", cause)
+    if getattr(orig, "sqlstate", None) in ("40P01", "40001"):
+        return True
+    args = getattr(orig, "args", ())
+    if args and args[0] in (1213, 1205):  # MySQL deadlock, lock wait timeout
+        return True
+    return "database is locked" in str(orig)
+
+
+async def retrying(unit: Callable[[], Awaitable[T]]) -> T:
+    """Run ``unit`` (one whole transaction) again after a transient conflict."""
+    for attempt in range(ATTEMPTS):
+        try:
+            return await unit()
+        except DatabaseError as error:
+            if attempt == ATTEMPTS - 1 or not is_transient(error):
+                raise
+            await asyncio.sleep(random.uniform(0, 0.01 * 2**attempt))  # noqa: S311 - jitter
+    raise AssertionError("unreachable")
+
+
+# --- subjects -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Subject:
+    """Who a limit or budget belongs to, with the ids its row carries."""
+
+    subject_id: str
+    org_id: str
+    project_id: str | None
+    key_id: str | None
+
+    @property
+    def columns(self) -> dict[str, Any]:
+        return {
+            "subject_id": self.subject_id,
+            "org_id": self.org_id,
+            "project_id": self.project_id,
+            "key_id": self.key_id,
+        }
+
+
+async def resolve_subject(db: Database, subject_id: str) -> Subject:
+    """Raises: NotFoundError."""
+    from keycap.db.schema import organizations, projects
+
+    kind = subject_id.split("_", 1)[0]
+    async with db.autocommit() as conn:
+        if kind == ids.KEY:
+            row = (
+                await conn.execute(
+                    select(keys.c.org_id, keys.c.project_id).where(keys.c.id == subject_id)
+                )
+            ).first()
+            if row is not None:
+                return Subject(subject_id, row.org_id, row.project_id, subject_id)
+        elif kind == ids.PROJECT:
+            org = await conn.scalar(select(projects.c.org_id).where(projects.c.id == subject_id))
+            if org is not None:
+                return Subject(subject_id, org, subject_id, None)
+        elif await conn.scalar(select(organizations.c.id).where(organizations.c.id == subject_id)):
+            return Subject(subject_id, subject_id, None, None)
+    raise NotFoundError(scope_of(subject_id), subject_id)
+
+
+def _applicable(table: Any, key_id: str, project_id: str | None, org_id: str) -> Any:
+    subjects = [key_id, org_id] + ([project_id] if project_id else [])
+    return table.c.subject_id.in_(subjects)
+
+
+# --- administration -------------------------------------------------------------------
+
+
+async def upsert_rate_limit(
+    db: Database,
+    subject: Subject,
+    *,
+    name: str,
+    meter: str | None,
+    units: int,
+    window_ms: int,
+    now: datetime,
+) -> AnyRow:
+    """Create or change a limit. Changing the window starts counting afresh."""
+    rl = rate_limits.c
+    try:
+        async with db.begin() as conn:
+            await conn.execute(
+                insert(rate_limits).values(
+                    id=ids.new_id("rl"),
+                    **subject.columns,
+                    name=name,
+                    meter=meter,
+                    limit_units=units,
+                    window_ms=window_ms,
+                    window_start=0,
+                    current_units=0,
+                    previous_units=0,
+                    created_at=now,
+                )
+            )
+    except Conflict:
+        same = rl.window_ms == window_ms
+        async with db.begin() as conn:
+            await conn.execute(
+                update(rate_limits)
+                .where(rl.subject_id == subject.subject_id, rl.name == name)
+                .ordered_values(  # window_ms last: the CASEs read the old one on MySQL too
+                    (rl.window_start, case((same, rl.window_start), else_=0)),
+                    (rl.current_units, case((same, rl.current_units), else_=0)),
+                    (rl.previous_units, case((same, rl.previous_units), else_=0)),
+                    (rl.meter, meter),
+                    (rl.limit_units, units),
+                    (rl.window_ms, window_ms),
+                )
+            )
+    async with db.autocommit() as conn:
+        return (
+            await conn.execute(
+                select(rate_limits).where(rl.subject_id == subject.subject_id, rl.name == name)
+            )
+        ).one()
+
+
+async def delete_where(db: Database, table: Any, *conditions: Any) -> int:
+    async with db.begin() as conn:
+        result = await conn.execute(table.delete().where(*conditions))
+    return int(result.rowcount)
+
+
+async def select_where(db: Database, table: Any, *conditions: Any) -> Sequence[AnyRow]:
+    async with db.autocommit() as conn:
+        return (await conn.execute(select(table).where(*conditions).order_by(table.c.id))).all()
+
+
+async def upsert_budget(
+    db: Database, subject: Subject, spec: budget_rules.BudgetSpec, now: datetime
+) -> AnyRow:
+    """Create or change a budget (one per subject, meter and period). Changing the
+    limit keeps what was used and held."""
+    b = budgets.c
+    start = periods.start(spec.period, now, spec.anchor_day)
+    thresholds = budget_rules.encode_thresholds(spec.thresholds)
+    where = (b.subject_id == subject.subject_id, b.meter == spec.meter, b.period == spec.period)
+    try:
+        async with db.begin() as conn:
+            await conn.execute(
+                insert(budgets).values(
+                    id=ids.new_id("bud"),
+                    **subject.columns,
+                    meter=spec.meter,
+                    period=spec.period.value,
+                    anchor_day=spec.anchor_day,
+                    limit_micros=spec.limit_micros,
+                    credit_micros=0,
+                    used_micros=0,
+                    held_micros=0,
+                    period_start=start,
+                    thresholds=thresholds,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+    except Conflict:
+        async with db.begin() as conn:
+            await conn.execute(
+                update(budgets)
+                .where(*where)
+                .values(
+                    limit_micros=spec.limit_micros,
+                    anchor_day=spec.anchor_day,
+                    thresholds=thresholds,
+                    updated_at=now,
+                )
+            )
+    async with db.autocommit() as conn:
+        return (await conn.execute(select(budgets).where(*where))).one()
+
+
+def _rollover(start: datetime) -> tuple[Any, Any, Any]:
+    """(used, credit, period_start) as they are once the period starting at ``start`` applies."""
+    b = budgets.c
+    new_period = b.period_start < start
+    return (
+        case((new_period, 0), else_=b.used_micros),
+        case((new_period, 0), else_=b.credit_micros),
+        case((new_period, start), else_=b.period_start),
+    )
+
+
+def _current_start(row: AnyRow, now: datetime) -> datetime:
+    return periods.start(periods.Period(row.period), now, row.anchor_day)
+
+
+async def grant_credit(db: Database, budget_id: str, micros: int, now: datetime) -> AnyRow:
+    """Top up a budget for its current period, and record it in the ledger."""
+    b = budgets.c
+
+    async def unit() -> AnyRow:
+        async with db.begin() as conn:
+            row = (await conn.execute(select(budgets).where(b.id == budget_id))).first()
+            if row is None:
+                raise NotFoundError("budget", budget_id)
+            start = _current_start(row, now)
+            used, credit, period_start = _rollover(start)
+            await conn.execute(
+                update(budgets)
+                .where(b.id == budget_id)
+                .ordered_values(
+                    (b.used_micros, used),
+                    (b.credit_micros, credit + micros),
+                    (b.period_start, period_start),
+                    (b.updated_at, now),
+                )
+            )
+            after = (await conn.execute(select(budgets).where(b.id == budget_id))).one()
+            await conn.execute(
+                insert(ledger).values(
+                    _ledger_row(after, "topup", micros, 0, 0, True, now, key_id=None)
+                )
+            )
+            return after
+
+    return await retrying(unit)
+
+
+# --- ledger ---------------------------------------------------------------------------
+
+
+def _ledger_row(
+    budget: AnyRow | None,
+    kind: str,
+    amount: int,
+    delta_used: int,
+    delta_held: int,
+    primary: bool,
+    now: datetime,
+    *,
+    key_id: str | None,
+    meter: str | None = None,
+    org_id: str | None = None,
+    project_id: str | None = None,
+    hold_id: str | None = None,
+    idempotency_key: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    return {
+        "org_id": budget.org_id if budget is not None else org_id,
+        "project_id": project_id,
+        "key_id": key_id,
+        "budget_id": budget.id if budget is not None else None,
+        "hold_id": hold_id,
+        "meter": budget.meter if budget is not None else meter,
+        "kind": kind,
+        "amount_micros": amount,
+        "delta_used": delta_used,
+        "delta_held": delta_held,
+        "period_start": budget.period_start if budget is not None else None,
+        "is_primary": primary,
+        "idempotency_key": idempotency_key,
+        "metadata": dict(metadata) if (metadata and primary) else None,
+        "created_at": now,
+    }
+
+
+# --- the key inside a metered transaction ---------------------------------------------
+
+
+def key_is_live(key_id: str, now: datetime) -> ColumnElement[bool]:
+    """The key exists and is not revoked, disabled or expired (re-checked in every debit)."""
+    k = keys.c
+    return exists().where(
+        k.id == key_id,
+        k.revoked_at.is_(None),
+        k.disabled_at.is_(None),
+        or_(k.expires_at.is_(None), k.expires_at > now),
+    )
+
+
+async def is_live(conn: AsyncConnection, key_id: str | None, now: datetime) -> bool:
+    return key_id is not None and bool(await conn.scalar(select(key_is_live(key_id, now))))
+
+
+async def key_row(conn: AsyncConnection, key_id: str) -> AnyRow:
+    """The key as this transaction sees it (after its own writes)."""
+    from keycap.db.queries import KEY_COLUMNS
+
+    return (await conn.execute(select(*KEY_COLUMNS).where(keys.c.id == key_id))).one()
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRef:
+    id: str
+    org_id: str
+    project_id: str | None
+
+
+async def lock_live_key(conn: AsyncConnection, key_id: str, now: datetime) -> KeyRef | None:
+    """Take the key's row lock for this transaction, if the key is live.
+
+    A charge is a use of the key, so it sets ``last_used_at``; the UPDATE both
+    checks the key's state and makes a concurrent revoke wait for this
+    transaction, which is also what starts SQLite's write transaction before
+    anything is read.
+    """
+    k = keys.c
+    live = and_(
+        k.id == key_id,
+        k.revoked_at.is_(None),
+        k.disabled_at.is_(None),
+        or_(k.expires_at.is_(None), k.expires_at > now),
+    )
+    result = await conn.execute(update(keys).where(live).values(last_used_at=now))
+    if result.rowcount != 1:
+        return None
+    row = (await conn.execute(select(k.org_id, k.project_id).where(k.id == key_id))).one()
+    return KeyRef(key_id, row.org_id, row.project_id)
+
+
+async def record_metered_use(
+    conn: AsyncConnection,
+    key_id: str,
+    digests: Mapping[str, str],
+    req: Requirement,
+    now: datetime,
+    dialect: str,
+    *,
+    count: bool,
+) -> bool:
+    """In a metered validation: the grant rule and the usage cap, with the use counted
+    (``use_count < max_uses`` in the same WHERE) unless tracking is off and no cap."""
+    k = keys.c
+    cond = and_(
+        k.id == key_id,
+        grant_predicate(digests, req, now, dialect),
+        or_(k.max_uses.is_(None), k.use_count < k.max_uses),
+    )
+    values: dict[str, Any] = {"last_used_at": now}
+    if count:
+        values["use_count"] = k.use_count + 1
+    result = await conn.execute(update(keys).where(cond).values(**values))
+    return bool(result.rowcount == 1)
+
+
+# --- rate limits ----------------------------------------------------------------------
+
+
+async def applicable_rate_limits(conn: AsyncConnection, key: KeyRef) -> Sequence[AnyRow]:
+    rl = rate_limits
+    stmt = select(rl).where(_applicable(rl, key.id, key.project_id, key.org_id)).order_by(rl.c.id)
+    return (await conn.execute(stmt)).all()
+
+
+def rate_units(row: AnyRow, amounts: Mapping[str, int]) -> int:
+    """What one call consumes of this limit: one call, or the call's cost on its meter."""
+    return 1 if row.meter is None else amounts.get(row.meter, 0)
+
+
+async def consume_rate(conn: AsyncConnection, row: AnyRow, units: int, now_ms: int) -> bool:
+    """The sliding-window inequality of ``keycap.ratelimit.admits``, decided in the UPDATE.
+
+    The weight for the current instant is computed here from the clock; which
+    counters it applies to depends on the stored ``window_start`` and is
+    chosen by the CASEs, so the decision uses the row as it is under the lock.
+    """
+    c = rate_limits.c
+    win = row.window_ms
+    aligned = now_ms - now_ms % win
+    weight = ratelimit.view(win, now_ms, aligned, 0, 0).weight
+    r = ratelimit.RESOLUTION
+    ahead, same, previous = (
+        c.window_start > aligned,
+        c.window_start == aligned,
+        (c.window_start == aligned - win),
+    )
+    weighted_previous = case(
+        (ahead, c.previous_units * r),
+        (same, c.previous_units * weight),
+        (previous, c.current_units * weight),
+        else_=0,
+    )
+    current = case((c.window_start >= aligned, c.current_units), else_=0)
+    fits = weighted_previous + (current + units) * r <= c.limit_units * r
+    stmt = (
+        update(rate_limits)
+        .where(c.id == row.id, fits)
+        .ordered_values(  # window_start last: the CASEs above read the stored one
+            (
+                c.previous_units,
+                case(
+                    (c.window_start >= aligned, c.previous_units),
+                    (previous, c.current_units),
+                    else_=0,
+                ),
+            ),
+            (c.current_units, current + units),
+            (c.window_start, case((ahead, c.window_start), else_=aligned)),
+        )
+    )
+    result = await conn.execute(stmt)
+    return bool(result.rowcount == 1)
+
+
+# --- budgets --------------------------------------------------------------------------
+
+
+async def applicable_budgets(
+    conn: AsyncConnection, key: KeyRef, meters: Iterable[str]
+) -> Sequence[AnyRow]:
+    stmt = (
+        select(budgets)
+        .where(_applicable(budgets, key.id, key.project_id, key.org_id))
+        .where(budgets.c.meter.in_(list(meters)))
+        .order_by(budgets.c.id)
+    )
+    return (await conn.execute(stmt)).all()
+
+
+async def debit(
+    conn: AsyncConnection,
+    row: AnyRow,
+    *,
+    used: int,
+    held: int,
+    now: datetime,
+    key_id: str | None,
+    must_fit: bool = True,
+) -> AnyRow | None:
+    """Add ``used`` to the budget's use and ``held`` to its holds (either may be
+    negative: a release), after rolling its period over if it has passed.
+
+    With ``must_fit``, only if ``used + held + both <= limit + credit`` and the
+    key is live; returns the row after the change, or None (nothing written).
+    """
+    b = budgets.c
+    start = _current_start(row, now)
+    eff_used, eff_credit, period_start = _rollover(start)
+    stmt = (
+        update(budgets)
+        .where(b.id == row.id)
+        .ordered_values(  # period_start last: the CASEs read the stored one
+            (b.used_micros, eff_used + used),
+            (b.held_micros, b.held_micros + held),
+            (b.credit_micros, eff_credit),
+            (b.period_start, period_start),
+        )
+    )
+    if must_fit:
+        stmt = stmt.where(eff_used + b.held_micros + (used + held) <= b.limit_micros + eff_credit)
+        if key_id is not None:
+            stmt = stmt.where(key_is_live(key_id, now))
+    result = await conn.execute(stmt)
+    if result.rowcount != 1:
+        return None
+    # The row is ours until commit, so this reads exactly what we wrote.
+    return (await conn.execute(select(budgets).where(b.id == row.id))).one()
+
+
+async def budgets_by_id(conn: AsyncConnection, budget_ids: Sequence[str]) -> Sequence[AnyRow]:
+    if not budget_ids:
+        return []
+    stmt = select(budgets).where(budgets.c.id.in_(list(budget_ids))).order_by(budgets.c.id)
+    return (await conn.execute(stmt)).all()
+
+
+async def rate_limits_by_id(conn: AsyncConnection, limit_ids: Sequence[str]) -> Sequence[AnyRow]:
+    if not limit_ids:
+        return []
+    stmt = select(rate_limits).where(rate_limits.c.id.in_(list(limit_ids)))
+    return (await conn.execute(stmt)).all()
+
+
+async def budget_rows(db: Database, budget_ids: Sequence[str]) -> Sequence[AnyRow]:
+    async with db.autocommit() as conn:
+        return (
+            await conn.execute(
+                select(budgets).where(budgets.c.id.in_(list(budget_ids))).order_by(budgets.c.id)
+            )
+        ).all()
+
+
+# --- holds ----------------------------------------------------------------------------
+
+
+async def insert_hold(conn: AsyncConnection, values: Mapping[str, Any]) -> None:
+    await conn.execute(insert(holds).values(**values))
+
+
+async def close_hold(
+    conn: AsyncConnection, hold_id: str, status: str, now: datetime, **values: Any
+) -> bool:
+    """Move an open hold to ``status``; only one caller can (the WHERE on status)."""
+    result = await conn.execute(
+        update(holds)
+        .where(holds.c.id == hold_id, holds.c.status == "open")
+        .values(status=status, closed_at=now, **values)
+    )
+    return bool(result.rowcount == 1)
+
+
+async def get_hold(db: Database, hold_id: str) -> AnyRow | None:
+    async with db.autocommit() as conn:
+        return (await conn.execute(select(holds).where(holds.c.id == hold_id))).first()
+
+
+async def expired_hold_ids(
+    db: Database, now: datetime, *, budget_id: str | None = None, limit: int = 1000
+) -> list[str]:
+    h = holds.c
+    stmt = select(h.id).where(h.status == "open", h.expires_at <= now).order_by(h.id).limit(limit)
+    if budget_id is not None:
+        needle = f" {budget_id} "
+        position = func.strpos if db.dialect == "postgresql" else func.instr
+        stmt = stmt.where(position(h.budget_ids, needle) > 0)
+    async with db.autocommit() as conn:
+        return list((await conn.execute(stmt)).scalars())
+
+
+async def open_hold_ids(db: Database, key_id: str) -> list[str]:
+    h = holds.c
+    stmt = select(h.id).where(h.key_id == key_id, h.status == "open").order_by(h.id)
+    async with db.autocommit() as conn:
+        return list((await conn.execute(stmt)).scalars())
+
+
+# --- idempotency ----------------------------------------------------------------------
+
+
+async def claim_operation(
+    conn: AsyncConnection,
+    *,
+    org_id: str,
+    scope: str,
+    kind: str,
+    idempotency_key: str,
+    now: datetime,
+) -> str:
+    """Insert the operation's row first thing in its transaction. A duplicate waits on
+    the unique index until the first commits or rolls back, then fails (Conflict) or
+    goes ahead: never both."""
+    op_id = ids.new_id("op")
+    await conn.execute(
+        insert(operations).values(
+            id=op_id,
+            org_id=org_id,
+            scope=scope,
+            kind=kind,
+            idempotency_key=idempotency_key,
+            result=None,
+            created_at=now,
+        )
+    )
+    return op_id
+
+
+async def store_result(conn: AsyncConnection, op_id: str, result: dict[str, Any]) -> None:
+    await conn.execute(update(operations).where(operations.c.id == op_id).values(result=result))
+
+
+async def stored_result(
+    db: Database, *, scope: str, kind: str, idempotency_key: str
+) -> dict[str, Any] | None:
+    o = operations.c
+    async with db.autocommit() as conn:
+        row = (
+            await conn.execute(
+                select(o.result).where(
+                    o.scope == scope, o.kind == kind, o.idempotency_key == idempotency_key
+                )
+            )
+        ).first()
+    return None if row is None else row.result
+
+
+async def insert_ledger(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+    if rows:
+        await conn.execute(insert(ledger), rows)
+
+
+# --- reporting ------------------------------------------------------------------------
+
+
+async def usage(
+    db: Database,
+    *,
+    key_id: str | None,
+    project_id: str | None,
+    org_id: str | None,
+    since: datetime,
+    until: datetime,
+    monthly: bool,
+) -> Sequence[AnyRow]:
+    """Totals of what was charged, per day or month and meter, from primary ledger rows."""
+    lg = ledger.c
+    width = 7 if monthly else 10
+    if db.dialect == "postgresql":
+        bucket: Any = func.to_char(
+            func.timezone("UTC", lg.created_at), "YYYY-MM" if monthly else "YYYY-MM-DD"
+        )
+    else:  # naive UTC stored as text (SQLite) or DATETIME (MySQL): the first characters
+        bucket = func.substr(cast(lg.created_at, String(32)), 1, width)
+    bucket = bucket.label("bucket")
+    stmt = (
+        select(
+            bucket,
+            lg.meter,
+            func.sum(lg.amount_micros).label("micros"),
+            func.count().label("charges"),
+        )
+        .where(
+            lg.is_primary.is_(True),
+            lg.kind.in_(("charge", "settle")),
+            lg.created_at >= since,
+            lg.created_at < until,
+        )
+        .group_by(bucket, lg.meter)
+        .order_by(bucket, lg.meter)
+    )
+    for column, value in ((lg.key_id, key_id), (lg.project_id, project_id), (lg.org_id, org_id)):
+        if value is not None:
+            stmt = stmt.where(column == value)
+    async with db.autocommit() as conn:
+        return (await conn.execute(stmt)).all()
