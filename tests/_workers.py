@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
 
-from keycap import APIKeyClient, KeycapError
+from keycap import APIKeyClient, KeycapError, RateLimitedError
 from tests.conftest import SECRET
 
 
@@ -36,3 +39,66 @@ def get_or_create_many(url: str, name: str, calls: int) -> list[tuple[str, bool]
         return [(org.id, created) for org, created in results]
 
     return asyncio.run(run())
+
+
+class FixedClock:
+    """A picklable clock: every process of a test sees the same instant."""
+
+    def __init__(self, iso: str) -> None:
+        self.now = datetime.fromisoformat(iso)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def metered_many(
+    url: str, op: str, target: str, amount: str | None, calls: int, clock_iso: str | None
+) -> dict[str, object]:
+    """Fire ``calls`` concurrent operations; count outcomes, collect retry_after values."""
+
+    async def run() -> dict[str, object]:
+        outcomes: Counter[str] = Counter()
+        retry_afters: set[float | None] = set()
+        clock = FixedClock(clock_iso) if clock_iso else None
+        async with APIKeyClient(url, signing_secret=SECRET, clock=clock) as client:
+
+            async def one() -> None:
+                try:
+                    cost = None if amount is None else Decimal(amount)
+                    if op == "charge":
+                        await client.charge(target, cost)  # type: ignore[arg-type]
+                    elif op == "reserve":
+                        await client.reserve(target, cost)  # type: ignore[arg-type]
+                    else:
+                        await client.validate_key(target, cost=cost)
+                    outcomes["ok"] += 1
+                except RateLimitedError as error:
+                    outcomes[error.code] += 1
+                    retry_afters.add(error.retry_after)
+                except KeycapError as error:
+                    outcomes[error.code] += 1
+
+            await asyncio.gather(*(one() for _ in range(calls)))
+        return {
+            "outcomes": dict(outcomes),
+            "retry_afters": sorted(r for r in retry_afters if r is not None),
+        }
+
+    return asyncio.run(run())
+
+
+def charge_forever(url: str, key_id: str, ready_path: str) -> None:
+    """Charge in a loop until killed (the SIGKILL test)."""
+
+    async def run() -> None:
+        async with APIKeyClient(url, signing_secret=SECRET) as client:
+            n = 0
+            while True:
+                await asyncio.gather(
+                    *(client.charge(key_id, Decimal("0.000001")) for _ in range(4))
+                )
+                n += 1
+                if n == 5:
+                    Path(ready_path).touch()  # tiny and once: blocking is harmless here
+
+    asyncio.run(run())

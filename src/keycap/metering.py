@@ -409,6 +409,7 @@ async def reserve(
             values = {
                 "id": hold_id,
                 "org_id": key.org_id,
+                "project_id": key.project_id,
                 "key_id": key_id,
                 "meter": meter,
                 "amount_micros": amount,
@@ -548,6 +549,7 @@ async def settle(
             final = charged_excess or afters
             common: dict[str, Any] = {
                 "key_id": hold.key_id,
+                "project_id": hold.project_id,
                 "hold_id": hold_id,
                 "idempotency_key": idempotency_key,
             }
@@ -714,6 +716,7 @@ async def release(
                         i == 0,
                         now,
                         key_id=hold.key_id,
+                        project_id=hold.project_id,
                         hold_id=hold_id,
                         idempotency_key=idempotency_key,
                     )

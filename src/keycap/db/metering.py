@@ -37,6 +37,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import (
+    BigInteger,
     ColumnElement,
     String,
     and_,
@@ -45,6 +46,7 @@ from sqlalchemy import (
     exists,
     func,
     insert,
+    literal,
     or_,
     select,
     update,
@@ -94,6 +96,14 @@ async def retrying(unit: Callable[[], Awaitable[T]]) -> T:
                 raise
             await asyncio.sleep(random.uniform(0, 0.01 * 2**attempt))  # noqa: S311 - jitter
     raise AssertionError("unreachable")
+
+
+def big(value: int) -> Any:
+    """An integer bound as BIGINT. PostgreSQL types a bind by its context: in
+    ``CASE ... THEN 0 ... END + :amount`` the literal 0 would make ``:amount`` an
+    int32 and 6e10 micro-units would not fit. Every integer entering a metering
+    statement goes through here."""
+    return literal(value, BigInteger())
 
 
 # --- subjects -------------------------------------------------------------------------
@@ -260,8 +270,8 @@ def _rollover(start: datetime) -> tuple[Any, Any, Any]:
     b = budgets.c
     new_period = b.period_start < start
     return (
-        case((new_period, 0), else_=b.used_micros),
-        case((new_period, 0), else_=b.credit_micros),
+        case((new_period, big(0)), else_=b.used_micros),
+        case((new_period, big(0)), else_=b.credit_micros),
         case((new_period, start), else_=b.period_start),
     )
 
@@ -286,7 +296,7 @@ async def grant_credit(db: Database, budget_id: str, micros: int, now: datetime)
                 .where(b.id == budget_id)
                 .ordered_values(
                     (b.used_micros, used),
-                    (b.credit_micros, credit + micros),
+                    (b.credit_micros, credit + big(micros)),
                     (b.period_start, period_start),
                     (b.updated_at, now),
                 )
@@ -444,21 +454,19 @@ async def consume_rate(conn: AsyncConnection, row: AnyRow, units: int, now_ms: i
     c = rate_limits.c
     win = row.window_ms
     aligned = now_ms - now_ms % win
-    weight = ratelimit.view(win, now_ms, aligned, 0, 0).weight
-    r = ratelimit.RESOLUTION
-    ahead, same, previous = (
-        c.window_start > aligned,
-        c.window_start == aligned,
-        (c.window_start == aligned - win),
-    )
+    weight = big(ratelimit.view(win, now_ms, aligned, 0, 0).weight)
+    r = big(ratelimit.RESOLUTION)
+    at, cost = big(aligned), big(units)
+    ahead, same = c.window_start > at, c.window_start == at
+    previous = c.window_start == big(aligned - win)
     weighted_previous = case(
         (ahead, c.previous_units * r),
         (same, c.previous_units * weight),
         (previous, c.current_units * weight),
-        else_=0,
+        else_=big(0),
     )
-    current = case((c.window_start >= aligned, c.current_units), else_=0)
-    fits = weighted_previous + (current + units) * r <= c.limit_units * r
+    current = case((c.window_start >= at, c.current_units), else_=big(0))
+    fits = weighted_previous + (current + cost) * r <= c.limit_units * r
     stmt = (
         update(rate_limits)
         .where(c.id == row.id, fits)
@@ -466,13 +474,13 @@ async def consume_rate(conn: AsyncConnection, row: AnyRow, units: int, now_ms: i
             (
                 c.previous_units,
                 case(
-                    (c.window_start >= aligned, c.previous_units),
+                    (c.window_start >= at, c.previous_units),
                     (previous, c.current_units),
-                    else_=0,
+                    else_=big(0),
                 ),
             ),
-            (c.current_units, current + units),
-            (c.window_start, case((ahead, c.window_start), else_=aligned)),
+            (c.current_units, current + cost),
+            (c.window_start, case((ahead, c.window_start), else_=at)),
         )
     )
     result = await conn.execute(stmt)

@@ -243,6 +243,8 @@ holds = Table(
     metadata,
     Column("id", String(ID), nullable=False),
     Column("org_id", String(ID), nullable=False),
+    # The key's project, copied for the ledger rows of its settlement.
+    Column("project_id", String(ID), nullable=True),
     Column("key_id", String(ID), nullable=True),
     Column("meter", String(32), nullable=False),
     Column("amount_micros", BigInteger(), nullable=False),

@@ -180,6 +180,7 @@ def upgrade() -> None:
         "keycap_holds",
         sa.Column("id", sa.String(length=32), nullable=False),
         sa.Column("org_id", sa.String(length=32), nullable=False),
+        sa.Column("project_id", sa.String(length=32), nullable=True),
         sa.Column("key_id", sa.String(length=32), nullable=True),
         sa.Column("meter", sa.String(length=32), nullable=False),
         sa.Column("amount_micros", sa.BigInteger(), nullable=False),

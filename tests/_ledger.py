@@ -1,0 +1,31 @@
+"""The ledger invariant, checked straight from the tables."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+
+from keycap import APIKeyClient
+from keycap.db.schema import budgets, ledger
+
+
+async def assert_balances_match_ledger(client: APIKeyClient) -> list[str]:
+    """For every budget: used == SUM(delta_used) in its stored period, held == SUM(delta_held).
+    Returns one line per budget for reports."""
+    lines = []
+    async with client._db.begin() as conn:
+        for b in (await conn.execute(select(budgets))).all():
+            used = await conn.scalar(
+                select(func.coalesce(func.sum(ledger.c.delta_used), 0)).where(
+                    ledger.c.budget_id == b.id, ledger.c.period_start == b.period_start
+                )
+            )
+            held = await conn.scalar(
+                select(func.coalesce(func.sum(ledger.c.delta_held), 0)).where(
+                    ledger.c.budget_id == b.id
+                )
+            )
+            assert int(used) == b.used_micros, f"{b.id}: used {b.used_micros} != ledger {used}"
+            assert int(held) == b.held_micros, f"{b.id}: held {b.held_micros} != ledger {held}"
+            scope = b.subject_id.split("_")[0]
+            lines.append(f"{scope} budget used={b.used_micros} held={b.held_micros} = ledger")
+    return lines
