@@ -6,7 +6,7 @@ import asyncio
 from collections import Counter
 from datetime import datetime
 from decimal import Decimal
-from pathlib import Path
+from typing import Any
 
 from keycap import APIKeyClient, KeycapError, RateLimitedError
 from tests.conftest import SECRET
@@ -87,7 +87,7 @@ def metered_many(
     return asyncio.run(run())
 
 
-def charge_forever(url: str, key_id: str, ready_path: str) -> None:
+def charge_forever(url: str, key_id: str, ready: Any) -> None:
     """Charge in a loop until killed (the SIGKILL test)."""
 
     async def run() -> None:
@@ -99,6 +99,6 @@ def charge_forever(url: str, key_id: str, ready_path: str) -> None:
                 )
                 n += 1
                 if n == 5:
-                    Path(ready_path).touch()  # tiny and once: blocking is harmless here
+                    ready.set()  # a multiprocessing.Event: the test may kill us now
 
     asyncio.run(run())

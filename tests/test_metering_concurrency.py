@@ -8,12 +8,10 @@ import asyncio
 import multiprocessing
 import os
 import signal
-import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -154,19 +152,16 @@ async def test_period_rollover_under_concurrent_load(
 
 
 async def test_a_killed_process_leaves_balances_equal_to_the_ledger(
-    client: APIKeyClient, db_url: str, backend: str, tmp_path: Path
+    client: APIKeyClient, db_url: str, backend: str
 ) -> None:
     org = (await client.create_organization("A")).id
     await client.set_budget(org, Budget(D("1000")))
     issued = await client.create_key(org, budgets=[Budget(D("1000"))])
-    ready = tmp_path / "ready"
     ctx = multiprocessing.get_context("spawn")
-    proc = ctx.Process(target=_workers.charge_forever, args=(db_url, issued.id, str(ready)))
+    ready = ctx.Event()
+    proc = ctx.Process(target=_workers.charge_forever, args=(db_url, issued.id, ready))
     proc.start()
-    deadline = time.monotonic() + 60
-    while not ready.exists() and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    assert ready.exists(), "the charging process never got going"
+    assert await asyncio.to_thread(ready.wait, 60), "the charging process never got going"
     await asyncio.sleep(0.3)  # let it be mid-transaction
     os.kill(proc.pid, signal.SIGKILL)  # type: ignore[arg-type]
     proc.join(10)
