@@ -5,11 +5,12 @@ from __future__ import annotations
 from sqlalchemy import func, select
 
 from keycap import APIKeyClient
-from keycap.db.schema import budgets, ledger
+from keycap.db.schema import budgets, holds, ledger
 
 
 async def assert_balances_match_ledger(client: APIKeyClient) -> list[str]:
-    """For every budget: used == SUM(delta_used) in its stored period, held == SUM(delta_held).
+    """For every budget: used == SUM(delta_used) in its stored period, and held ==
+    SUM(delta_held) == the amounts of its open holds.
     Returns one line per budget for reports."""
     lines = []
     async with client._db.begin() as conn:
@@ -26,6 +27,15 @@ async def assert_balances_match_ledger(client: APIKeyClient) -> list[str]:
             )
             assert int(used) == b.used_micros, f"{b.id}: used {b.used_micros} != ledger {used}"
             assert int(held) == b.held_micros, f"{b.id}: held {b.held_micros} != ledger {held}"
+            open_holds = (
+                await conn.execute(
+                    select(holds.c.amount_micros, holds.c.budget_ids).where(
+                        holds.c.status == "open"
+                    )
+                )
+            ).all()
+            in_open = sum(h.amount_micros for h in open_holds if f" {b.id} " in h.budget_ids)
+            assert in_open == b.held_micros, f"{b.id}: held {b.held_micros} != open holds {in_open}"
             scope = b.subject_id.split("_")[0]
             lines.append(f"{scope} budget used={b.used_micros} held={b.held_micros} = ledger")
     return lines

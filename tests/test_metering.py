@@ -266,6 +266,29 @@ async def test_idempotent_charge(client: APIKeyClient) -> None:
     await assert_balances_match_ledger(client)
 
 
+async def test_concurrent_duplicates_charge_once(client: APIKeyClient, backend: str) -> None:
+    """A retry racing the original (same idempotency key, both in flight) charges once."""
+    import asyncio
+
+    issued = await client.create_key(await _org(client), budgets=[Budget(D("1"))])
+    results = await asyncio.gather(
+        *(client.charge(issued.id, D("0.25"), idempotency_key="same") for _ in range(8))
+    )
+    assert sorted(r.replayed for r in results) == [False] + [True] * 7
+    assert (await client.get_budgets(issued.id))[0].used == D("0.25")
+    holds = await asyncio.gather(
+        *(client.reserve(issued.id, D("0.5"), idempotency_key="h") for _ in range(8))
+    )
+    assert len({h.id for h in holds}) == 1
+    settled = await asyncio.gather(
+        *(client.settle(holds[0].id, D("0.1"), idempotency_key="s") for _ in range(8))
+    )
+    assert sum(not r.replayed for r in settled) == 1
+    (status,) = await client.get_budgets(issued.id)
+    assert (status.used, status.held) == (D("0.35"), 0)
+    await assert_balances_match_ledger(client)
+
+
 async def test_holds_settle_below_at_and_above(client: APIKeyClient) -> None:
     issued = await client.create_key(await _org(client), budgets=[Budget(D("1"))])
     hold = await client.reserve(issued.id, D("0.5"))
@@ -289,6 +312,23 @@ async def test_holds_settle_below_at_and_above(client: APIKeyClient) -> None:
     await assert_balances_match_ledger(client)
 
 
+async def test_the_documented_agent_example(client: APIKeyClient) -> None:
+    """docs/limits-and-budgets.md: $5/month, reserve 0.40, settle 0.1234: 38 completions."""
+    issued = await client.create_key(await _org(client), budgets=[Budget(D("5.00"), "month")])
+    completions = 0
+    while True:
+        try:
+            hold = await client.reserve(issued.id, D("0.40"))
+        except BudgetExceededError as error:
+            assert error.remaining == D("0.3108")
+            assert error.reset_at == datetime(2026, 2, 1, tzinfo=UTC)
+            break
+        result = await client.settle(hold.id, D("0.1234"))
+        assert (result.charged, result.returned) == (D("0.1234"), D("0.2766"))
+        completions += 1
+    assert completions == 38
+
+
 async def test_release_and_expiry(client: APIKeyClient, clock: FakeClock) -> None:
     org = await _org(client)
     issued = await client.create_key(org)
@@ -303,7 +343,8 @@ async def test_release_and_expiry(client: APIKeyClient, clock: FakeClock) -> Non
     lazy = await client.reserve(issued.id, D("0.6"), ttl="30s")
     assert lazy.budgets[0].held == D("0.6")
     clock.advance(seconds=31)
-    assert await client.sweep_expired_holds() == 1
+    assert (await client.get_budgets(org))[0].held == 0  # a status read returns it first
+    assert await client.sweep_expired_holds() == 0
     assert (await client.get_hold(lazy.id)).status == "expired"
     assert (await client.get_budgets(org))[0].held == 0
     with pytest.raises(HoldClosedError):

@@ -679,9 +679,14 @@ class APIKeyClient:
         )
 
     async def get_budgets(self, subject_id: str) -> list[BudgetStatus]:
-        """The budgets attached directly to a key, project or organization, as they stand."""
+        """The budgets attached directly to a key, project or organization, as they stand
+        (holds past their ttl are returned to them first)."""
         subject_id = ids.check_subject(subject_id)
         now = self._now()
+        for budget in await db_metering.select_where(
+            self._db, budgets_table, budgets_table.c.subject_id == subject_id
+        ):
+            await metering.sweep(self._db, now, budget_id=budget.id)
         found = await db_metering.select_where(
             self._db, budgets_table, budgets_table.c.subject_id == subject_id
         )
