@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
 from keycap import budgets as budget_rules
@@ -192,6 +193,36 @@ async def _key_refusal(db: Database, key_id: str, now: datetime) -> Exception:
     return DatabaseError("the key changed during the operation; try again")
 
 
+# --- idempotency and the key, shared by every operation -------------------------------
+
+
+async def _replay(
+    db: Database, model: Any, scope: str, kind: str, idempotency_key: str | None
+) -> Any | None:
+    """The stored result of an earlier call with this idempotency key, marked replayed."""
+    if idempotency_key is None:
+        return None
+    stored = await m.stored_result(db, scope=scope, kind=kind, idempotency_key=idempotency_key)
+    return None if stored is None else model.model_validate({**stored, "replayed": True})
+
+
+async def _claim(
+    conn: Any, org_id: str, scope: str, kind: str, idempotency_key: str | None, now: datetime
+) -> str | None:
+    if idempotency_key is None:
+        return None
+    return await m.claim_operation(
+        conn, org_id=org_id, scope=scope, kind=kind, idempotency_key=idempotency_key, now=now
+    )
+
+
+async def _live_key(conn: Any, key_id: str, now: datetime) -> m.KeyRef:
+    key = await m.lock_live_key(conn, key_id, now)
+    if key is None:
+        raise _Refused("key")
+    return key
+
+
 # --- charge ---------------------------------------------------------------------------
 
 
@@ -206,28 +237,13 @@ async def charge(
     on_alert: AlertHandler | None,
 ) -> Charge:
     """Debit every budget of each meter on the key, its project and its org, or none."""
-    if idempotency_key is not None:
-        stored = await m.stored_result(
-            db, scope=key_id, kind="charge", idempotency_key=idempotency_key
-        )
-        if stored is not None:
-            return Charge.model_validate({**stored, "replayed": True})
+    if (replay := await _replay(db, Charge, key_id, "charge", idempotency_key)) is not None:
+        return replay  # type: ignore[no-any-return]
 
     async def unit() -> tuple[Charge, tuple[BudgetAlert, ...]]:
         async with db.begin() as conn:
-            key = await m.lock_live_key(conn, key_id, now)
-            if key is None:
-                raise _Refused("key")
-            op_id = None
-            if idempotency_key is not None:
-                op_id = await m.claim_operation(
-                    conn,
-                    org_id=key.org_id,
-                    scope=key_id,
-                    kind="charge",
-                    idempotency_key=idempotency_key,
-                    now=now,
-                )
+            key = await _live_key(conn, key_id, now)
+            op_id = await _claim(conn, key.org_id, key_id, "charge", idempotency_key, now)
             debited = await _debit_all(conn, key, amounts, now)
             await m.insert_ledger(
                 conn,
@@ -292,13 +308,13 @@ def _charge_ledger(
     }
     for after, amount in debited:
         out.append(
-            m._ledger_row(after, kind, amount, amount, 0, after.meter not in seen, now, **common)
+            m.ledger_row(after, kind, amount, amount, 0, after.meter not in seen, now, **common)
         )
         seen.add(after.meter)
     for meter, amount in amounts.items():
         if meter not in seen:
             out.append(
-                m._ledger_row(
+                m.ledger_row(
                     None,
                     kind,
                     amount,
@@ -330,15 +346,10 @@ async def _run(
         try:
             return await m.retrying(unit)
         except Conflict:
-            if idempotency_key is None:
+            # Lost the race to a duplicate with the same idempotency key: its result.
+            if (replay := await _replay(db, model, scope, kind, idempotency_key)) is None:
                 raise
-            stored = await m.stored_result(
-                db, scope=scope, kind=kind, idempotency_key=idempotency_key
-            )
-            if stored is None:
-                raise
-            result = model.model_validate({**stored, "replayed": True})
-            return result, ()
+            return replay, ()
         except _Refused as refused:
             if refused.what == "key" or refused.row is None:
                 raise await _key_refusal(db, key_id or "", now) from None
@@ -377,28 +388,13 @@ async def reserve(
     now: datetime,
 ) -> Hold:
     """Hold ``amount`` on every budget of the meter (key, project, org), or none."""
-    if idempotency_key is not None:
-        stored = await m.stored_result(
-            db, scope=key_id, kind="reserve", idempotency_key=idempotency_key
-        )
-        if stored is not None:
-            return Hold.model_validate({**stored, "replayed": True})
+    if (replay := await _replay(db, Hold, key_id, "reserve", idempotency_key)) is not None:
+        return replay  # type: ignore[no-any-return]
 
     async def unit() -> tuple[Hold, tuple[()]]:
         async with db.begin() as conn:
-            key = await m.lock_live_key(conn, key_id, now)
-            if key is None:
-                raise _Refused("key")
-            op_id = None
-            if idempotency_key is not None:
-                op_id = await m.claim_operation(
-                    conn,
-                    org_id=key.org_id,
-                    scope=key_id,
-                    kind="reserve",
-                    idempotency_key=idempotency_key,
-                    now=now,
-                )
+            key = await _live_key(conn, key_id, now)
+            op_id = await _claim(conn, key.org_id, key_id, "reserve", idempotency_key, now)
             hold_id = ids.new_id("hold")
             held = []
             for row in await m.applicable_budgets(conn, key, [meter]):
@@ -425,7 +421,7 @@ async def reserve(
             await m.insert_ledger(
                 conn,
                 [
-                    m._ledger_row(
+                    m.ledger_row(
                         after,
                         "hold",
                         amount,
@@ -441,7 +437,7 @@ async def reserve(
                     for i, after in enumerate(held)
                 ],
             )
-            result = _hold_model(_Values(values), [budget_status(r, now) for r in held])
+            result = _hold_model(SimpleNamespace(**values), [budget_status(r, now) for r in held])
             if op_id is not None:
                 await m.store_result(conn, op_id, result.model_dump(mode="json"))
             return result, ()
@@ -456,13 +452,6 @@ async def reserve(
         model=Hold,
     )
     return result  # type: ignore[no-any-return]
-
-
-class _Values:
-    """Attribute access to a dict, so a just-inserted row and a selected one look alike."""
-
-    def __init__(self, values: Mapping[str, Any]) -> None:
-        self.__dict__.update(values)
 
 
 async def _open_hold(db: Database, hold_id: str) -> AnyRow:
@@ -490,27 +479,13 @@ async def settle(
     key is live); what does not fit is written to the ledger as a shortfall
     and reported, never dropped.
     """
-    if idempotency_key is not None:
-        stored = await m.stored_result(
-            db, scope=hold_id, kind="settle", idempotency_key=idempotency_key
-        )
-        if stored is not None:
-            return Settlement.model_validate({**stored, "replayed": True})
+    if (replay := await _replay(db, Settlement, hold_id, "settle", idempotency_key)) is not None:
+        return replay  # type: ignore[no-any-return]
     hold = await _open_hold(db, hold_id)
 
     async def unit() -> tuple[Settlement, tuple[BudgetAlert, ...]]:
         async with db.begin() as conn:
-            if idempotency_key is not None:
-                await_op = await m.claim_operation(
-                    conn,
-                    org_id=hold.org_id,
-                    scope=hold_id,
-                    kind="settle",
-                    idempotency_key=idempotency_key,
-                    now=now,
-                )
-            else:
-                await_op = None
+            await_op = await _claim(conn, hold.org_id, hold_id, "settle", idempotency_key, now)
             if not await m.close_hold(conn, hold_id, "settled", now, settled_micros=actual):
                 raise _Refused("hold")
             within = min(actual, hold.amount_micros)
@@ -554,12 +529,12 @@ async def settle(
                 "idempotency_key": idempotency_key,
             }
             ledger_rows = [
-                m._ledger_row(
+                m.ledger_row(
                     a, "settle", within, within, -hold.amount_micros, i == 0, now, **common
                 )
                 for i, a in enumerate(afters)
             ] or [
-                m._ledger_row(
+                m.ledger_row(
                     None,
                     "settle",
                     within,
@@ -574,10 +549,10 @@ async def settle(
             ]
             if fit:
                 ledger_rows += [
-                    m._ledger_row(a, "charge", fit, fit, 0, i == 0, now, **common)
+                    m.ledger_row(a, "charge", fit, fit, 0, i == 0, now, **common)
                     for i, a in enumerate(charged_excess)
                 ] or [
-                    m._ledger_row(
+                    m.ledger_row(
                         None,
                         "charge",
                         fit,
@@ -592,7 +567,7 @@ async def settle(
                 ]
             if shortfall:
                 ledger_rows.append(
-                    m._ledger_row(
+                    m.ledger_row(
                         None,
                         "shortfall",
                         shortfall,
@@ -646,14 +621,9 @@ async def _run_hold(
     try:
         return await m.retrying(unit)
     except Conflict:
-        if idempotency_key is None:
+        if (replay := await _replay(db, model, hold_id, kind, idempotency_key)) is None:
             raise
-        stored = await m.stored_result(
-            db, scope=hold_id, kind=kind, idempotency_key=idempotency_key
-        )
-        if stored is None:
-            raise
-        return model.model_validate({**stored, "replayed": True}), ()
+        return replay, ()
     except _Refused:
         row = await m.get_hold(db, hold_id)
         raise HoldClosedError(hold_id, row.status if row is not None else "gone") from None
@@ -669,26 +639,13 @@ async def release(
 ) -> Hold:
     """Return a hold to its budgets (``status="expired"``: the same, by expiry)."""
     kind = "release" if status == "released" else "expiry"
-    if idempotency_key is not None:
-        stored = await m.stored_result(
-            db, scope=hold_id, kind="release", idempotency_key=idempotency_key
-        )
-        if stored is not None:
-            return Hold.model_validate({**stored, "replayed": True})
+    if (replay := await _replay(db, Hold, hold_id, "release", idempotency_key)) is not None:
+        return replay  # type: ignore[no-any-return]
     hold = await _open_hold(db, hold_id)
 
     async def unit() -> tuple[Hold, tuple[()]]:
         async with db.begin() as conn:
-            op_id = None
-            if idempotency_key is not None:
-                op_id = await m.claim_operation(
-                    conn,
-                    org_id=hold.org_id,
-                    scope=hold_id,
-                    kind="release",
-                    idempotency_key=idempotency_key,
-                    now=now,
-                )
+            op_id = await _claim(conn, hold.org_id, hold_id, "release", idempotency_key, now)
             if not await m.close_hold(conn, hold_id, status, now):
                 raise _Refused("hold")
             afters = []
@@ -707,7 +664,7 @@ async def release(
             await m.insert_ledger(
                 conn,
                 [
-                    m._ledger_row(
+                    m.ledger_row(
                         a,
                         kind,
                         hold.amount_micros,
@@ -723,7 +680,7 @@ async def release(
                     for i, a in enumerate(afters)
                 ],
             )
-            closed = _Values({**hold._mapping, "status": status, "closed_at": now})
+            closed = SimpleNamespace(**{**hold._mapping, "status": status, "closed_at": now})
             result = _hold_model(closed, [budget_status(a, now) for a in afters])
             if op_id is not None:
                 await m.store_result(conn, op_id, result.model_dump(mode="json"))

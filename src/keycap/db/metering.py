@@ -304,7 +304,7 @@ async def grant_credit(db: Database, budget_id: str, micros: int, now: datetime)
             after = (await conn.execute(select(budgets).where(b.id == budget_id))).one()
             await conn.execute(
                 insert(ledger).values(
-                    _ledger_row(after, "topup", micros, 0, 0, True, now, key_id=None)
+                    ledger_row(after, "topup", micros, 0, 0, True, now, key_id=None)
                 )
             )
             return after
@@ -315,7 +315,7 @@ async def grant_credit(db: Database, budget_id: str, micros: int, now: datetime)
 # --- ledger ---------------------------------------------------------------------------
 
 
-def _ledger_row(
+def ledger_row(
     budget: AnyRow | None,
     kind: str,
     amount: int,
