@@ -560,3 +560,33 @@ async def test_ten_thousand_micro_charges_sum_exactly(client: APIKeyClient, back
     (row,) = await client.usage(org_id=org, since=since)
     assert (row.amount, row.charges) == (D("0.01"), 10_000) and type(row.amount) is Decimal
     await assert_balances_match_ledger(client)
+
+
+@pytest.mark.parametrize("delete", ["project", "product"])
+async def test_deleting_a_project_or_product_returns_its_keys_holds(
+    client: APIKeyClient, delete: str
+) -> None:
+    org = await _org(client)
+    await client.set_budget(org, Budget(D("1")))
+    project = (await client.create_project(org, "p")).id
+    product = (await client.create_product(org, "x")).id
+    await client.add_product_to_project(product, project)
+    issued = await client.create_key(org, project_id=project, product_id=product)
+    await client.reserve(issued.id, D("0.6"))
+    if delete == "project":
+        await client.delete_project(project)
+    else:
+        await client.delete_product(product)
+    (org_budget,) = await client.get_budgets(org)
+    assert org_budget.held == 0  # no phantom reservation left on the organization
+    await assert_balances_match_ledger(client)
+
+
+async def test_tracking_off_writes_no_use_on_the_metered_path(client: APIKeyClient) -> None:
+    issued = await client.create_key(
+        await _org(client), rate_limits=[RateLimit(5, "minute")], budgets=[Budget(D("1"))]
+    )
+    key = await client.validate_key(issued.plaintext, track_usage=False, cost=D("0.1"))
+    assert key.rate_limit is not None and key.rate_limit.remaining == 4  # limits still apply
+    stored = await client.get_key(issued.id)
+    assert (stored.use_count, stored.last_used_at) == (0, None)

@@ -211,7 +211,10 @@ class APIKeyClient:
         ]
 
     async def delete_project(self, project_id: str) -> None:
-        """Delete a project, its product links and its keys. Raises: NotFoundError."""
+        """Delete a project, its product links and its keys (whose open holds are
+        released first). Raises: NotFoundError."""
+        project_id = ids.check(ids.PROJECT, project_id)
+        await self._retire_keys("project_id", project_id)
         await self._delete(projects, ids.PROJECT, project_id)
 
     async def create_product(self, org_id: str, name: str) -> Product:
@@ -241,6 +244,8 @@ class APIKeyClient:
 
         Raises: NotFoundError.
         """
+        product_id = ids.check(ids.PRODUCT, product_id)
+        await self._retire_keys("product_id", product_id)
         await self._delete(products, ids.PRODUCT, product_id)
 
     async def add_product_to_project(self, product_id: str, project_id: str) -> bool:
@@ -300,6 +305,15 @@ class APIKeyClient:
         if row is None:
             raise NotFoundError(ids.resource_name(kind), id_)
         return row
+
+    async def _retire_keys(self, column: str, value: str) -> None:
+        """Before keys are deleted: revoke them, so no new hold can start, then release
+        their open holds, so none is left holding a project's or organization's budget."""
+        now = self._now()
+        await queries.revoke_keys_where(self._db, column, value, now)
+        for hold_id in await db_metering.open_hold_ids(self._db, column, value):
+            with contextlib.suppress(HoldClosedError):  # settled or expired meanwhile
+                await metering.release(self._db, hold_id=hold_id, idempotency_key=None, now=now)
 
     async def _delete(self, table: Table, kind: str, id_: str) -> None:
         id_ = ids.check(kind, id_)
@@ -505,11 +519,7 @@ class APIKeyClient:
         Raises: NotFoundError.
         """
         key_id = ids.check(ids.KEY, key_id)
-        await self.revoke_key(key_id)
-        now = self._now()
-        for hold_id in await db_metering.open_hold_ids(self._db, key_id):
-            with contextlib.suppress(HoldClosedError):  # settled or expired meanwhile
-                await metering.release(self._db, hold_id=hold_id, idempotency_key=None, now=now)
+        await self._retire_keys("id", key_id)
         await self._delete(keys, ids.KEY, key_id)
 
     @staticmethod

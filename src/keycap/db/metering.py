@@ -423,9 +423,12 @@ async def record_metered_use(
         grant_predicate(digests, req, now, dialect),
         or_(k.max_uses.is_(None), k.use_count < k.max_uses),
     )
-    values: dict[str, Any] = {"last_used_at": now}
+    # With tracking off the row is still written (to itself): the UPDATE is what
+    # takes the key's lock and re-decides the rule, but it records nothing.
     if count:
-        values["use_count"] = k.use_count + 1
+        values: dict[str, Any] = {"use_count": k.use_count + 1, "last_used_at": now}
+    else:
+        values = {"last_used_at": k.last_used_at}
     result = await conn.execute(update(keys).where(cond).values(**values))
     return bool(result.rowcount == 1)
 
@@ -602,9 +605,15 @@ async def expired_hold_ids(
         return list((await conn.execute(stmt)).scalars())
 
 
-async def open_hold_ids(db: Database, key_id: str) -> list[str]:
+async def open_hold_ids(db: Database, column: str, value: str) -> list[str]:
+    """Open holds of the keys whose ``column`` (id, project_id, product_id) is ``value``."""
     h = holds.c
-    stmt = select(h.id).where(h.key_id == key_id, h.status == "open").order_by(h.id)
+    stmt = (
+        select(h.id)
+        .join(keys, keys.c.id == h.key_id)
+        .where(keys.c[column] == value, h.status == "open")
+        .order_by(h.id)
+    )
     async with db.autocommit() as conn:
         return list((await conn.execute(stmt)).scalars())
 

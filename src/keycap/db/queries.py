@@ -441,6 +441,16 @@ async def upgrade_digest(
         )
 
 
+async def revoke_keys_where(db: Database, column: str, value: str, now: datetime) -> None:
+    """Revoke every unrevoked key whose ``column`` (id, project_id, product_id) is ``value``."""
+    async with db.begin() as conn:
+        await conn.execute(
+            update(keys)
+            .where(keys.c[column] == value, keys.c.revoked_at.is_(None))
+            .values(revoked_at=now, updated_at=now)
+        )
+
+
 async def revoke_key(db: Database, key_id: str, now: datetime) -> AnyRow | None:
     """Revoke; idempotent, and the first ``revoked_at`` is kept (the WHERE skips a revoked key)."""
     return await update_key(
