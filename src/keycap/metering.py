@@ -244,22 +244,10 @@ async def charge(
         async with db.begin() as conn:
             key = await _live_key(conn, key_id, now)
             op_id = await _claim(conn, key.org_id, key_id, "charge", idempotency_key, now)
-            debited = await _debit_all(conn, key, amounts, now)
-            await m.insert_ledger(
-                conn,
-                _charge_ledger(key, debited, amounts, now, idempotency_key, metadata),
-            )
-            alerts = _alerts(debited, now, key_id)
-            result = Charge.model_construct(
-                key_id=key_id,
-                amounts={meter: from_micros(a) for meter, a in amounts.items()},
-                budgets=_tightest([budget_status(after, now) for after, _ in debited]),
-                alerts=alerts,
-                replayed=False,
-            )
+            result = await _charge_in(conn, key, amounts, now, idempotency_key, metadata)
             if op_id is not None:
                 await m.store_result(conn, op_id, result.model_dump(mode="json"))
-            return result, alerts
+            return result, result.alerts
 
     result, alerts = await _run(
         db,
@@ -272,6 +260,29 @@ async def charge(
     )
     await deliver(alerts, on_alert)
     return result  # type: ignore[no-any-return]
+
+
+async def _charge_in(
+    conn: Any,
+    key: m.KeyRef,
+    amounts: Mapping[str, int],
+    now: datetime,
+    idempotency_key: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> Charge:
+    """Inside a transaction: debit every applicable budget, write the ledger, and
+    say which alert thresholds were crossed (delivered by the caller after commit)."""
+    debited = await _debit_all(conn, key, amounts, now)
+    await m.insert_ledger(
+        conn, _charge_ledger(key, debited, amounts, now, idempotency_key, metadata)
+    )
+    return Charge.model_construct(
+        key_id=key.id,
+        amounts={meter: from_micros(a) for meter, a in amounts.items()},
+        budgets=_tightest([budget_status(after, now) for after, _ in debited]),
+        alerts=_alerts(debited, now, key.id),
+        replayed=False,
+    )
 
 
 async def _debit_all(
@@ -740,20 +751,9 @@ async def validate(
                     raise _Refused("rate", row)
                 limits.append(row.id)
             statuses = [rate_limit_status(r, now) for r in await m.rate_limits_by_id(conn, limits)]
-            charge_result = None
-            alerts: tuple[BudgetAlert, ...] = ()
-            if amounts:
-                debited = await _debit_all(conn, key, amounts, now)
-                await m.insert_ledger(conn, _charge_ledger(key, debited, amounts, now, None, None))
-                alerts = _alerts(debited, now, key_id)
-                charge_result = Charge.model_construct(
-                    key_id=key_id,
-                    amounts={meter: from_micros(a) for meter, a in amounts.items()},
-                    budgets=_tightest([budget_status(after, now) for after, _ in debited]),
-                    alerts=alerts,
-                    replayed=False,
-                )
+            charge_result = await _charge_in(conn, key, amounts, now) if amounts else None
             tightest = min(statuses, key=_rate_order) if statuses else None
+            alerts = charge_result.alerts if charge_result is not None else ()
             return key_row, tightest, charge_result, alerts
 
     for _ in range(3):
