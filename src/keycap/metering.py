@@ -23,6 +23,7 @@ from keycap.errors import (
     BudgetExceededError,
     DatabaseError,
     HoldClosedError,
+    KeycapError,
     NotFoundError,
     RateLimitedError,
     UsageExhaustedError,
@@ -181,16 +182,17 @@ async def _refusal(
     return budget_exceeded(row, requested, now, key_id)
 
 
-async def _key_refusal(db: Database, key_id: str, now: datetime) -> Exception:
-    """Why a key could not be charged: not found, or the state the policy names."""
+async def _key_refusal(db: Database, key_id: str, now: datetime) -> Exception | None:
+    """Why a key could not be charged: not found, or the state the policy names.
+    None: it is live after all (enabled meanwhile), so the caller tries again."""
     row = await queries.get_key(db, key_id)
     if row is None:
         return NotFoundError("key", key_id)
     try:
         policy.check(rows.to_facts(row, digest_ok=True), Requirement(), now)
-    except Exception as error:  # the policy's own KeycapError
+    except KeycapError as error:
         return error
-    return DatabaseError("the key changed during the operation; try again")
+    return None
 
 
 # --- idempotency and the key, shared by every operation -------------------------------
@@ -363,11 +365,12 @@ async def _run(
             return replay, ()
         except _Refused as refused:
             if refused.what == "key" or refused.row is None:
-                raise await _key_refusal(db, key_id or "", now) from None
-            error = await _refusal(db, refused, amounts.get(refused.row.meter, 0), now, key_id)
+                error = await _key_refusal(db, key_id or "", now)
+            else:
+                error = await _refusal(db, refused, amounts.get(refused.row.meter, 0), now, key_id)
             if error is not None:
                 raise error from None
-    raise DatabaseError("the budgets kept changing during the operation; try again")
+    raise DatabaseError("the key or its budgets kept changing during the operation; try again")
 
 
 # --- holds ----------------------------------------------------------------------------
