@@ -396,8 +396,14 @@ class APIKeyClient:
         }
         subject = db_metering.Subject(values["id"], org_id, project_id, values["id"])
         extra = [
-            (rate_limits_table, [_rate_limit_row(subject, rl, now) for rl in limit_specs]),
-            (budgets_table, [_budget_row(subject, spec, now) for spec in budget_specs]),
+            (
+                rate_limits_table,
+                [db_metering.new_rate_limit_row(subject, rl, now) for rl in limit_specs],
+            ),
+            (
+                budgets_table,
+                [db_metering.new_budget_row(subject, spec, now) for spec in budget_specs],
+            ),
         ]
         await queries.insert_key(self._db, values, project_id, product_id, extra)
         key = rows.to_key({**values, "scopes": granted})
@@ -636,15 +642,7 @@ class APIKeyClient:
         spec = _sequence([limit], RateLimit, "limit")[0]
         subject = await db_metering.resolve_subject(self._db, subject_id)
         now = self._now()
-        row = await db_metering.upsert_rate_limit(
-            self._db,
-            subject,
-            name=spec.key,
-            meter=spec.meter,
-            units=spec.units,
-            window_ms=spec.window_ms,
-            now=now,
-        )
+        row = await db_metering.upsert_rate_limit(self._db, subject, spec, now)
         return metering.rate_limit_status(row, now)
 
     async def remove_rate_limit(self, subject_id: str, name: str) -> bool:
@@ -892,42 +890,6 @@ def _sequence(value: object, kind: type[Any], field: str) -> list[Any]:
         for rl in items:
             _ = (rl.units, rl.window_ms, rl.key)  # each raises InvalidArgumentError if bad
     return items
-
-
-def _rate_limit_row(subject: db_metering.Subject, rl: RateLimit, now: datetime) -> dict[str, Any]:
-    return {
-        "id": ids.new_id(ids.RATE_LIMIT),
-        **subject.columns,
-        "name": rl.key,
-        "meter": rl.meter,
-        "limit_units": rl.units,
-        "window_ms": rl.window_ms,
-        "window_start": 0,
-        "current_units": 0,
-        "previous_units": 0,
-        "created_at": now,
-    }
-
-
-def _budget_row(subject: db_metering.Subject, spec: BudgetSpec, now: datetime) -> dict[str, Any]:
-    from keycap import periods
-    from keycap.budgets import encode_thresholds
-
-    return {
-        "id": ids.new_id(ids.BUDGET),
-        **subject.columns,
-        "meter": spec.meter,
-        "period": spec.period.value,
-        "anchor_day": spec.anchor_day,
-        "limit_micros": spec.limit_micros,
-        "credit_micros": 0,
-        "used_micros": 0,
-        "held_micros": 0,
-        "period_start": periods.start(spec.period, now, spec.anchor_day),
-        "thresholds": encode_thresholds(spec.thresholds),
-        "created_at": now,
-        "updated_at": now,
-    }
 
 
 def _idempotency(value: object) -> str | None:

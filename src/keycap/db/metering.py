@@ -159,34 +159,55 @@ def _applicable(table: Any, key_id: str, project_id: str | None, org_id: str) ->
 # --- administration -------------------------------------------------------------------
 
 
+def new_rate_limit_row(
+    subject: Subject, limit: ratelimit.RateLimit, now: datetime
+) -> dict[str, Any]:
+    """A rate limit's row as created (on its own, or with its key in create_key)."""
+    return {
+        "id": ids.new_id(ids.RATE_LIMIT),
+        **subject.columns,
+        "name": limit.key,
+        "meter": limit.meter,
+        "limit_units": limit.units,
+        "window_ms": limit.window_ms,
+        "window_start": 0,
+        "current_units": 0,
+        "previous_units": 0,
+        "created_at": now,
+    }
+
+
+def new_budget_row(
+    subject: Subject, spec: budget_rules.BudgetSpec, now: datetime
+) -> dict[str, Any]:
+    """A budget's row as created (on its own, or with its key in create_key)."""
+    return {
+        "id": ids.new_id(ids.BUDGET),
+        **subject.columns,
+        "meter": spec.meter,
+        "period": spec.period.value,
+        "anchor_day": spec.anchor_day,
+        "limit_micros": spec.limit_micros,
+        "credit_micros": 0,
+        "used_micros": 0,
+        "held_micros": 0,
+        "period_start": periods.start(spec.period, now, spec.anchor_day),
+        "thresholds": budget_rules.encode_thresholds(spec.thresholds),
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
 async def upsert_rate_limit(
-    db: Database,
-    subject: Subject,
-    *,
-    name: str,
-    meter: str | None,
-    units: int,
-    window_ms: int,
-    now: datetime,
+    db: Database, subject: Subject, limit: ratelimit.RateLimit, now: datetime
 ) -> AnyRow:
     """Create or change a limit. Changing the window starts counting afresh."""
     rl = rate_limits.c
+    row = new_rate_limit_row(subject, limit, now)
+    name, window_ms = row["name"], row["window_ms"]
     try:
         async with db.begin() as conn:
-            await conn.execute(
-                insert(rate_limits).values(
-                    id=ids.new_id("rl"),
-                    **subject.columns,
-                    name=name,
-                    meter=meter,
-                    limit_units=units,
-                    window_ms=window_ms,
-                    window_start=0,
-                    current_units=0,
-                    previous_units=0,
-                    created_at=now,
-                )
-            )
+            await conn.execute(insert(rate_limits).values(**row))
     except Conflict:
         same = rl.window_ms == window_ms
         async with db.begin() as conn:
@@ -197,8 +218,8 @@ async def upsert_rate_limit(
                     (rl.window_start, case((same, rl.window_start), else_=0)),
                     (rl.current_units, case((same, rl.current_units), else_=0)),
                     (rl.previous_units, case((same, rl.previous_units), else_=0)),
-                    (rl.meter, meter),
-                    (rl.limit_units, units),
+                    (rl.meter, row["meter"]),
+                    (rl.limit_units, row["limit_units"]),
                     (rl.window_ms, window_ms),
                 )
             )
@@ -227,28 +248,11 @@ async def upsert_budget(
     """Create or change a budget (one per subject, meter and period). Changing the
     limit keeps what was used and held."""
     b = budgets.c
-    start = periods.start(spec.period, now, spec.anchor_day)
-    thresholds = budget_rules.encode_thresholds(spec.thresholds)
+    row = new_budget_row(subject, spec, now)
     where = (b.subject_id == subject.subject_id, b.meter == spec.meter, b.period == spec.period)
     try:
         async with db.begin() as conn:
-            await conn.execute(
-                insert(budgets).values(
-                    id=ids.new_id("bud"),
-                    **subject.columns,
-                    meter=spec.meter,
-                    period=spec.period.value,
-                    anchor_day=spec.anchor_day,
-                    limit_micros=spec.limit_micros,
-                    credit_micros=0,
-                    used_micros=0,
-                    held_micros=0,
-                    period_start=start,
-                    thresholds=thresholds,
-                    created_at=now,
-                    updated_at=now,
-                )
-            )
+            await conn.execute(insert(budgets).values(**row))
     except Conflict:
         async with db.begin() as conn:
             await conn.execute(
@@ -257,7 +261,7 @@ async def upsert_budget(
                 .values(
                     limit_micros=spec.limit_micros,
                     anchor_day=spec.anchor_day,
-                    thresholds=thresholds,
+                    thresholds=row["thresholds"],
                     updated_at=now,
                 )
             )
