@@ -19,6 +19,7 @@ from keycap.db import metering as m
 from keycap.db import queries, rows
 from keycap.db.engine import Conflict, Database
 from keycap.db.queries import AnyRow
+from keycap.db.schema import budgets, rate_limits
 from keycap.errors import (
     BudgetExceededError,
     DatabaseError,
@@ -176,7 +177,7 @@ async def _refusal(
     assert refused.row is not None
     if await sweep(db, now, budget_id=refused.row.id):
         return None
-    (row,) = await m.budget_rows(db, [refused.row.id]) or (refused.row,)
+    (row,) = await m.select_where(db, budgets, budgets.c.id == refused.row.id) or (refused.row,)
     if budget_rules.state_at(row, now).remaining >= requested:
         return None  # room appeared meanwhile (a release, a rollover): try again
     return budget_exceeded(row, requested, now, key_id)
@@ -785,8 +786,6 @@ def _rate_order(status: RateLimitStatus) -> tuple[Any, ...]:
 async def _rate_refusal(
     db: Database, row: AnyRow, amounts: Mapping[str, int], now: datetime, key_id: str
 ) -> RateLimitedError:
-    from keycap.db.schema import rate_limits
-
     (current,) = await m.select_where(db, rate_limits, rate_limits.c.id == row.id) or (row,)
     now_ms = _ms(now)
     units = m.rate_units(current, amounts)

@@ -56,8 +56,17 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from keycap import budgets as budget_rules
 from keycap import ids, periods, ratelimit
 from keycap.db.engine import Conflict, Database
-from keycap.db.queries import AnyRow, grant_predicate
-from keycap.db.schema import budgets, holds, keys, ledger, operations, rate_limits
+from keycap.db.queries import KEY_COLUMNS, AnyRow, contains, grant_predicate, key_is_live_now
+from keycap.db.schema import (
+    budgets,
+    holds,
+    keys,
+    ledger,
+    operations,
+    organizations,
+    projects,
+    rate_limits,
+)
 from keycap.errors import DatabaseError, NotFoundError
 from keycap.policy import Requirement
 
@@ -130,8 +139,6 @@ class Subject:
 
 async def resolve_subject(db: Database, subject_id: str) -> Subject:
     """Raises: NotFoundError."""
-    from keycap.db.schema import organizations, projects
-
     kind = subject_id.split("_", 1)[0]
     async with db.autocommit() as conn:
         if kind == ids.KEY:
@@ -360,13 +367,7 @@ def ledger_row(
 
 def key_is_live(key_id: str, now: datetime) -> ColumnElement[bool]:
     """The key exists and is not revoked, disabled or expired (re-checked in every debit)."""
-    k = keys.c
-    return exists().where(
-        k.id == key_id,
-        k.revoked_at.is_(None),
-        k.disabled_at.is_(None),
-        or_(k.expires_at.is_(None), k.expires_at > now),
-    )
+    return exists().where(keys.c.id == key_id, *key_is_live_now(now))
 
 
 async def is_live(conn: AsyncConnection, key_id: str | None, now: datetime) -> bool:
@@ -375,8 +376,6 @@ async def is_live(conn: AsyncConnection, key_id: str | None, now: datetime) -> b
 
 async def key_row(conn: AsyncConnection, key_id: str) -> AnyRow:
     """The key as this transaction sees it (after its own writes)."""
-    from keycap.db.queries import KEY_COLUMNS
-
     return (await conn.execute(select(*KEY_COLUMNS).where(keys.c.id == key_id))).one()
 
 
@@ -396,13 +395,9 @@ async def lock_live_key(conn: AsyncConnection, key_id: str, now: datetime) -> Ke
     anything is read.
     """
     k = keys.c
-    live = and_(
-        k.id == key_id,
-        k.revoked_at.is_(None),
-        k.disabled_at.is_(None),
-        or_(k.expires_at.is_(None), k.expires_at > now),
+    result = await conn.execute(
+        update(keys).where(k.id == key_id, *key_is_live_now(now)).values(last_used_at=now)
     )
-    result = await conn.execute(update(keys).where(live).values(last_used_at=now))
     if result.rowcount != 1:
         return None
     row = (await conn.execute(select(k.org_id, k.project_id).where(k.id == key_id))).one()
@@ -563,15 +558,6 @@ async def rate_limits_by_id(conn: AsyncConnection, limit_ids: Sequence[str]) -> 
     return (await conn.execute(stmt)).all()
 
 
-async def budget_rows(db: Database, budget_ids: Sequence[str]) -> Sequence[AnyRow]:
-    async with db.autocommit() as conn:
-        return (
-            await conn.execute(
-                select(budgets).where(budgets.c.id.in_(list(budget_ids))).order_by(budgets.c.id)
-            )
-        ).all()
-
-
 # --- holds ----------------------------------------------------------------------------
 
 
@@ -602,9 +588,7 @@ async def expired_hold_ids(
     h = holds.c
     stmt = select(h.id).where(h.status == "open", h.expires_at <= now).order_by(h.id).limit(limit)
     if budget_id is not None:
-        needle = f" {budget_id} "
-        position = func.strpos if db.dialect == "postgresql" else func.instr
-        stmt = stmt.where(position(h.budget_ids, needle) > 0)
+        stmt = stmt.where(contains(h.budget_ids, f" {budget_id} ", db.dialect))
     async with db.autocommit() as conn:
         return list((await conn.execute(stmt)).scalars())
 

@@ -281,7 +281,18 @@ async def update_key(
 # --- keys: validation (the hot path) --------------------------------------------------
 
 
-def _contains(column: Any, needle: str, dialect: str) -> ColumnElement[bool]:
+def key_is_live_now(now: datetime) -> list[ColumnElement[bool]]:
+    """A key row that is not revoked, not disabled and not expired at ``now``
+    (steps 4-6 of the grant rule; every statement that charges re-checks them)."""
+    k = keys.c
+    return [
+        k.revoked_at.is_(None),
+        k.disabled_at.is_(None),
+        or_(k.expires_at.is_(None), k.expires_at > now),
+    ]
+
+
+def contains(column: Any, needle: str, dialect: str) -> ColumnElement[bool]:
     # A plain, case-sensitive substring test. LIKE would need escaping of "_" and
     # is case-insensitive on SQLite; strpos/instr are neither.
     if dialect == "postgresql":
@@ -301,9 +312,7 @@ def grant_predicate(
     k = keys.c
     conds: list[ColumnElement[bool]] = [
         or_(*(and_(k.pepper_id == pid, k.digest == d) for pid, d in digests.items())),
-        k.revoked_at.is_(None),
-        k.disabled_at.is_(None),
-        or_(k.expires_at.is_(None), k.expires_at > now),
+        *key_is_live_now(now),
     ]
     if req.org_id is not None:
         conds.append(k.org_id == req.org_id)
@@ -334,7 +343,7 @@ def grant_predicate(
         conds.append(
             or_(
                 *(
-                    _contains(k.scopes, f" {grant} ", dialect)
+                    contains(k.scopes, f" {grant} ", dialect)
                     for grant in scope_rules.covering(required)
                 )
             )
