@@ -2,8 +2,6 @@
 
 import asyncio
 import os
-import subprocess
-import sys
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +14,7 @@ import keycap.migrations as migrations
 from keycap import APIKeyClient
 from keycap.db.engine import create_engine
 from keycap.db.schema import metadata as keycap_metadata
+from tests._run import python
 from tests.conftest import SECRET, server_url
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,40 +72,16 @@ def test_upgrade_check_downgrade_upgrade(migrations_url: str) -> None:
 
 def test_alembic_upgrade_head_from_the_repo_root(migrations_url: str) -> None:
     env = {**os.environ, "KEYCAP_DATABASE_URL": migrations_url}
-    result = subprocess.run(
-        [sys.executable, "-m", "alembic", "upgrade", "head"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = python("-m", "alembic", "upgrade", "head", cwd=ROOT, env=env)
     assert result.returncode == 0, result.stderr
     assert asyncio.run(_table_names(migrations_url)) >= KEYCAP_TABLES
-    current = subprocess.run(
-        [sys.executable, "-m", "alembic", "current"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    current = python("-m", "alembic", "current", cwd=ROOT, env=env)
     assert "(head)" in current.stdout
 
 
 def test_alembic_without_a_url_says_what_to_set() -> None:
     env = {k: v for k, v in os.environ.items() if k != "KEYCAP_DATABASE_URL"}
-    result = subprocess.run(
-        [sys.executable, "-m", "alembic", "upgrade", "head"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = python("-m", "alembic", "upgrade", "head", cwd=ROOT, env=env)
     assert result.returncode != 0
     assert "KEYCAP_DATABASE_URL" in result.stderr
 
@@ -121,23 +96,17 @@ async def test_client_migrate_then_use(migrations_url: str) -> None:
 
 
 def test_the_wheel_ships_the_migrations(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(tmp_path),
-            str(ROOT),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    result = python(
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "-q",
+        "-w",
+        str(tmp_path),
+        str(ROOT),
+        cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr
     (wheel,) = tmp_path.glob("keycap-*.whl")
@@ -188,22 +157,8 @@ def test_the_documented_recipe_for_an_apps_own_env_py(tmp_path: Path) -> None:
         f"[alembic]\nscript_location = {tmp_path}\nsqlalchemy.url = sqlite:///{db}\n"
     )
     for _ in range(2):  # and again, when both are already at head
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "alembic",
-                "-c",
-                str(tmp_path / "alembic.ini"),
-                "upgrade",
-                "head",
-            ],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        ini = str(tmp_path / "alembic.ini")
+        result = python("-m", "alembic", "-c", ini, "upgrade", "head", cwd=tmp_path)
         assert result.returncode == 0, result.stderr
     tables = asyncio.run(_table_names(f"sqlite:///{db}"))
     assert {"app_orders", "alembic_version", "keycap_alembic_version", *KEYCAP_TABLES} <= tables
