@@ -14,8 +14,10 @@ from keycap import (
     ExpiredKeyError,
     ForbiddenError,
     InsufficientScopeError,
+    InvalidArgumentError,
     InvalidKeyError,
     KeyRejectedError,
+    RateLimit,
     RevokedKeyError,
 )
 from keycap.db.schema import keys
@@ -172,6 +174,48 @@ async def test_tenancy_rules_agree_in_sql_and_in_python(
     assert (await client.get_key(issued.id)).use_count == (1 if granted else 0)
 
 
+async def test_product_asked_by_name_is_looked_up_in_the_keys_organization(
+    client: APIKeyClient,
+) -> None:
+    """Org A and org B both have a product named "chat"; only A has "images"."""
+    w = await build_world(client)
+    a_key = await client.create_key(w.org)
+    b_key = await client.create_key(w.other_org)
+    chat_key = await client.create_key(w.org, product_id=w.linked)
+    project_key = await client.create_key(w.org, project_id=w.project)
+    metered = await client.create_key(w.org, rate_limits=[RateLimit(100, "minute")])
+    cases = [
+        (a_key, "chat", True),
+        (a_key, "images", True),
+        (a_key, "video", False),
+        (b_key, "chat", True),
+        (b_key, "images", False),
+        (chat_key, "chat", True),
+        (chat_key, "images", False),
+        (project_key, "chat", True),
+        (project_key, "images", False),  # not linked to the key's project
+        (metered, "chat", True),
+        (metered, "video", False),
+    ]
+    for issued, name, granted in cases:
+        for track in (True, False):  # the rule in SQL, then in Python
+            if granted:
+                key = await client.validate_key(
+                    issued.plaintext, product_name=name, track_usage=track
+                )
+                assert key.id == issued.id
+            else:
+                with pytest.raises(ForbiddenError) as refused:
+                    await client.validate_key(
+                        issued.plaintext, product_name=name, track_usage=track
+                    )
+                assert refused.value.reason == "product"
+    with pytest.raises(InvalidArgumentError):
+        await client.validate_key(a_key.plaintext, product_name="chat", product_id=w.linked)
+    with pytest.raises(InvalidArgumentError):
+        await client.validate_key(a_key.plaintext, product_name="")
+
+
 async def test_scope_rules_agree_in_sql_and_in_python(client: APIKeyClient) -> None:
     org = (await client.create_organization("A")).id
     granted = ["chat:*", "billing:read", "x_y.z-w:a"]
@@ -251,6 +295,10 @@ async def test_statements_per_validation(client: APIKeyClient, backend: str) -> 
     with count_statements(client) as seen:
         await client.validate_key(issued.plaintext, required_scopes=["a"], track_usage=False)
     assert len(seen) == 1 and seen[0].lstrip().upper().startswith("SELECT")
+    product = await client.create_product(issued.key.org_id, "chat")
+    with count_statements(client) as seen:
+        await client.validate_key(issued.plaintext, product_name=product.name)
+    assert len(seen) == (2 if backend == "mariadb" else 1), seen  # the name costs no trip
     with count_statements(client) as seen, pytest.raises(InvalidKeyError):
         await client.validate_key(
             issued.plaintext[:-1] + ("y" if issued.plaintext[-1] == "x" else "x")

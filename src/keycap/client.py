@@ -134,6 +134,11 @@ class APIKeyClient:
         """Dispose the engine if keycap created it."""
         await self._db.dispose()
 
+    def now(self) -> datetime:
+        """The current time by the client's clock (aware, UTC): what expiry, rate
+        windows and budget periods are measured against."""
+        return self._now()
+
     def _now(self) -> datetime:
         try:
             return timeutil.aware_utc(self._clock(), "clock()")
@@ -544,6 +549,7 @@ class APIKeyClient:
         product_id: str | None = None,
         project_id: str | None = None,
         org_id: str | None = None,
+        product_name: str | None = None,
         track_usage: bool | None = None,
         cost: money.Amount | Mapping[str, money.Amount] | None = None,
     ) -> APIKey:
@@ -556,6 +562,9 @@ class APIKeyClient:
 
         The returned key carries the tightest rate limit (``rate_limit``) and, with
         ``cost``, the charge and its budgets (``charge``), for response headers.
+
+        ``product_name`` asks for a product by name in the key's own organization
+        (``"chat-api"``), resolved in the same statement; use it or ``product_id``.
 
         Raises:
             InvalidKeyError: malformed, unknown, or wrong secret.
@@ -575,7 +584,12 @@ class APIKeyClient:
             org_id=_asked(ids.ORG, org_id, "org_id"),
             project_id=_asked(ids.PROJECT, project_id, "project_id"),
             product_id=_asked(ids.PRODUCT, product_id, "product_id"),
+            product_name=None
+            if product_name is None
+            else inputs.text(product_name, "product_name"),
         )
+        if product_id is not None and product_name is not None:
+            raise InvalidArgumentError("product_name", "give product_id or product_name, not both")
         track = (
             self._track_usage if track_usage is None else inputs.flag(track_usage, "track_usage")
         )

@@ -11,9 +11,9 @@ Access is granted if and only if, in this order:
 7. if an organization is asked for, the key belongs to it;
 8. if a project is asked for: a project key must be of that project; a key
    without a project passes only if the project belongs to the key's organization;
-9. if a product is asked for: the product belongs to the key's organization,
-   a product key must be of that product, and a project key passes only if
-   the product is linked to its project;
+9. if a product is asked for (by id, or by name within the key's organization):
+   the product belongs to the key's organization, a product key must be of that
+   product, and a project key passes only if the product is linked to its project;
 10. every required scope is covered (``scopes``).
 
 The first failing step decides the error. ``db.queries.grant_predicate`` is the
@@ -44,6 +44,8 @@ class Requirement:
     org_id: str | None = None
     project_id: str | None = None
     product_id: str | None = None
+    #: A product by name, looked up in the key's own organization.
+    product_name: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +64,8 @@ class KeyFacts:
     #: Organization of the asked-for project/product; None when absent or not asked.
     asked_project_org_id: str | None = None
     asked_product_org_id: str | None = None
+    #: The id of the product asked for by name in the key's organization, if any.
+    asked_product_id: str | None = None
     #: Whether the asked-for product is linked to the key's project.
     asked_product_linked: bool = False
 
@@ -90,9 +94,11 @@ def check(facts: KeyFacts, req: Requirement, now: datetime) -> None:
         else facts.asked_project_org_id != facts.org_id
     ):
         raise ForbiddenError("project", key_id=kid)
-    if req.product_id is not None and (
-        facts.asked_product_org_id != facts.org_id
-        or (facts.product_id is not None and facts.product_id != req.product_id)
+    wanted = req.product_id if req.product_id is not None else facts.asked_product_id
+    if (req.product_id is not None or req.product_name is not None) and (
+        wanted is None
+        or facts.asked_product_org_id != facts.org_id
+        or (facts.product_id is not None and facts.product_id != wanted)
         or (facts.project_id is not None and not facts.asked_product_linked)
     ):
         raise ForbiddenError("product", key_id=kid)

@@ -326,16 +326,17 @@ def grant_predicate(
                 ),
             )
         )
-    if req.product_id is not None:
-        conds.append(exists().where(products.c.id == req.product_id, products.c.org_id == k.org_id))
-        conds.append(or_(k.product_id.is_(None), k.product_id == req.product_id))
+    asked = asked_product(req)
+    if asked is not None:
+        conds.append(exists().where(products.c.id == asked, products.c.org_id == k.org_id))
+        conds.append(or_(k.product_id.is_(None), k.product_id == asked))
         conds.append(
             or_(
                 k.project_id.is_(None),
                 exists().where(
                     project_products.c.org_id == k.org_id,
                     project_products.c.project_id == k.project_id,
-                    project_products.c.product_id == req.product_id,
+                    project_products.c.product_id == asked,
                 ),
             )
         )
@@ -349,6 +350,24 @@ def grant_predicate(
             )
         )
     return and_(*conds)
+
+
+def asked_product(req: Requirement) -> Any:
+    """The asked-for product's id: the id given, or the id of the product with the
+    given name in the key's own organization (NULL when there is none)."""
+    if req.product_id is not None:
+        return req.product_id
+    if req.product_name is None:
+        return None
+    # An alias, correlated to keys only: inside an EXISTS over products, the plain
+    # table would be auto-correlated to that EXISTS instead.
+    named = products.alias("named_product")
+    return (
+        select(named.c.id)
+        .where(named.c.org_id == keys.c.org_id, named.c.name == req.product_name)
+        .correlate(keys)
+        .scalar_subquery()
+    )
 
 
 async def lookup_for_validation(db: Database, key_id: str, req: Requirement) -> AnyRow | None:
@@ -365,14 +384,14 @@ async def lookup_for_validation(db: Database, key_id: str, req: Requirement) -> 
         project_org = (
             select(projects.c.org_id).where(projects.c.id == req.project_id).scalar_subquery()
         )
-    if req.product_id is not None:
-        product_org = (
-            select(products.c.org_id).where(products.c.id == req.product_id).scalar_subquery()
-        )
+    asked_id: Any = null()
+    if (asked := asked_product(req)) is not None:
+        asked_id = literal(asked) if isinstance(asked, str) else asked
+        product_org = select(products.c.org_id).where(products.c.id == asked).scalar_subquery()
         product_linked = exists().where(
             project_products.c.org_id == k.org_id,
             project_products.c.project_id == k.project_id,
-            project_products.c.product_id == req.product_id,
+            project_products.c.product_id == asked,
         )
     stmt = select(
         *_AUTH_COLUMNS,
@@ -380,6 +399,7 @@ async def lookup_for_validation(db: Database, key_id: str, req: Requirement) -> 
         project_org.label("asked_project_org_id"),
         product_org.label("asked_product_org_id"),
         product_linked.label("asked_product_linked"),
+        asked_id.label("asked_product_id"),
     ).where(k.id == key_id)
     async with db.autocommit() as conn:
         return (await conn.execute(stmt)).first()

@@ -80,4 +80,5 @@ def to_facts(row: Row[Any], digest_ok: bool) -> KeyFacts:
         asked_project_org_id=m.get("asked_project_org_id"),
         asked_product_org_id=m.get("asked_product_org_id"),
         asked_product_linked=bool(m.get("asked_product_linked")),
+        asked_product_id=m.get("asked_product_id"),
     )
