@@ -33,6 +33,7 @@ def test_all_is_sorted_and_exactly_what_we_mean() -> None:
         "KeyRejectedError",
         "KeyStatus",
         "KeycapError",
+        "MissingKeyError",
         "NotFoundError",
         "Organization",
         "Product",
@@ -75,6 +76,7 @@ T = datetime(2026, 1, 1, tzinfo=UTC)
     ("error", "data"),
     [
         (errors.InvalidKeyError(), {}),
+        (errors.MissingKeyError(), {}),
         (
             errors.ExpiredKeyError(T, key_id="key_x"),
             {"expired_at": T.isoformat(), "key_id": "key_x"},

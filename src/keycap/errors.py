@@ -4,6 +4,7 @@
 
     KeycapError                      never raised itself; catch it to catch everything
     ├── KeyRejectedError             validate_key refused the presented key
+    │   ├── MissingKeyError          no key in the request (raised by the integrations)
     │   ├── InvalidKeyError          malformed, unknown or wrong secret (alike on purpose)
     │   ├── ExpiredKeyError          .expired_at
     │   ├── RevokedKeyError          .revoked_at
@@ -48,6 +49,7 @@ __all__ = [
     "InvalidKeyError",
     "KeyRejectedError",
     "KeycapError",
+    "MissingKeyError",
     "NotFoundError",
     "RateLimitedError",
     "RevokedKeyError",
@@ -98,6 +100,16 @@ class KeyRejectedError(KeycapError):
 
     def data(self) -> dict[str, Any]:
         return {"key_id": self.key_id} if self.key_id else {}
+
+
+class MissingKeyError(KeyRejectedError):
+    """The request carried no API key in any of the headers the integration reads."""
+
+    code = "missing_key"
+    default_message = "no API key presented"
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message)
 
 
 class InvalidKeyError(KeyRejectedError):
