@@ -37,6 +37,7 @@ from keycap.models import APIKey, BudgetStatus
 #: Read in this order; the first present wins.
 DEFAULT_HEADERS = ("authorization", "x-api-key")
 PROBLEM_JSON = "application/problem+json"
+_PROBLEM_MEMBERS = frozenset({"type", "title", "status", "detail", "instance"})
 BUDGET_REMAINING_HEADER = "Keycap-Budget-Remaining"
 # A presented key longer than this is not a key; the client rejects it anyway,
 # this only keeps absurd headers from being copied around.
@@ -109,8 +110,12 @@ def problem(error: KeycapError, options: HTTPOptions, now: datetime) -> Problem:
         "status": status,
         "detail": error.message,
     }
-    body.update(error.to_dict())
-    body.pop("message", None)
+    for name, value in error.to_dict().items():
+        if name == "message":
+            continue  # it is "detail"
+        # An error field named like a problem member (HoldClosedError.status) is
+        # renamed rather than allowed to change what the member means.
+        body[f"keycap_{name}" if name in _PROBLEM_MEMBERS else name] = value
     return Problem(status, headers, body)
 
 
