@@ -9,7 +9,8 @@ import pytest
 from starlette.datastructures import Headers
 
 from keycap import errors
-from keycap.integrations._http import HTTPOptions, amount, credential, problem
+from keycap.integrations._http import HTTPOptions, credential, problem
+from keycap.money import plain
 
 NOW = datetime(2026, 1, 15, 12, 0, tzinfo=UTC)
 KEY = "sk_live_" + "a" * 51
@@ -134,10 +135,10 @@ def test_options_are_checked() -> None:
 
 
 def test_amounts_in_headers_are_exact_and_plain() -> None:
-    assert [amount(x) for x in (Decimal("0.100000"), Decimal("0E-6"), Decimal("5"), 7)] == [
+    assert [plain(x) for x in (Decimal("0.100000"), Decimal("0E-6"), Decimal("5"), 7)] == [
         "0.1",
         "0",
         "5",
         "7",
     ]
-    assert amount(Decimal("1000000.000000")) == "1000000"
+    assert plain(Decimal("1000000.000000")) == "1000000"

@@ -81,3 +81,11 @@ def costs(value: object, field: str = "cost", *, allow_zero: bool = True) -> dic
             for m, a in value.items()
         }
     return {DEFAULT_METER: to_micros(value, field, allow_zero=allow_zero)}
+
+
+def plain(value: Decimal | int) -> str:
+    """An exact amount for people and headers, without padding zeros: ``0.1``, ``5``, ``0``."""
+    if isinstance(value, int):
+        return str(value)
+    text = format(value.normalize(), "f")
+    return "0" if text in ("-0", "0.0") else text

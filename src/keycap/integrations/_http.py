@@ -33,6 +33,7 @@ from keycap.errors import (
     UsageExhaustedError,
 )
 from keycap.models import APIKey, BudgetStatus
+from keycap.money import plain
 
 #: Read in this order; the first present wins.
 DEFAULT_HEADERS = ("authorization", "x-api-key")
@@ -129,8 +130,8 @@ def _status(error: KeycapError, options: HTTPOptions, now: datetime) -> tuple[in
         return 403, {"WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{scope}"'}
     if isinstance(error, RateLimitedError):
         headers = {
-            "RateLimit-Limit": amount(error.limit),
-            "RateLimit-Remaining": amount(error.remaining),
+            "RateLimit-Limit": plain(error.limit),
+            "RateLimit-Remaining": plain(error.remaining),
         }
         if error.retry_after is not None:
             seconds = str(math.ceil(error.retry_after))
@@ -142,7 +143,7 @@ def _status(error: KeycapError, options: HTTPOptions, now: datetime) -> tuple[in
     if isinstance(error, KeyRejectedError):  # revoked, disabled, forbidden
         return 403, {}
     if isinstance(error, BudgetExceededError):
-        headers = {BUDGET_REMAINING_HEADER: amount(error.remaining)}
+        headers = {BUDGET_REMAINING_HEADER: plain(error.remaining)}
         if options.budget_status == 429 and error.reset_at is not None:
             headers["Retry-After"] = str(_seconds_until(error.reset_at, now))
         return options.budget_status, headers
@@ -163,24 +164,16 @@ def success_headers(key: APIKey, now: datetime) -> dict[str, str]:
     headers: dict[str, str] = {}
     if key.rate_limit is not None:
         rl = key.rate_limit
-        headers["RateLimit-Limit"] = amount(rl.limit)
-        headers["RateLimit-Remaining"] = amount(rl.remaining)
+        headers["RateLimit-Limit"] = plain(rl.limit)
+        headers["RateLimit-Remaining"] = plain(rl.remaining)
         headers["RateLimit-Reset"] = str(_seconds_until(rl.reset_at, now))
     if key.charge is not None and key.charge.budgets:
-        headers[BUDGET_REMAINING_HEADER] = amount(tightest(key.charge.budgets))
+        headers[BUDGET_REMAINING_HEADER] = plain(tightest(key.charge.budgets))
     return headers
 
 
 def tightest(budgets: tuple[BudgetStatus, ...]) -> Decimal:
     return min(b.remaining for b in budgets)
-
-
-def amount(value: Decimal | int) -> str:
-    """An exact amount for a header, without padding zeros: ``0.1``, ``5``, ``0``."""
-    if isinstance(value, int):
-        return str(value)
-    text = format(value.normalize(), "f")
-    return "0" if text in ("-0", "0.0") else text
 
 
 def _seconds_until(when: datetime, now: datetime) -> int:

@@ -26,7 +26,6 @@ from keycap.errors import ConfigurationError, KeycapError, MissingKeyError
 from keycap.integrations._http import (
     BUDGET_REMAINING_HEADER,
     HTTPOptions,
-    amount,
     credential,
     problem,
     success_headers,
@@ -165,7 +164,7 @@ def metered(
         found = Meter(key, hold)
         ctx.meters.append(found)
         if ctx.options.limit_headers and hold.budgets:
-            ctx.response_headers[BUDGET_REMAINING_HEADER] = amount(tightest(hold.budgets))
+            ctx.response_headers[BUDGET_REMAINING_HEADER] = money.plain(tightest(hold.budgets))
         return found
 
     return dependency
