@@ -34,7 +34,14 @@ from keycap.integrations._http import (
 from keycap.integrations.asgi import SCOPE_KEY, KeycapMiddleware, Meter, RequestContext
 from keycap.models import APIKey
 
-__all__ = ["KeycapMiddleware", "Meter", "keycap_client", "metered", "require_scope"]
+__all__ = [
+    "KeycapMiddleware",
+    "Meter",
+    "keycap_client",
+    "metered",
+    "open_meter",
+    "require_scope",
+]
 
 # Declared for OpenAPI only (the docs page's "Authorize" button); the key is read
 # by keycap itself, from the headers KeycapMiddleware is configured with.
@@ -142,32 +149,49 @@ def metered(
     """A dependency for work whose cost is known only afterwards (a streamed completion).
 
     It validates the key like :func:`require_scope`, reserves ``reserve`` on the
-    key's budgets (402 if they cannot take it), and yields a :class:`Meter`. The
-    handler calls ``meter.add(cost)`` as it goes; ``KeycapMiddleware`` settles the
-    hold with what was added, just before the last byte of the response, or when
-    the request ends early (an error, a client gone mid-stream): what was used is
-    always charged, the rest returned. Needs ``KeycapMiddleware``.
+    key's budgets (402 if they cannot take it), and yields a :class:`Meter`; see
+    :func:`open_meter` for what happens next. When the amount to reserve depends
+    on the request (its ``max_tokens``), use ``require_scope`` and ``open_meter``.
     """
     authenticate = require_scope(*scopes, product=product, product_id=product_id, client=client)
-    reserved = money.to_micros(reserve, "reserve")
+    reserved = money.from_micros(money.to_micros(reserve, "reserve"))
 
     async def dependency(request: Request, key: Annotated[APIKey, Depends(authenticate)]) -> Meter:
-        ctx = _context(request, client)
-        if not ctx.middleware:
-            raise ConfigurationError("metered() needs KeycapMiddleware to settle the hold")
-        try:
-            hold = await ctx.client.reserve(
-                key.id, money.from_micros(reserved), meter=meter, ttl=ttl
-            )
-        except KeycapError as error:
-            raise _refusal(ctx, error) from None
-        found = Meter(key, hold)
-        ctx.meters.append(found)
-        if ctx.options.limit_headers and hold.budgets:
-            ctx.response_headers[BUDGET_REMAINING_HEADER] = money.plain(tightest(hold.budgets))
-        return found
+        return await open_meter(request, key, reserved, meter=meter, ttl=ttl, client=client)
 
     return dependency
+
+
+async def open_meter(
+    request: Request,
+    key: APIKey,
+    amount: money.Amount,
+    *,
+    meter: str = money.DEFAULT_METER,
+    ttl: str | timedelta = "5m",
+    client: APIKeyClient | None = None,
+) -> Meter:
+    """Reserve ``amount`` on ``key``'s budgets for this request and return its :class:`Meter`.
+
+    The handler calls ``meter.add(cost)`` as the work goes. ``KeycapMiddleware``
+    settles the hold with what was added just before the last byte of the
+    response, or when the request ends early (an error, a client gone
+    mid-stream): what was used is always charged and the rest returned.
+
+    Raises: BudgetExceededError (a 402 response) when the budgets cannot take it.
+    """
+    ctx = _context(request, client)
+    if not ctx.middleware:
+        raise ConfigurationError("open_meter() needs KeycapMiddleware to settle the hold")
+    try:
+        hold = await ctx.client.reserve(key.id, amount, meter=meter, ttl=ttl)
+    except KeycapError as error:
+        raise _refusal(ctx, error) from None
+    found = Meter(key, hold)
+    ctx.meters.append(found)
+    if ctx.options.limit_headers and hold.budgets:
+        ctx.response_headers[BUDGET_REMAINING_HEADER] = money.plain(tightest(hold.budgets))
+    return found
 
 
 def _refusal(ctx: RequestContext, error: KeycapError) -> Exception:
