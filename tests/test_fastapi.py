@@ -8,7 +8,7 @@ from decimal import Decimal
 from typing import Annotated, Any
 
 import httpx
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from keycap import APIKey, APIKeyClient, Budget, NotFoundError, RateLimit
@@ -334,3 +334,43 @@ async def test_the_middleware_closes_the_client_at_shutdown(db_url: str) -> None
     async with serve(app):
         assert closed == []
     assert closed == [True]
+
+
+async def test_limit_headers_can_be_switched_off(client: APIKeyClient) -> None:
+    w = await world(client)
+    limited = await client.create_key(
+        w.org, scopes=["chat:write"], rate_limits=[RateLimit(3, "minute")]
+    )
+    async with serve(make_app(client, limit_headers=False)) as base:
+        response = await get(base, "/chat", bearer(limited.plaintext))
+        assert response.status_code == 200
+        assert not [h for h in response.headers if h.startswith(("ratelimit", "keycap"))]
+
+
+async def test_403_for_another_organization_or_project(client: APIKeyClient) -> None:
+    w = await world(client)
+    project = (await client.create_project(w.org, "agents")).id
+    elsewhere = (await client.create_project(w.org, "batch")).id
+    project_key = await client.create_key(w.org, project_id=project)
+    app = FastAPI()
+    app.add_middleware(KeycapMiddleware, client=client, close_client=False)
+
+    @app.get("/org/{org_id}")
+    async def by_org(org_id: str, request: Request) -> dict[str, str]:
+        key = await require_scope(org_id=org_id)(request, None, None)
+        return {"key": key.id}
+
+    @app.get("/project/{project_id}")
+    async def by_project(project_id: str, request: Request) -> dict[str, str]:
+        key = await require_scope(project_id=project_id)(request, None, None)
+        return {"key": key.id}
+
+    async with serve(app) as base:
+        assert (await get(base, f"/org/{w.org}", bearer(w.key))).status_code == 200
+        other = (await client.create_organization("Other")).id
+        body = assert_problem(await get(base, f"/org/{other}", bearer(w.key)), 403, "forbidden")
+        assert body["reason"] == "organization"
+        ok = await get(base, f"/project/{project}", bearer(project_key.plaintext))
+        assert ok.status_code == 200
+        refused = await get(base, f"/project/{elsewhere}", bearer(project_key.plaintext))
+        assert assert_problem(refused, 403, "forbidden")["reason"] == "project"
