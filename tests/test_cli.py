@@ -134,5 +134,6 @@ def test_mistakes_are_one_line(tmp_path: Path) -> None:
         one_line_error(keycap("key", "create", "--org", "Acme", *bad, url=url), 2, "")
     one_line_error(keycap("key", "show", "key_AAAAAAAAAAAA", url=url), 1, "not found")
     one_line_error(keycap("key", "show", "nonsense", url=url), 1, "not found")
+    one_line_error(keycap("key", "list", "--project", "agents", url=url), 2, "needs --org")
     one_line_error(keycap("--database-url", "mysql+pymysql://x/y", "org", "list"), 1, "driver")
     assert keycap("key", url=url).returncode == 2  # no action: usage on stderr

@@ -374,3 +374,24 @@ async def test_403_for_another_organization_or_project(client: APIKeyClient) -> 
         assert ok.status_code == 200
         refused = await get(base, f"/project/{elsewhere}", bearer(project_key.plaintext))
         assert assert_problem(refused, 403, "forbidden")["reason"] == "project"
+
+
+async def test_a_route_with_its_own_client_is_still_settled(client: APIKeyClient) -> None:
+    w = await world(client)
+    capped = await client.create_key(w.org, budgets=[Budget(Decimal("1.00"), period="month")])
+    own = APIKeyClient(client._db.engine, signing_secret=SECRET)
+    app = FastAPI()
+    app.add_middleware(KeycapMiddleware, client=client, close_client=False)
+
+    own_meter = metered(reserve=Decimal("0.50"), client=own)
+
+    @app.get("/own")
+    async def own_route(meter: Meter = Depends(own_meter)) -> dict[str, str]:  # noqa: B008
+        meter.add(Decimal("0.2"))
+        return {"hold": meter.hold.id}
+
+    async with serve(app) as base:
+        response = await get(base, "/own", bearer(capped.plaintext))
+        assert response.status_code == 200
+    [budget] = await client.get_budgets(capped.id)
+    assert (budget.used, budget.held) == (Decimal("0.2"), Decimal(0))

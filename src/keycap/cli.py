@@ -283,11 +283,14 @@ async def key_create(client: APIKeyClient, args: argparse.Namespace) -> int:
 
 async def key_list(client: APIKeyClient, args: argparse.Namespace) -> int:
     org_id = None if args.org is None else await _org(client, args.org)
+    project = args.project
+    if org_id is not None:
+        project = await _child(client, ids.PROJECT, org_id, project)
+    elif project is not None and not ids.is_valid(ids.PROJECT, project):
+        raise UsageError("--project by name needs --org")
     keys = await client.list_keys(
         org_id=org_id,
-        project_id=None
-        if org_id is None
-        else await _child(client, ids.PROJECT, org_id, args.project),
+        project_id=project,
         status=args.status,
         limit=args.limit,
     )

@@ -40,7 +40,8 @@ class Meter:
     the middleware settles the hold with :attr:`used` after the last byte of the
     response, or as soon as the request ends otherwise (error, disconnect)."""
 
-    def __init__(self, key: APIKey, hold: Hold) -> None:
+    def __init__(self, client: APIKeyClient, key: APIKey, hold: Hold) -> None:
+        self.client = client
         self.key = key
         self.hold = hold
         self.used = Decimal(0)
@@ -80,7 +81,7 @@ class RequestContext:
             meter = self.meters.pop()
             with anyio.CancelScope(shield=True):
                 try:
-                    meter.settlement = await self.client.settle(meter.hold.id, meter.used)
+                    meter.settlement = await meter.client.settle(meter.hold.id, meter.used)
                 except KeycapError as error:
                     log.warning(
                         "keycap: could not settle hold %s (%s); it expires at %s",

@@ -58,13 +58,12 @@ _api_key = APIKeyHeader(
 )
 
 
-def _context(request: Request, client: APIKeyClient | None) -> RequestContext:
+def _context(request: Request, client: APIKeyClient | None) -> tuple[RequestContext, APIKeyClient]:
+    """The request's context (the middleware's, or one made here without it) and
+    the client to use: the one passed explicitly, else the context's."""
     ctx = request.scope.get(SCOPE_KEY)
     if isinstance(ctx, RequestContext):
-        if client is not None and client is not ctx.client:
-            ctx = RequestContext(client, ctx.options)
-            request.scope[SCOPE_KEY] = ctx
-        return ctx
+        return ctx, client or ctx.client
     found = client if client is not None else getattr(request.app.state, "keycap", None)
     if not isinstance(found, APIKeyClient):
         raise ConfigurationError(
@@ -73,12 +72,12 @@ def _context(request: Request, client: APIKeyClient | None) -> RequestContext:
         )
     ctx = RequestContext(found, HTTPOptions(), middleware=False)
     request.scope[SCOPE_KEY] = ctx
-    return ctx
+    return ctx, found
 
 
 def keycap_client(request: Request) -> APIKeyClient:
     """A dependency: the request's :class:`~keycap.APIKeyClient` (for ``charge`` and the like)."""
-    return _context(request, None).client
+    return _context(request, None)[1]
 
 
 def require_scope(
@@ -114,12 +113,12 @@ def require_scope(
         _bearer_doc: Annotated[Any, Security(_bearer)],
         _header_doc: Annotated[Any, Security(_api_key)],
     ) -> APIKey:
-        ctx = _context(request, client)
+        ctx, kc = _context(request, client)
         try:
             presented = credential(request.headers, ctx.options.headers)
             if presented is None:
                 raise MissingKeyError()
-            key = await ctx.client.validate_key(
+            key = await kc.validate_key(
                 presented,
                 required_scopes=required,
                 product_name=product,
@@ -129,9 +128,9 @@ def require_scope(
                 cost=cost,
             )
         except KeycapError as error:
-            raise _refusal(ctx, error) from None
+            raise _refusal(ctx, kc, error) from None
         if ctx.options.limit_headers:
-            ctx.response_headers.update(success_headers(key, ctx.client.now()))
+            ctx.response_headers.update(success_headers(key, kc.now()))
         return key
 
     return dependency
@@ -180,24 +179,24 @@ async def open_meter(
 
     Raises: BudgetExceededError (a 402 response) when the budgets cannot take it.
     """
-    ctx = _context(request, client)
+    ctx, kc = _context(request, client)
     if not ctx.middleware:
         raise ConfigurationError("open_meter() needs KeycapMiddleware to settle the hold")
     try:
-        hold = await ctx.client.reserve(key.id, amount, meter=meter, ttl=ttl)
+        hold = await kc.reserve(key.id, amount, meter=meter, ttl=ttl)
     except KeycapError as error:
-        raise _refusal(ctx, error) from None
-    found = Meter(key, hold)
+        raise _refusal(ctx, kc, error) from None
+    found = Meter(kc, key, hold)
     ctx.meters.append(found)
     if ctx.options.limit_headers and hold.budgets:
         ctx.response_headers[BUDGET_REMAINING_HEADER] = money.plain(tightest(hold.budgets))
     return found
 
 
-def _refusal(ctx: RequestContext, error: KeycapError) -> Exception:
+def _refusal(ctx: RequestContext, kc: APIKeyClient, error: KeycapError) -> Exception:
     """With the middleware, the error itself (it renders problem+json); without,
     an HTTPException carrying the same status, headers and data."""
     if ctx.middleware:
         return error
-    found = problem(error, ctx.options, ctx.client.now())
+    found = problem(error, ctx.options, kc.now())
     return HTTPException(found.status, detail=found.body, headers=found.headers)
