@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import datetime
+from functools import lru_cache
 from typing import Any, TypeAlias
 
 from sqlalchemy import (
@@ -17,6 +18,7 @@ from sqlalchemy import (
     Row,
     Table,
     and_,
+    bindparam,
     delete,
     exists,
     false,
@@ -281,7 +283,7 @@ async def update_key(
 # --- keys: validation (the hot path) --------------------------------------------------
 
 
-def key_is_live_now(now: datetime) -> list[ColumnElement[bool]]:
+def key_is_live_now(now: Any) -> list[ColumnElement[bool]]:
     """A key row that is not revoked, not disabled and not expired at ``now``
     (steps 4-6 of the grant rule; every statement that charges re-checks them)."""
     k = keys.c
@@ -301,7 +303,7 @@ def contains(column: Any, needle: str, dialect: str) -> ColumnElement[bool]:
 
 
 def grant_predicate(
-    digests: Mapping[str, str], req: Requirement, now: datetime, dialect: str
+    digests: Mapping[str, Any], req: Requirement, now: Any, dialect: str
 ) -> ColumnElement[bool]:
     """The grant rule of ``keycap.policy`` steps 3-10, as one SQL condition on ``keys``.
 
@@ -370,13 +372,42 @@ def asked_product(req: Requirement) -> Any:
     )
 
 
+# The hot path's statements are built once per requirement (and pepper set) and
+# reused: building and cache-keying a statement costs more than executing it.
+# The per-call values are bind parameters, filled in by _hot_params.
+_HOT_CACHE = 512
+
+
+def _hot_params(key_id: str, now: datetime, digests: Mapping[str, str]) -> dict[str, Any]:
+    params: dict[str, Any] = {"hot_key_id": key_id, "hot_now": now}
+    for i, digest in enumerate(digests.values()):
+        params[f"hot_digest_{i}"] = digest
+    return params
+
+
+def _hot_binds(peppers: tuple[str, ...]) -> tuple[Any, dict[str, Any], Any]:
+    """Bind parameters for the key id, ``now`` and one digest per pepper id."""
+    now = bindparam("hot_now", type_=keys.c.last_used_at.type)
+    digests = {
+        pid: bindparam(f"hot_digest_{i}", type_=keys.c.digest.type) for i, pid in enumerate(peppers)
+    }
+    return bindparam("hot_key_id", type_=keys.c.id.type), digests, now
+
+
 async def lookup_for_validation(db: Database, key_id: str, req: Requirement) -> AnyRow | None:
     """The key's row and the facts about the asked-for project/product, in one SELECT.
 
     Read-only: this is the whole read path when use tracking is off, and the
     diagnosis of a refusal otherwise.
     """
+    async with db.autocommit() as conn:
+        return (await conn.execute(_lookup_stmt(req), {"hot_key_id": key_id})).first()
+
+
+@lru_cache(maxsize=_HOT_CACHE)
+def _lookup_stmt(req: Requirement) -> Any:
     k = keys.c
+    key_id, _, _ = _hot_binds(())
     project_org: Any = null()
     product_org: Any = null()
     product_linked: Any = false()
@@ -393,7 +424,7 @@ async def lookup_for_validation(db: Database, key_id: str, req: Requirement) -> 
             project_products.c.project_id == k.project_id,
             project_products.c.product_id == asked,
         )
-    stmt = select(
+    return select(
         *_AUTH_COLUMNS,
         has_rate_limits().label("has_rate_limits"),
         project_org.label("asked_project_org_id"),
@@ -401,19 +432,19 @@ async def lookup_for_validation(db: Database, key_id: str, req: Requirement) -> 
         product_linked.label("asked_product_linked"),
         asked_id.label("asked_product_id"),
     ).where(k.id == key_id)
-    async with db.autocommit() as conn:
-        return (await conn.execute(stmt)).first()
 
 
+@lru_cache(maxsize=_HOT_CACHE)
 def _record_use_stmt(
-    key_id: str, digests: Mapping[str, str], req: Requirement, now: datetime, dialect: str
+    req: Requirement, peppers: tuple[str, ...], dialect: str, returning: bool
 ) -> Any:
     # use_count = use_count + 1 is computed by the database under the row lock the
     # UPDATE takes, so concurrent validations from any number of processes never
     # lose a count; the WHERE re-decides the grant rule at the moment of writing.
     # Only for keys no rate limit applies to (those go through a metered
     # transaction); the usage cap lives on this row, so it is checked here too.
-    return (
+    key_id, digests, now = _hot_binds(peppers)
+    stmt = (
         update(keys)
         .where(
             keys.c.id == key_id,
@@ -423,6 +454,7 @@ def _record_use_stmt(
         )
         .values(use_count=keys.c.use_count + 1, last_used_at=now)
     )
+    return stmt.returning(*_AUTH_COLUMNS) if returning else stmt
 
 
 def has_rate_limits() -> ColumnElement[bool]:
@@ -442,9 +474,9 @@ async def record_use_returning(
 ) -> AnyRow | None:
     """PostgreSQL and SQLite: decide, record the use and return the key, in one
     statement (``UPDATE ... RETURNING``). None: the rule did not hold; nothing written."""
-    stmt = _record_use_stmt(key_id, digests, req, now, db.dialect).returning(*_AUTH_COLUMNS)
+    stmt = _record_use_stmt(req, tuple(digests), db.dialect, True)
     async with db.autocommit() as conn:
-        return (await conn.execute(stmt)).first()
+        return (await conn.execute(stmt, _hot_params(key_id, now, digests))).first()
 
 
 async def record_use(
@@ -452,8 +484,9 @@ async def record_use(
 ) -> bool:
     """MySQL/MariaDB (no ``UPDATE ... RETURNING``): record the use if the rule still
     holds; the caller read the row just before. False: nothing written."""
+    stmt = _record_use_stmt(req, tuple(digests), db.dialect, False)
     async with db.autocommit() as conn:
-        result = await conn.execute(_record_use_stmt(key_id, digests, req, now, db.dialect))
+        result = await conn.execute(stmt, _hot_params(key_id, now, digests))
     return result.rowcount == 1
 
 
