@@ -343,3 +343,35 @@ async def test_a_key_of_another_prefix_or_environment_is_invalid(
     await test_env.validate_key(issued.plaintext)
     with pytest.raises(InvalidKeyError):
         await client.validate_key(issued.plaintext)
+
+
+async def test_statements_per_metered_call(client: APIKeyClient, backend: str) -> None:
+    """Statements per call (BEGIN and COMMIT come on top). PostgreSQL and SQLite
+    read each changed row back from its UPDATE (RETURNING); MariaDB has no UPDATE
+    ... RETURNING and reads it with a SELECT after each UPDATE, under the row lock."""
+    from decimal import Decimal
+
+    from keycap import Budget
+
+    org = (await client.create_organization("A")).id
+    await client.set_budget(org, Budget(Decimal(1000), "month"))
+    metered = await client.create_key(
+        org, rate_limits=[RateLimit(10**6, "minute")], budgets=[Budget(Decimal(1000), "month")]
+    )
+    charged = await client.create_key(org, budgets=[Budget(Decimal(1000), "month")])
+    returning = backend != "mariadb"
+    cases = [
+        # SELECT key (the path and, if refused, why); UPDATE key (the rule, the cap,
+        # the use, the row lock); SELECT limits; UPDATE limit; SELECT budgets;
+        # UPDATE key budget; UPDATE org budget; INSERT ledger.
+        (lambda: client.validate_key(metered.plaintext, cost=Decimal("0.01")), 8, 12),
+        # SELECT key; UPDATE key; SELECT limits; UPDATE limit.
+        (lambda: client.validate_key(metered.plaintext), 4, 6),
+        # UPDATE key (live, lock); SELECT budgets; UPDATE x2; INSERT ledger.
+        (lambda: client.charge(charged.id, Decimal("0.01")), 5, 8),
+    ]
+    for call, with_returning, without in cases:
+        await call()  # warm: the rate-limit hint, the statement caches
+        with count_statements(client) as seen:
+            await call()
+        assert len(seen) == (with_returning if returning else without), seen

@@ -65,6 +65,8 @@ UNSET: Final = _Unset.UNSET
 # Attempts of validate_key when the key changes between its statements.
 _VALIDATE_ATTEMPTS = 3
 _MAX_HOLD_TTL = timedelta(days=30)
+# How many keys the client remembers as rate-limited (see _note_rate_limited).
+_HINTS = 10_000
 
 
 class APIKeyClient:
@@ -109,6 +111,7 @@ class APIKeyClient:
         if on_budget_alert is not None and not callable(on_budget_alert):
             raise ConfigurationError("on_budget_alert must be an async callable")
         self._on_alert = on_budget_alert
+        self._rate_limited: dict[str, None] = {}  # insertion-ordered: oldest first
         if isinstance(database, AsyncEngine):
             self._db = Database(database, owned=False)
         else:
@@ -599,7 +602,12 @@ class APIKeyClient:
         now = self._now()
 
         for _ in range(_VALIDATE_ATTEMPTS):
-            if track and amounts is None and self._db.update_returning:
+            if (
+                track
+                and amounts is None
+                and self._db.update_returning
+                and key_id not in self._rate_limited
+            ):
                 # PostgreSQL, SQLite, a key no rate limit applies to: one statement.
                 row = await queries.record_use_returning(self._db, key_id, digests, req, now)
                 if row is not None:
@@ -611,6 +619,7 @@ class APIKeyClient:
                 raise InvalidKeyError()
             digest_ok = self._ring.verify(plaintext, looked.pepper_id, looked.digest)
             policy.check(rows.to_facts(looked, digest_ok), req, now)
+            self._note_rate_limited(key_id, bool(looked.has_rate_limits))
             if (exhausted := metering.usage_cap_error(looked)) is not None:
                 raise exhausted
             count = track or looked.max_uses is not None  # a capped key is always counted
@@ -866,6 +875,17 @@ class APIKeyClient:
             )
             for r in found
         ]
+
+    def _note_rate_limited(self, key_id: str, limited: bool) -> None:
+        """Remember which keys a rate limit applies to, so their validations skip the
+        one-statement path that cannot admit them. Only a hint: a stale entry
+        costs one statement either way, never a wrong decision."""
+        if not limited:
+            self._rate_limited.pop(key_id, None)
+            return
+        self._rate_limited[key_id] = None
+        if len(self._rate_limited) > _HINTS:
+            del self._rate_limited[next(iter(self._rate_limited))]
 
     async def _upgrade_pepper(self, key_id: str, pepper_id: str, plaintext: str) -> None:
         if self._ring.needs_upgrade(pepper_id):

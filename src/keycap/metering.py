@@ -741,20 +741,20 @@ async def validate(
         AnyRow, RateLimitStatus | None, Charge | None, tuple[BudgetAlert, ...]
     ]:
         async with db.begin() as conn:
-            if not await m.record_metered_use(
+            key_row = await m.record_metered_use(
                 conn, key_id, digests, req, now, db.dialect, count=count
-            ):
+            )
+            if key_row is None:
                 raise _Refused("key")
-            key_row = await m.key_row(conn, key_id)
             key = m.KeyRef(key_id, key_row.org_id, key_row.project_id)
             now_ms = _ms(now)
-            limits = []
+            statuses = []
             for row in await m.applicable_rate_limits(conn, key):
                 units = m.rate_units(row, amounts)
-                if units and not await m.consume_rate(conn, row, units, now_ms):
+                after = await m.consume_rate(conn, row, units, now_ms) if units else row
+                if after is None:
                     raise _Refused("rate", row)
-                limits.append(row.id)
-            statuses = [rate_limit_status(r, now) for r in await m.rate_limits_by_id(conn, limits)]
+                statuses.append(rate_limit_status(after, now))
             charge_result = await _charge_in(conn, key, amounts, now) if amounts else None
             tightest = min(statuses, key=_rate_order) if statuses else None
             alerts = charge_result.alerts if charge_result is not None else ()

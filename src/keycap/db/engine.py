@@ -177,6 +177,9 @@ class Database:
         self.is_mysql = self.dialect in ("mysql", "mariadb")
         #: PostgreSQL and SQLite can return the row an UPDATE changed; MySQL/MariaDB cannot.
         self.update_returning: bool = bool(engine.dialect.update_returning)
+        # One pool for both: a second, autocommit-only pool would save the level
+        # switch per checkout (local with asyncpg, a round trip each way with
+        # aiomysql) but double the connections an app's database must allow.
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
 
     @asynccontextmanager

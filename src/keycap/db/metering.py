@@ -374,11 +374,6 @@ async def is_live(conn: AsyncConnection, key_id: str | None, now: datetime) -> b
     return key_id is not None and bool(await conn.scalar(select(key_is_live(key_id, now))))
 
 
-async def key_row(conn: AsyncConnection, key_id: str) -> AnyRow:
-    """The key as this transaction sees it (after its own writes)."""
-    return (await conn.execute(select(*KEY_COLUMNS).where(keys.c.id == key_id))).one()
-
-
 @dataclass(frozen=True, slots=True)
 class KeyRef:
     id: str
@@ -395,13 +390,23 @@ async def lock_live_key(conn: AsyncConnection, key_id: str, now: datetime) -> Ke
     anything is read.
     """
     k = keys.c
-    result = await conn.execute(
-        update(keys).where(k.id == key_id, *key_is_live_now(now)).values(last_used_at=now)
-    )
-    if result.rowcount != 1:
+    stmt = update(keys).where(k.id == key_id, *key_is_live_now(now)).values(last_used_at=now)
+    row = await _changed(conn, stmt, select(k.org_id, k.project_id).where(k.id == key_id))
+    return None if row is None else KeyRef(key_id, row.org_id, row.project_id)
+
+
+async def _changed(conn: AsyncConnection, stmt: Any, reread: Any) -> AnyRow | None:
+    """Run a single-row UPDATE; the row after it, or None if it changed nothing.
+
+    PostgreSQL and SQLite return it from the UPDATE itself (RETURNING the columns
+    ``reread`` selects); MySQL/MariaDB cannot, so ``reread`` runs after it. The
+    row is locked by this transaction until commit, so both read what was written.
+    """
+    if conn.dialect.update_returning:
+        return (await conn.execute(stmt.returning(*reread.selected_columns))).first()
+    if (await conn.execute(stmt)).rowcount != 1:
         return None
-    row = (await conn.execute(select(k.org_id, k.project_id).where(k.id == key_id))).one()
-    return KeyRef(key_id, row.org_id, row.project_id)
+    return (await conn.execute(reread)).one()
 
 
 async def record_metered_use(
@@ -413,9 +418,10 @@ async def record_metered_use(
     dialect: str,
     *,
     count: bool,
-) -> bool:
+) -> AnyRow | None:
     """In a metered validation: the grant rule and the usage cap, with the use counted
-    (``use_count < max_uses`` in the same WHERE) unless tracking is off and no cap."""
+    (``use_count < max_uses`` in the same WHERE) unless tracking is off and no cap.
+    Returns the key's row after it, or None: refused, nothing written."""
     k = keys.c
     cond = and_(
         k.id == key_id,
@@ -428,8 +434,8 @@ async def record_metered_use(
         values: dict[str, Any] = {"use_count": k.use_count + 1, "last_used_at": now}
     else:
         values = {"last_used_at": k.last_used_at}
-    result = await conn.execute(update(keys).where(cond).values(**values))
-    return bool(result.rowcount == 1)
+    stmt = update(keys).where(cond).values(**values)
+    return await _changed(conn, stmt, select(*KEY_COLUMNS).where(k.id == key_id))
 
 
 # --- rate limits ----------------------------------------------------------------------
@@ -446,8 +452,11 @@ def rate_units(row: AnyRow, amounts: Mapping[str, int]) -> int:
     return 1 if row.meter is None else amounts.get(row.meter, 0)
 
 
-async def consume_rate(conn: AsyncConnection, row: AnyRow, units: int, now_ms: int) -> bool:
+async def consume_rate(
+    conn: AsyncConnection, row: AnyRow, units: int, now_ms: int
+) -> AnyRow | None:
     """The sliding-window inequality of ``keycap.ratelimit.admits``, decided in the UPDATE.
+    Returns the limit's row after it, or None: refused, nothing written.
 
     The weight for the current instant is computed here from the clock; which
     counters it applies to depends on the stored ``window_start`` and is
@@ -485,8 +494,7 @@ async def consume_rate(conn: AsyncConnection, row: AnyRow, units: int, now_ms: i
             (c.window_start, case((ahead, c.window_start), else_=at)),
         )
     )
-    result = await conn.execute(stmt)
-    return bool(result.rowcount == 1)
+    return await _changed(conn, stmt, select(rate_limits).where(c.id == row.id))
 
 
 # --- budgets --------------------------------------------------------------------------
@@ -537,24 +545,13 @@ async def debit(
         stmt = stmt.where(eff_used + b.held_micros + (used + held) <= b.limit_micros + eff_credit)
         if key_id is not None:
             stmt = stmt.where(key_is_live(key_id, now))
-    result = await conn.execute(stmt)
-    if result.rowcount != 1:
-        return None
-    # The row is ours until commit, so this reads exactly what we wrote.
-    return (await conn.execute(select(budgets).where(b.id == row.id))).one()
+    return await _changed(conn, stmt, select(budgets).where(b.id == row.id))
 
 
 async def budgets_by_id(conn: AsyncConnection, budget_ids: Sequence[str]) -> Sequence[AnyRow]:
     if not budget_ids:
         return []
     stmt = select(budgets).where(budgets.c.id.in_(list(budget_ids))).order_by(budgets.c.id)
-    return (await conn.execute(stmt)).all()
-
-
-async def rate_limits_by_id(conn: AsyncConnection, limit_ids: Sequence[str]) -> Sequence[AnyRow]:
-    if not limit_ids:
-        return []
-    stmt = select(rate_limits).where(rate_limits.c.id.in_(list(limit_ids)))
     return (await conn.execute(stmt)).all()
 
 
