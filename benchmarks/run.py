@@ -1,0 +1,492 @@
+"""keycap's benchmark: every figure next to a bare-driver floor measured in the same run.
+
+    scripts/bench                      # all three databases, 1,000,000 keys and ledger rows
+    scripts/bench --keys 100000 --databases postgresql --json out.json
+
+Each operation is timed in interleaved pairs with its floor (floor, operation,
+floor, operation, ...), so a noisy moment slows both and the ratio holds. The
+floors are one round trip on a bare driver connection (asyncpg, aiomysql,
+aiosqlite), without SQLAlchemy: an indexed single-row SELECT, and a
+single-row conditional UPDATE in autocommit. This is a benchmark, not a test:
+it asserts only correctness (the admitted count under contention), never time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import platform
+import secrets
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import insert, select, text
+from sqlalchemy.engine import make_url
+
+from keycap import APIKeyClient, Budget, BudgetExceededError, RateLimit
+from keycap.db.schema import keys as keys_table
+from keycap.db.schema import ledger as ledger_table
+from keycap.db.schema import metadata
+
+SECRET = "benchmark-signing-secret-0123456789-abcdefghij"
+FLOOR_TABLE = "keycap_bench_floor"
+TINY = Decimal("0.000001")
+BIG = Decimal("1000000000")
+Op = Callable[[], Awaitable[Any]]
+
+
+@dataclass
+class Row:
+    database: str
+    operation: str
+    p50_ms: float
+    p99_ms: float
+    ops_per_s: float
+    floor: str
+    floor_p50_ms: float
+    ratio: float
+    target: float | None = None
+    note: str = ""
+
+
+# --- bare drivers -------------------------------------------------------------------
+
+
+class Floor:
+    """One bare connection and the two floor statements."""
+
+    async def select(self) -> Any: ...
+    async def update(self) -> Any: ...
+    async def close(self) -> None: ...
+
+
+async def bare(kind: str, url: str) -> Floor:
+    u = make_url(url)
+    floor = Floor()
+    if kind == "postgresql":
+        import asyncpg
+
+        conn = await asyncpg.connect(
+            user=u.username, password=u.password, host=u.host, port=u.port, database=u.database
+        )
+        await conn.execute(f"DROP TABLE IF EXISTS {FLOOR_TABLE}")
+        await conn.execute(f"CREATE TABLE {FLOOR_TABLE} (id VARCHAR(32) PRIMARY KEY, n BIGINT)")
+        await conn.executemany(
+            f"INSERT INTO {FLOOR_TABLE} VALUES ($1, 0)", [(f"row{i}",) for i in range(1000)]
+        )
+        sel = await conn.prepare(f"SELECT n FROM {FLOOR_TABLE} WHERE id = $1")
+
+        async def pg_select() -> Any:
+            return await sel.fetchrow("row500")
+
+        async def pg_update() -> Any:
+            return await conn.execute(
+                f"UPDATE {FLOOR_TABLE} SET n = n + 1 WHERE id = $1 AND n < $2", "row500", 2**62
+            )
+
+        floor.select, floor.update, floor.close = pg_select, pg_update, conn.close  # type: ignore[method-assign]
+    elif kind == "mariadb":
+        import aiomysql
+
+        conn = await aiomysql.connect(
+            host=u.host, port=u.port or 3306, user=u.username, password=u.password,
+            db=u.database, autocommit=True,
+        )  # fmt: skip
+        cur = await conn.cursor()
+        await cur.execute(f"DROP TABLE IF EXISTS {FLOOR_TABLE}")
+        await cur.execute(f"CREATE TABLE {FLOOR_TABLE} (id VARCHAR(32) PRIMARY KEY, n BIGINT)")
+        await cur.executemany(
+            f"INSERT INTO {FLOOR_TABLE} VALUES (%s, 0)", [(f"row{i}",) for i in range(1000)]
+        )
+
+        async def my_select() -> Any:
+            await cur.execute(f"SELECT n FROM {FLOOR_TABLE} WHERE id = %s", ("row500",))
+            return await cur.fetchone()
+
+        async def my_update() -> Any:
+            return await cur.execute(
+                f"UPDATE {FLOOR_TABLE} SET n = n + 1 WHERE id = %s AND n < %s", ("row500", 2**62)
+            )
+
+        async def my_close() -> None:
+            conn.close()
+
+        floor.select, floor.update, floor.close = my_select, my_update, my_close  # type: ignore[method-assign]
+    else:
+        import aiosqlite
+
+        db = await aiosqlite.connect(u.database or "", isolation_level=None)
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA synchronous=NORMAL")
+        await db.execute(f"DROP TABLE IF EXISTS {FLOOR_TABLE}")
+        await db.execute(f"CREATE TABLE {FLOOR_TABLE} (id VARCHAR(32) PRIMARY KEY, n BIGINT)")
+        await db.executemany(
+            f"INSERT INTO {FLOOR_TABLE} VALUES (?, 0)", [(f"row{i}",) for i in range(1000)]
+        )
+
+        async def lite_select() -> Any:
+            async with db.execute(f"SELECT n FROM {FLOOR_TABLE} WHERE id = ?", ("row500",)) as c:
+                return await c.fetchone()
+
+        async def lite_update() -> Any:
+            await db.execute(
+                f"UPDATE {FLOOR_TABLE} SET n = n + 1 WHERE id = ? AND n < ?", ("row500", 2**62)
+            )
+
+        floor.select, floor.update, floor.close = lite_select, lite_update, db.close  # type: ignore[method-assign]
+    return floor
+
+
+# --- timing -------------------------------------------------------------------------
+
+
+async def paired(floor: Op, op: Op, samples: int) -> tuple[list[float], list[float]]:
+    for _ in range(max(10, samples // 10)):  # warm caches, pools, prepared statements
+        await floor()
+        await op()
+    f: list[float] = []
+    o: list[float] = []
+    clock = time.perf_counter
+    for _ in range(samples):
+        t0 = clock()
+        await floor()
+        t1 = clock()
+        await op()
+        t2 = clock()
+        f.append(t1 - t0)
+        o.append(t2 - t1)
+    return f, o
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def row(db: str, name: str, floor_name: str, f: list[float], o: list[float], **kw: Any) -> Row:
+    p50, fp50 = statistics.median(o), statistics.median(f)
+    return Row(
+        database=db,
+        operation=name,
+        p50_ms=p50 * 1000,
+        p99_ms=pct(o, 0.99) * 1000,
+        ops_per_s=len(o) / sum(o),
+        floor=floor_name,
+        floor_p50_ms=fp50 * 1000,
+        ratio=p50 / fp50,
+        **kw,
+    )
+
+
+# --- the world ----------------------------------------------------------------------
+
+
+@dataclass
+class World:
+    org: str
+    product: str
+    read_key: str
+    metered_key: str
+    charge_key_id: str
+    holder_key_id: str
+
+
+async def build(client: APIKeyClient) -> World:
+    org = (await client.create_organization("bench")).id
+    product = (await client.create_product(org, "chat-api")).id
+    await client.set_budget(org, Budget(BIG, period="month"))
+    read = await client.create_key(org, product_id=product, scopes=["chat:write"])
+    metered = await client.create_key(
+        org,
+        product_id=product,
+        scopes=["chat:write"],
+        rate_limits=[RateLimit(10**9, "minute")],
+        budgets=[Budget(BIG, period="month")],
+    )
+    charged = await client.create_key(org, budgets=[Budget(BIG, period="month")])
+    holder = await client.create_key(org, budgets=[Budget(BIG, period="month")])
+    return World(org, product, read.plaintext, metered.plaintext, charged.id, holder.id)
+
+
+async def fill_keys(client: APIKeyClient, total: int) -> None:
+    """Bulk-insert copies of an existing key row until the table holds ``total`` keys."""
+    db = client._db
+    async with db.begin() as conn:
+        have = (await conn.execute(select(text("count(*)")).select_from(keys_table))).scalar_one()
+        template = dict((await conn.execute(select(keys_table).limit(1))).one()._mapping)
+    alphabet = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+    n = have
+    while n < total:
+        batch = []
+        for _ in range(min(5000, total - n)):
+            public = "".join(secrets.choice(alphabet) for _ in range(12))
+            batch.append(
+                {**template, "id": f"key_{public}", "digest": secrets.token_hex(32), "name": ""}
+            )
+            n += 1
+        async with db.begin() as conn:
+            await conn.execute(insert(keys_table), batch)
+
+
+async def fill_ledger(client: APIKeyClient, key_id: str, rows: int) -> None:
+    """History: ``rows`` ledger rows of an old period for ``key_id`` (balances unaffected)."""
+    db = client._db
+    async with db.begin() as conn:
+        template = dict(
+            (
+                await conn.execute(
+                    select(ledger_table).where(ledger_table.c.key_id == key_id).limit(1)
+                )
+            )
+            .one()
+            ._mapping
+        )
+    template.pop("id")
+    old = datetime(2020, 1, 1, tzinfo=UTC)
+    template.update(period_start=old, created_at=old, idempotency_key=None)
+    done = 0
+    while done < rows:
+        size = min(5000, rows - done)
+        async with db.begin() as conn:
+            await conn.execute(insert(ledger_table), [template] * size)
+        done += size
+
+
+# --- contention (separate processes) -------------------------------------------------
+
+
+def _charger(url: str, key_id: str, coroutines: int, calls: int) -> dict[str, Any]:
+    async def run() -> dict[str, Any]:
+        admitted = refused = 0
+        latencies: list[float] = []
+        async with APIKeyClient(url, signing_secret=SECRET) as client:
+
+            async def one() -> None:
+                nonlocal admitted, refused
+                for _ in range(calls):
+                    t0 = time.perf_counter()
+                    try:
+                        await client.charge(key_id, Decimal("0.01"))
+                        admitted += 1
+                    except BudgetExceededError:
+                        refused += 1
+                    latencies.append(time.perf_counter() - t0)
+
+            await asyncio.gather(*(one() for _ in range(coroutines)))
+        return {"admitted": admitted, "refused": refused, "latencies": latencies}
+
+    return asyncio.run(run())
+
+
+async def contention(db: str, url: str, client: APIKeyClient, org: str) -> Row:
+    processes, coroutines, calls = 4, 16, 20
+    total = processes * coroutines * calls
+    allowed = total // 2  # half are refused: the budget must stop exactly there
+    key = await client.create_key(org, budgets=[Budget(Decimal("0.01") * allowed, period="month")])
+    ctx = multiprocessing.get_context("spawn")
+    t0 = time.perf_counter()
+    with ctx.Pool(processes) as pool:
+        results = pool.starmap(_charger, [(url, key.id, coroutines, calls)] * processes)
+    wall = time.perf_counter() - t0
+    admitted = sum(r["admitted"] for r in results)
+    latencies = [x for r in results for x in r["latencies"]]
+    [budget] = [b for b in await client.get_budgets(key.id) if b.scope == "key"]
+    exact = admitted == allowed and budget.used == Decimal("0.01") * allowed
+    return Row(
+        database=db,
+        operation="charge, 64 callers x 4 processes, one key",
+        p50_ms=statistics.median(latencies) * 1000,
+        p99_ms=pct(latencies, 0.99) * 1000,
+        ops_per_s=total / wall,
+        floor="-",
+        floor_p50_ms=0.0,
+        ratio=0.0,
+        note=f"admitted {admitted} of {total}, budget allows {allowed}: "
+        + ("exact" if exact else "WRONG"),
+    )
+
+
+# --- per database -------------------------------------------------------------------
+
+
+async def bench(db: str, url: str, args: argparse.Namespace) -> list[Row]:
+    out: list[Row] = []
+    n = args.samples
+
+    def say(r: Row) -> None:
+        out.append(r)
+        print(f"  {r.operation:<44} p50 {r.p50_ms:7.3f} ms  x{r.ratio:5.2f}", file=sys.stderr)
+
+    print(f"{db}: setting up", file=sys.stderr)
+    floor = await bare(db, url)
+    async with APIKeyClient(url, signing_secret=SECRET) as client:
+        async with client._db.begin() as conn:
+            await conn.run_sync(metadata.drop_all)
+            await conn.run_sync(metadata.create_all)
+        w = await build(client)
+
+        async def read_off() -> Any:
+            return await client.validate_key(
+                w.read_key, required_scopes=["chat:write"], product_id=w.product, track_usage=False
+            )
+
+        async def read_on() -> Any:
+            return await client.validate_key(
+                w.read_key, required_scopes=["chat:write"], product_id=w.product
+            )
+
+        async def metered() -> Any:
+            return await client.validate_key(
+                w.metered_key, required_scopes=["chat:write"], product_id=w.product, cost=TINY
+            )
+
+        async def charge() -> Any:
+            return await client.charge(w.charge_key_id, TINY)
+
+        async def reserve_settle() -> Any:
+            hold = await client.reserve(w.holder_key_id, Decimal("0.01"))
+            return await client.settle(hold.id, TINY)
+
+        async def create() -> Any:
+            return await client.create_key(w.org, scopes=["chat:write"])
+
+        say(
+            row(
+                db,
+                "validate_key read path, tracking off",
+                "select",
+                *await paired(floor.select, read_off, n),
+                target=2.0,
+            )
+        )
+        say(
+            row(
+                db,
+                "validate_key read path, tracking on",
+                "update",
+                *await paired(floor.update, read_on, n),
+            )
+        )
+        say(
+            row(
+                db,
+                "validate_key metered (rate + key/org budget)",
+                "update",
+                *await paired(floor.update, metered, n),
+                target=3.0,
+            )
+        )
+        say(
+            row(
+                db,
+                "charge (key + org budget)",
+                "update",
+                *await paired(floor.update, charge, n),
+                target=2.0,
+            )
+        )
+        say(row(db, "reserve + settle", "update", *await paired(floor.update, reserve_settle, n)))
+        say(row(db, "create_key", "update", *await paired(floor.update, create, max(50, n // 4))))
+
+        if db != "sqlite":
+            print(f"{db}: contention", file=sys.stderr)
+            say(await contention(db, url, client, w.org))
+
+        print(f"{db}: scale to 1,000 keys", file=sys.stderr)
+        await fill_keys(client, 1000)
+        small = row(db, "read path, 1,000 keys", "select", *await paired(floor.select, read_off, n))
+        say(small)
+        print(f"{db}: scale to {args.keys:,} keys", file=sys.stderr)
+        await fill_keys(client, args.keys)
+        large = row(
+            db, f"read path, {args.keys:,} keys", "select", *await paired(floor.select, read_off, n)
+        )
+        large.note = f"p50 growth from 1,000 keys: {100 * (large.p50_ms / small.p50_ms - 1):+.1f}%"
+        say(large)
+        print(f"{db}: ledger of {args.ledger:,} rows", file=sys.stderr)
+        await fill_ledger(client, w.charge_key_id, args.ledger)
+        say(
+            row(
+                db,
+                f"charge, ledger of {args.ledger:,} rows",
+                "update",
+                *await paired(floor.update, charge, n),
+            )
+        )
+    await floor.close()
+    return out
+
+
+def urls(names: list[str], sqlite_dir: Path) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for name in names:
+        if name == "sqlite":
+            found[name] = f"sqlite:///{sqlite_dir / 'bench.db'}"
+        else:
+            base = os.environ.get(f"KEYCAP_TEST_{name.upper()}_URL")
+            if not base:
+                raise SystemExit(f"KEYCAP_TEST_{name.upper()}_URL is not set (scripts/databases)")
+            found[name] = f"{base}/keycap_bench"
+    return found
+
+
+def table(rows: list[Row]) -> str:
+    head = (
+        f"{'database':<10} {'operation':<46} {'p50 ms':>8} {'p99 ms':>8} {'ops/s':>8} "
+        f"{'floor':>6} {'floor ms':>8} {'ratio':>6} {'target':>6}  note"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        target = f"<={r.target:g}" if r.target else ""
+        ratio = f"{r.ratio:.2f}" if r.ratio else ""
+        floor_ms = f"{r.floor_p50_ms:.3f}" if r.floor_p50_ms else ""
+        lines.append(
+            f"{r.database:<10} {r.operation:<46} {r.p50_ms:8.3f} {r.p99_ms:8.3f} "
+            f"{r.ops_per_s:8.0f} {r.floor:>6} {floor_ms:>8} {ratio:>6} {target:>6}  {r.note}"
+        )
+    return "\n".join(lines)
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--databases", default="sqlite,postgresql,mariadb")
+    p.add_argument("--samples", type=int, default=400)
+    p.add_argument("--keys", type=int, default=1_000_000)
+    p.add_argument("--ledger", type=int, default=1_000_000)
+    p.add_argument("--json", default="benchmark-results.json", help="where to write the results")
+    args = p.parse_args()
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for db, url in urls(args.databases.split(","), Path(tmp)).items():
+            rows += asyncio.run(bench(db, url, args))
+    print(table(rows))
+    Path(args.json).write_text(
+        json.dumps({"machine": machine(), "rows": [asdict(r) for r in rows]}, indent=2) + "\n"
+    )
+    print(f"\nJSON: {args.json}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
