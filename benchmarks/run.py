@@ -434,9 +434,12 @@ def urls(names: list[str], sqlite_dir: Path) -> dict[str, str]:
         if name == "sqlite":
             found[name] = f"sqlite:///{sqlite_dir / 'bench.db'}"
         else:
-            base = os.environ.get(f"KEYCAP_TEST_{name.upper()}_URL")
+            variable = {"postgresql": "KEYCAP_TEST_POSTGRES_URL"}.get(
+                name, f"KEYCAP_TEST_{name.upper()}_URL"
+            )
+            base = os.environ.get(variable)
             if not base:
-                raise SystemExit(f"KEYCAP_TEST_{name.upper()}_URL is not set (scripts/databases)")
+                raise SystemExit(f"{variable} is not set (scripts/databases prints it)")
             found[name] = f"{base}/keycap_bench"
     return found
 
