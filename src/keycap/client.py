@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from keycap import ids, inputs, metering, money, policy, timeutil, tokens
 from keycap import scopes as scope_rules
+from keycap.authcache import AuthCache
 from keycap.budgets import Budget, BudgetSpec
 from keycap.db import metering as db_metering
 from keycap.db import queries, rows
@@ -86,6 +87,11 @@ class APIKeyClient:
             windows and budget periods follow it too (docs/limits-and-budgets.md).
         on_budget_alert: ``async def handler(alert: BudgetAlert)``, awaited after
             commit once for each alert threshold a charge crosses.
+        auth_cache_ttl: seconds to remember successful read-path validations in
+            this process (off by default). Only untracked validations without cost,
+            rate limit or use cap are served from it; changes made through this
+            client clear it, changes by other processes show within the TTL
+            (docs/performance.md).
 
     Raises:
         ConfigurationError: a bad URL, a missing driver, or bad secrets/prefixes.
@@ -101,6 +107,7 @@ class APIKeyClient:
         track_usage: bool = True,
         clock: Clock | None = None,
         on_budget_alert: metering.AlertHandler | None = None,
+        auth_cache_ttl: float | None = None,
     ) -> None:
         self._format = tokens.KeyFormat(key_prefix, environment)
         self._ring = PepperRing(signing_secret)
@@ -112,6 +119,7 @@ class APIKeyClient:
             raise ConfigurationError("on_budget_alert must be an async callable")
         self._on_alert = on_budget_alert
         self._rate_limited: dict[str, None] = {}  # insertion-ordered: oldest first
+        self._cache = _auth_cache(auth_cache_ttl)
         if isinstance(database, AsyncEngine):
             self._db = Database(database, owned=False)
         else:
@@ -269,15 +277,19 @@ class APIKeyClient:
             raise InvalidArgumentError(
                 "product_id", "belongs to another organization than the project"
             )
-        return await queries.link_product(
+        linked = await queries.link_product(
             self._db, project.org_id, project.id, product.id, self._now()
         )
+        self._changed()
+        return linked
 
     async def remove_product_from_project(self, product_id: str, project_id: str) -> bool:
         """Unlink; the project's keys lose the product at once. False if not linked."""
-        return await queries.unlink_product(
+        unlinked = await queries.unlink_product(
             self._db, ids.check(ids.PROJECT, project_id), ids.check(ids.PRODUCT, product_id)
         )
+        self._changed()
+        return unlinked
 
     async def _create(
         self, table: Table, kind: str, org_id: str | None, name: str
@@ -322,10 +334,13 @@ class APIKeyClient:
         for hold_id in await db_metering.open_hold_ids(self._db, column, value):
             with contextlib.suppress(HoldClosedError):  # settled or expired meanwhile
                 await metering.release(self._db, hold_id=hold_id, idempotency_key=None, now=now)
+        self._changed()
 
     async def _delete(self, table: Table, kind: str, id_: str) -> None:
         id_ = ids.check(kind, id_)
-        if not await queries.delete_by_id(self._db, table, id_):
+        deleted = await queries.delete_by_id(self._db, table, id_)
+        self._changed()
+        if not deleted:
             raise NotFoundError(ids.resource_name(kind), id_)
 
     # --- keys: administration -----------------------------------------------------------
@@ -502,6 +517,7 @@ class APIKeyClient:
                     now,
                 )
         row = await queries.update_key(self._db, key_id, values, only_if=None)
+        self._changed()
         if row is None:
             raise NotFoundError("key", key_id)
         return rows.to_key(row)
@@ -536,8 +552,9 @@ class APIKeyClient:
         await self._retire_keys("id", key_id)
         await self._delete(keys, ids.KEY, key_id)
 
-    @staticmethod
-    def _found(row: Any, key_id: str) -> APIKey:
+    def _found(self, row: Any, key_id: str) -> APIKey:
+        """The key a write changed (revoke, disable, enable)."""
+        self._changed()
         if row is None:
             raise NotFoundError("key", key_id)
         return rows.to_key(row)
@@ -598,8 +615,12 @@ class APIKeyClient:
         )
         amounts = None if cost is None else money.costs(cost)
         key_id = ids.key_id(public_id)
-        digests = self._ring.digests(plaintext)
         now = self._now()
+        cacheable = self._cache is not None and amounts is None and not track
+        if cacheable and (hit := self._cached(key_id, plaintext, req, now)) is not None:
+            return hit
+        generation = self._cache.generation if self._cache is not None else 0
+        digests = self._ring.digests(plaintext)
 
         for _ in range(_VALIDATE_ATTEMPTS):
             if (
@@ -640,6 +661,12 @@ class APIKeyClient:
                     return rows.to_key(key_row, rate_limit=rate, charge=charged)
             elif not count:
                 await self._upgrade_pepper(key_id, looked.pepper_id, plaintext)
+                if (
+                    cacheable
+                    and self._cache is not None
+                    and not self._ring.needs_upgrade(looked.pepper_id)
+                ):
+                    self._cache.put(key_id, req, looked, now, generation)
                 return rows.to_key(looked)
             elif self._db.update_returning:
                 row = await queries.record_use_returning(self._db, key_id, digests, req, now)
@@ -666,6 +693,7 @@ class APIKeyClient:
         subject = await db_metering.resolve_subject(self._db, subject_id)
         now = self._now()
         row = await db_metering.upsert_rate_limit(self._db, subject, spec, now)
+        self._changed()  # a cached key may now be rate-limited
         return metering.rate_limit_status(row, now)
 
     async def remove_rate_limit(self, subject_id: str, name: str) -> bool:
@@ -876,6 +904,23 @@ class APIKeyClient:
             for r in found
         ]
 
+    def _cached(
+        self, key_id: str, plaintext: str, req: policy.Requirement, now: datetime
+    ) -> APIKey | None:
+        """A validation served by the auth cache: the secret is verified and the grant
+        rule re-run against ``now``; None sends it to the database."""
+        assert self._cache is not None
+        row = self._cache.get(key_id, req, now)
+        if row is None or not self._ring.verify(plaintext, row.pepper_id, row.digest):
+            return None
+        policy.check(rows.to_facts(row, True), req, now)
+        return rows.to_key(row)
+
+    def _changed(self) -> None:
+        """Something a validation depends on changed: forget cached validations."""
+        if self._cache is not None:
+            self._cache.clear()
+
     def _note_rate_limited(self, key_id: str, limited: bool) -> None:
         """Remember which keys a rate limit applies to, so their validations skip the
         one-statement path that cannot admit them. Only a hint: a stale entry
@@ -928,3 +973,13 @@ def _sequence(value: object, kind: type[Any], field: str) -> list[Any]:
 
 def _idempotency(value: object) -> str | None:
     return None if value is None else inputs.text(value, "idempotency_key")
+
+
+def _auth_cache(ttl: object) -> AuthCache | None:
+    if ttl is None:
+        return None
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl <= 3600:
+        raise ConfigurationError(
+            "auth_cache_ttl must be a number of seconds, above 0, at most 3600"
+        )
+    return AuthCache(timedelta(seconds=ttl))
