@@ -13,7 +13,7 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -93,26 +93,31 @@ async def _run(args: argparse.Namespace, secret: str) -> int:
 async def _org(client: APIKeyClient, value: str) -> str:
     if ids.is_valid(ids.ORG, value):
         return value
-    offset = 0
-    while page := await client.list_organizations(limit=100, offset=offset):
-        for org in page:
-            if org.name == value:
-                return org.id
-        offset += len(page)
-    raise UsageError(f"no organization named {value!r}")
+    found = await _named(lambda offset: client.list_organizations(limit=100, offset=offset), value)
+    if found is None:
+        raise UsageError(f"no organization named {value!r}")
+    return found
 
 
 async def _child(client: APIKeyClient, kind: str, org_id: str, value: str | None) -> str | None:
     if value is None or ids.is_valid(kind, value):
         return value
     lister = client.list_projects if kind == ids.PROJECT else client.list_products
+    found = await _named(lambda offset: lister(org_id, limit=100, offset=offset), value)
+    if found is None:
+        raise UsageError(f"no {ids.resource_name(kind)} named {value!r} in {org_id}")
+    return found
+
+
+async def _named(page_at: Callable[[int], Awaitable[Sequence[Any]]], name: str) -> str | None:
+    """The id of the entity called ``name``, paging through a list_* method."""
     offset = 0
-    while page := await lister(org_id, limit=100, offset=offset):
+    while page := await page_at(offset):
         for item in page:
-            if item.name == value:
-                return item.id
+            if item.name == name:
+                return str(item.id)
         offset += len(page)
-    raise UsageError(f"no {ids.resource_name(kind)} named {value!r} in {org_id}")
+    return None
 
 
 # --- parsing ------------------------------------------------------------------------
