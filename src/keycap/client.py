@@ -64,7 +64,7 @@ class _Unset(Enum):
 UNSET: Final = _Unset.UNSET
 
 # Attempts of validate_key when the key changes between its statements.
-_VALIDATE_ATTEMPTS = 3
+_VALIDATE_ATTEMPTS = 4
 _MAX_HOLD_TTL = timedelta(days=30)
 # How many keys the client remembers as rate-limited (see _note_rate_limited).
 _HINTS = 10_000
@@ -622,19 +622,35 @@ class APIKeyClient:
         generation = self._cache.generation if self._cache is not None else 0
         digests = self._ring.digests(plaintext)
 
+        # A call with a cost, or for a key known to be rate-limited, goes straight to
+        # the metered transaction, which re-decides the whole grant rule in SQL;
+        # the lookup below only runs to explain a refusal.
+        metered = amounts is not None or key_id in self._rate_limited
         for _ in range(_VALIDATE_ATTEMPTS):
-            if (
-                track
-                and amounts is None
-                and self._db.update_returning
-                and key_id not in self._rate_limited
-            ):
+            if metered:
+                outcome = await metering.validate(
+                    self._db,
+                    key_id=key_id,
+                    digests=digests,
+                    req=req,
+                    amounts=amounts or {},
+                    track=track,
+                    now=now,
+                    on_alert=self._on_alert,
+                )
+                if outcome is not None:
+                    key_row, rate, charged = outcome
+                    self._note_rate_limited(key_id, rate is not None)
+                    await self._upgrade_pepper(key_id, key_row.pepper_id, plaintext)
+                    return rows.to_key(key_row, rate_limit=rate, charge=charged)
+            elif track and self._db.update_returning:
                 # PostgreSQL, SQLite, a key no rate limit applies to: one statement.
                 row = await queries.record_use_returning(self._db, key_id, digests, req, now)
                 if row is not None:
                     await self._upgrade_pepper(key_id, row.pepper_id, plaintext)
                     return rows.to_key(row)
-            # Refused, metered, untracked, or MySQL: read the row; the policy says why.
+            # Refused, untracked, not yet known to be rate-limited, or MySQL: read
+            # the row; the policy says why.
             looked = await queries.lookup_for_validation(self._db, key_id, req)
             if looked is None:
                 raise InvalidKeyError()
@@ -643,23 +659,13 @@ class APIKeyClient:
             self._note_rate_limited(key_id, bool(looked.has_rate_limits))
             if (exhausted := metering.usage_cap_error(looked)) is not None:
                 raise exhausted
-            count = track or looked.max_uses is not None  # a capped key is always counted
             if amounts is not None or looked.has_rate_limits:
-                outcome = await metering.validate(
-                    self._db,
-                    key_id=key_id,
-                    digests=digests,
-                    req=req,
-                    amounts=amounts or {},
-                    count=count,
-                    now=now,
-                    on_alert=self._on_alert,
-                )
-                if outcome is not None:
-                    key_row, rate, charged = outcome
-                    await self._upgrade_pepper(key_id, looked.pepper_id, plaintext)
-                    return rows.to_key(key_row, rate_limit=rate, charge=charged)
-            elif not count:
+                # Rate-limited after all, or the metered transaction refused a key
+                # the policy now passes (it changed in between): decide (again) there.
+                metered = True
+                continue
+            metered = False
+            if not track and looked.max_uses is None:  # a capped key is always counted
                 await self._upgrade_pepper(key_id, looked.pepper_id, plaintext)
                 if (
                     cacheable
@@ -668,7 +674,7 @@ class APIKeyClient:
                 ):
                     self._cache.put(key_id, req, looked, now, generation)
                 return rows.to_key(looked)
-            elif self._db.update_returning:
+            if self._db.update_returning:
                 row = await queries.record_use_returning(self._db, key_id, digests, req, now)
                 if row is not None:
                     await self._upgrade_pepper(key_id, row.pepper_id, plaintext)

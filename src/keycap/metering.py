@@ -727,7 +727,7 @@ async def validate(
     digests: Mapping[str, str],
     req: Requirement,
     amounts: Mapping[str, int],
-    count: bool,
+    track: bool,
     now: datetime,
     on_alert: AlertHandler | None,
 ) -> tuple[AnyRow, RateLimitStatus | None, Charge | None] | None:
@@ -742,7 +742,7 @@ async def validate(
     ]:
         async with db.begin() as conn:
             key_row = await m.record_metered_use(
-                conn, key_id, digests, req, now, db.dialect, count=count
+                conn, key_id, digests, req, now, db.dialect, track=track
             )
             if key_row is None:
                 raise _Refused("key")

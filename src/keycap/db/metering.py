@@ -25,6 +25,12 @@ Why each consumption is safe under concurrency, on every database:
   expired, so an expired key can never be charged or reserve.
 * SELECTs only find ids and build error details; nothing is decided on what
   they read.
+
+The statements run on every metered call are built once per shape and cached
+(``lru_cache``), like the read path's in ``keycap.db.queries``: building and
+cache-keying a CASE-heavy UPDATE costs several times more than executing it.
+Every per-call value (ids, amounts, times, the window arithmetic) is a bind
+parameter named ``m_...``, filled in by the function that runs the statement.
 """
 
 from __future__ import annotations
@@ -34,13 +40,14 @@ import random
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 from typing import Any, TypeVar
 
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
     String,
-    and_,
+    bindparam,
     case,
     cast,
     exists,
@@ -56,7 +63,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from keycap import budgets as budget_rules
 from keycap import ids, periods, ratelimit
 from keycap.db.engine import Conflict, Database
-from keycap.db.queries import KEY_COLUMNS, AnyRow, contains, grant_predicate, key_is_live_now
+from keycap.db.queries import (
+    KEY_COLUMNS,
+    AnyRow,
+    contains,
+    grant_predicate,
+    hot_binds,
+    key_is_live_now,
+)
 from keycap.db.schema import (
     budgets,
     holds,
@@ -115,6 +129,40 @@ def big(value: int) -> Any:
     return literal(value, BigInteger())
 
 
+# --- the bind parameters of the cached statements -------------------------------------
+
+_KEY_ID = bindparam("m_key_id", type_=keys.c.id.type)
+_ORG_ID = bindparam("m_org_id", type_=keys.c.org_id.type)
+_PROJECT_ID = bindparam("m_project_id", type_=keys.c.project_id.type)
+_NOW = bindparam("m_now", type_=keys.c.last_used_at.type)
+_BUDGET_ID = bindparam("m_budget_id", type_=budgets.c.id.type)
+_RATE_ID = bindparam("m_rate_id", type_=rate_limits.c.id.type)
+_HOLD_ID = bindparam("m_hold_id", type_=holds.c.id.type)
+
+
+def _int(name: str) -> Any:
+    """A per-call integer, bound as BIGINT (see :func:`big`)."""
+    return bindparam(name, type_=BigInteger())
+
+
+def _key_params(key: KeyRef) -> dict[str, Any]:
+    return {"m_key_id": key.id, "m_org_id": key.org_id, "m_project_id": key.project_id}
+
+
+@dataclass(frozen=True, slots=True)
+class Changing:
+    """A cached single-row UPDATE in both forms :func:`_changed` may run: with
+    ``RETURNING``, and plain followed by ``reread`` (a SELECT of the same columns)."""
+
+    returning: Any
+    plain: Any
+    reread: Any
+
+
+def _changing(stmt: Any, reread: Any) -> Changing:
+    return Changing(stmt.returning(*reread.selected_columns), stmt, reread)
+
+
 # --- subjects -------------------------------------------------------------------------
 
 
@@ -156,11 +204,6 @@ async def resolve_subject(db: Database, subject_id: str) -> Subject:
         elif await conn.scalar(select(organizations.c.id).where(organizations.c.id == subject_id)):
             return Subject(subject_id, subject_id, None, None)
     raise NotFoundError(scope_of(subject_id), subject_id)
-
-
-def _applicable(table: Any, key_id: str, project_id: str | None, org_id: str) -> Any:
-    subjects = [key_id, org_id] + ([project_id] if project_id else [])
-    return table.c.subject_id.in_(subjects)
 
 
 # --- administration -------------------------------------------------------------------
@@ -276,7 +319,7 @@ async def upsert_budget(
         return (await conn.execute(select(budgets).where(*where))).one()
 
 
-def _rollover(start: datetime) -> tuple[Any, Any, Any]:
+def _rollover(start: Any) -> tuple[Any, Any, Any]:
     """(used, credit, period_start) as they are once the period starting at ``start`` applies."""
     b = budgets.c
     new_period = b.period_start < start
@@ -365,13 +408,18 @@ def ledger_row(
 # --- the key inside a metered transaction ---------------------------------------------
 
 
-def key_is_live(key_id: str, now: datetime) -> ColumnElement[bool]:
+def key_is_live(key_id: Any, now: Any) -> ColumnElement[bool]:
     """The key exists and is not revoked, disabled or expired (re-checked in every debit)."""
     return exists().where(keys.c.id == key_id, *key_is_live_now(now))
 
 
 async def is_live(conn: AsyncConnection, key_id: str | None, now: datetime) -> bool:
-    return key_id is not None and bool(await conn.scalar(select(key_is_live(key_id, now))))
+    if key_id is None:
+        return False
+    return bool(await conn.scalar(_IS_LIVE, {"m_key_id": key_id, "m_now": now}))
+
+
+_IS_LIVE = select(key_is_live(_KEY_ID, _NOW))
 
 
 @dataclass(frozen=True, slots=True)
@@ -389,24 +437,32 @@ async def lock_live_key(conn: AsyncConnection, key_id: str, now: datetime) -> Ke
     transaction, which is also what starts SQLite's write transaction before
     anything is read.
     """
-    k = keys.c
-    stmt = update(keys).where(k.id == key_id, *key_is_live_now(now)).values(last_used_at=now)
-    row = await _changed(conn, stmt, select(k.org_id, k.project_id).where(k.id == key_id))
+    row = await _changed(conn, _lock_key(), {"m_key_id": key_id, "m_now": now})
     return None if row is None else KeyRef(key_id, row.org_id, row.project_id)
 
 
-async def _changed(conn: AsyncConnection, stmt: Any, reread: Any) -> AnyRow | None:
+@lru_cache(maxsize=1)
+def _lock_key() -> Changing:
+    k = keys.c
+    stmt = update(keys).where(k.id == _KEY_ID, *key_is_live_now(_NOW)).values(last_used_at=_NOW)
+    return _changing(stmt, select(k.org_id, k.project_id).where(k.id == _KEY_ID))
+
+
+async def _changed(
+    conn: AsyncConnection, stmt: Changing, params: Mapping[str, Any]
+) -> AnyRow | None:
     """Run a single-row UPDATE; the row after it, or None if it changed nothing.
 
-    PostgreSQL and SQLite return it from the UPDATE itself (RETURNING the columns
-    ``reread`` selects); MySQL/MariaDB cannot, so ``reread`` runs after it. The
-    row is locked by this transaction until commit, so both read what was written.
+    PostgreSQL and SQLite return it from the UPDATE itself (``RETURNING``);
+    MySQL/MariaDB cannot, so the SELECT runs after it, with the same parameters.
+    The row is locked by this transaction until commit, so both read what was
+    written.
     """
     if conn.dialect.update_returning:
-        return (await conn.execute(stmt.returning(*reread.selected_columns))).first()
-    if (await conn.execute(stmt)).rowcount != 1:
+        return (await conn.execute(stmt.returning, params)).first()
+    if (await conn.execute(stmt.plain, params)).rowcount != 1:
         return None
-    return (await conn.execute(reread)).one()
+    return (await conn.execute(stmt.reread, params)).one()
 
 
 async def record_metered_use(
@@ -417,34 +473,60 @@ async def record_metered_use(
     now: datetime,
     dialect: str,
     *,
-    count: bool,
+    track: bool,
 ) -> AnyRow | None:
-    """In a metered validation: the grant rule and the usage cap, with the use counted
-    (``use_count < max_uses`` in the same WHERE) unless tracking is off and no cap.
-    Returns the key's row after it, or None: refused, nothing written."""
+    """In a metered validation: the whole grant rule and the usage cap
+    (``use_count < max_uses``) in the WHERE, with the use counted unless tracking
+    is off and the key has no cap. Returns the key's row after it (with
+    ``pepper_id``), or None: refused, nothing written."""
+    stmt = _metered_use(req, tuple(digests), dialect, track)
+    params: dict[str, Any] = {"hot_key_id": key_id, "hot_now": now}
+    for i, digest in enumerate(digests.values()):
+        params[f"hot_digest_{i}"] = digest
+    return await _changed(conn, stmt, params)
+
+
+@lru_cache(maxsize=512)
+def _metered_use(req: Requirement, peppers: tuple[str, ...], dialect: str, track: bool) -> Changing:
     k = keys.c
-    cond = and_(
-        k.id == key_id,
-        grant_predicate(digests, req, now, dialect),
-        or_(k.max_uses.is_(None), k.use_count < k.max_uses),
-    )
-    # With tracking off the row is still written (to itself): the UPDATE is what
-    # takes the key's lock and re-decides the rule, but it records nothing.
-    if count:
-        values: dict[str, Any] = {"use_count": k.use_count + 1, "last_used_at": now}
+    key_id, digests, now = hot_binds(peppers)
+    capped = k.max_uses.is_not(None)
+    if track:
+        values: Any = ((k.use_count, k.use_count + 1), (k.last_used_at, now))
     else:
-        values = {"last_used_at": k.last_used_at}
-    stmt = update(keys).where(cond).values(**values)
-    return await _changed(conn, stmt, select(*KEY_COLUMNS).where(k.id == key_id))
+        # A capped key is counted all the same. An uncapped one is written to
+        # itself: the UPDATE is what takes the key's lock and re-decides the rule,
+        # but it records nothing. (use_count first: last_used_at's CASE reads
+        # only max_uses, so MySQL's left-to-right SET gives the same result.)
+        values = (
+            (k.use_count, case((capped, k.use_count + 1), else_=k.use_count)),
+            (k.last_used_at, case((capped, now), else_=k.last_used_at)),
+        )
+    stmt = (
+        update(keys)
+        .where(
+            k.id == key_id,
+            grant_predicate(digests, req, now, dialect),
+            or_(k.max_uses.is_(None), k.use_count < k.max_uses),
+        )
+        .ordered_values(*values)
+    )
+    return _changing(stmt, select(*KEY_COLUMNS, k.pepper_id).where(k.id == key_id))
 
 
 # --- rate limits ----------------------------------------------------------------------
 
 
 async def applicable_rate_limits(conn: AsyncConnection, key: KeyRef) -> Sequence[AnyRow]:
-    rl = rate_limits
-    stmt = select(rl).where(_applicable(rl, key.id, key.project_id, key.org_id)).order_by(rl.c.id)
-    return (await conn.execute(stmt)).all()
+    return (await conn.execute(_rate_limits_of(), _key_params(key))).all()
+
+
+@lru_cache(maxsize=1)
+def _rate_limits_of() -> Any:
+    # The project id is NULL for a key without a project: IN (..., NULL) matches nothing more.
+    rl = rate_limits.c
+    subjects = rl.subject_id.in_([_KEY_ID, _ORG_ID, _PROJECT_ID])
+    return select(rate_limits).where(subjects).order_by(rl.id)
 
 
 def rate_units(row: AnyRow, amounts: Mapping[str, int]) -> int:
@@ -462,14 +544,26 @@ async def consume_rate(
     counters it applies to depends on the stored ``window_start`` and is
     chosen by the CASEs, so the decision uses the row as it is under the lock.
     """
-    c = rate_limits.c
     win = row.window_ms
     aligned = now_ms - now_ms % win
-    weight = big(ratelimit.view(win, now_ms, aligned, 0, 0).weight)
+    params = {
+        "m_rate_id": row.id,
+        "m_at": aligned,
+        "m_previous_at": aligned - win,
+        "m_weight": ratelimit.view(win, now_ms, aligned, 0, 0).weight,
+        "m_cost": units,
+    }
+    return await _changed(conn, _consume_rate(), params)
+
+
+@lru_cache(maxsize=1)
+def _consume_rate() -> Changing:
+    c = rate_limits.c
+    weight = _int("m_weight")
     r = big(ratelimit.RESOLUTION)
-    at, cost = big(aligned), big(units)
+    at, cost = _int("m_at"), _int("m_cost")
     ahead, same = c.window_start > at, c.window_start == at
-    previous = c.window_start == big(aligned - win)
+    previous = c.window_start == _int("m_previous_at")
     weighted_previous = case(
         (ahead, c.previous_units * r),
         (same, c.previous_units * weight),
@@ -480,7 +574,7 @@ async def consume_rate(
     fits = weighted_previous + (current + cost) * r <= c.limit_units * r
     stmt = (
         update(rate_limits)
-        .where(c.id == row.id, fits)
+        .where(c.id == _RATE_ID, fits)
         .ordered_values(  # window_start last: the CASEs above read the stored one
             (
                 c.previous_units,
@@ -494,7 +588,7 @@ async def consume_rate(
             (c.window_start, case((ahead, c.window_start), else_=at)),
         )
     )
-    return await _changed(conn, stmt, select(rate_limits).where(c.id == row.id))
+    return _changing(stmt, select(rate_limits).where(c.id == _RATE_ID))
 
 
 # --- budgets --------------------------------------------------------------------------
@@ -503,13 +597,16 @@ async def consume_rate(
 async def applicable_budgets(
     conn: AsyncConnection, key: KeyRef, meters: Iterable[str]
 ) -> Sequence[AnyRow]:
-    stmt = (
-        select(budgets)
-        .where(_applicable(budgets, key.id, key.project_id, key.org_id))
-        .where(budgets.c.meter.in_(list(meters)))
-        .order_by(budgets.c.id)
-    )
-    return (await conn.execute(stmt)).all()
+    params = {**_key_params(key), "m_meters": list(meters)}
+    return (await conn.execute(_budgets_of(), params)).all()
+
+
+@lru_cache(maxsize=1)
+def _budgets_of() -> Any:
+    b = budgets.c
+    subjects = b.subject_id.in_([_KEY_ID, _ORG_ID, _PROJECT_ID])
+    meters = b.meter.in_(bindparam("m_meters", expanding=True))
+    return select(budgets).where(subjects, meters).order_by(b.id)
 
 
 async def debit(
@@ -528,55 +625,83 @@ async def debit(
     With ``must_fit``, only if ``used + held + both <= limit + credit`` and the
     key is live; returns the row after the change, or None (nothing written).
     """
+    params = {
+        "m_budget_id": row.id,
+        "m_start": _current_start(row, now),
+        "m_used": used,
+        "m_held": held,
+        "m_both": used + held,
+        "m_key_id": key_id,
+        "m_now": now,
+    }
+    return await _changed(conn, _debit(must_fit, must_fit and key_id is not None), params)
+
+
+@lru_cache(maxsize=4)
+def _debit(must_fit: bool, key_live: bool) -> Changing:
     b = budgets.c
-    start = _current_start(row, now)
+    start = bindparam("m_start", type_=b.period_start.type)
     eff_used, eff_credit, period_start = _rollover(start)
     stmt = (
         update(budgets)
-        .where(b.id == row.id)
+        .where(b.id == _BUDGET_ID)
         .ordered_values(  # period_start last: the CASEs read the stored one
-            (b.used_micros, eff_used + used),
-            (b.held_micros, b.held_micros + held),
+            (b.used_micros, eff_used + _int("m_used")),
+            (b.held_micros, b.held_micros + _int("m_held")),
             (b.credit_micros, eff_credit),
             (b.period_start, period_start),
         )
     )
     if must_fit:
-        stmt = stmt.where(eff_used + b.held_micros + (used + held) <= b.limit_micros + eff_credit)
-        if key_id is not None:
-            stmt = stmt.where(key_is_live(key_id, now))
-    return await _changed(conn, stmt, select(budgets).where(b.id == row.id))
+        both = _int("m_both")
+        stmt = stmt.where(eff_used + b.held_micros + both <= b.limit_micros + eff_credit)
+    if key_live:
+        stmt = stmt.where(key_is_live(_KEY_ID, _NOW))
+    return _changing(stmt, select(budgets).where(b.id == _BUDGET_ID))
 
 
 async def budgets_by_id(conn: AsyncConnection, budget_ids: Sequence[str]) -> Sequence[AnyRow]:
     if not budget_ids:
         return []
-    stmt = select(budgets).where(budgets.c.id.in_(list(budget_ids))).order_by(budgets.c.id)
-    return (await conn.execute(stmt)).all()
+    return (await conn.execute(_BUDGETS_BY_ID, {"m_ids": list(budget_ids)})).all()
+
+
+_BUDGETS_BY_ID = (
+    select(budgets)
+    .where(budgets.c.id.in_(bindparam("m_ids", expanding=True)))
+    .order_by(budgets.c.id)
+)
 
 
 # --- holds ----------------------------------------------------------------------------
 
 
 async def insert_hold(conn: AsyncConnection, values: Mapping[str, Any]) -> None:
-    await conn.execute(insert(holds).values(**values))
+    await conn.execute(_INSERT_HOLD, dict(values))
+
+
+_INSERT_HOLD = insert(holds)
 
 
 async def close_hold(
     conn: AsyncConnection, hold_id: str, status: str, now: datetime, **values: Any
 ) -> bool:
-    """Move an open hold to ``status``; only one caller can (the WHERE on status)."""
-    result = await conn.execute(
-        update(holds)
-        .where(holds.c.id == hold_id, holds.c.status == "open")
-        .values(status=status, closed_at=now, **values)
-    )
+    """Move an open hold to ``status``; only one caller can (the WHERE on status).
+    The columns set are the keys of the parameters: status, closed_at, ``values``."""
+    params = {"m_hold_id": hold_id, "status": status, "closed_at": now, **values}
+    result = await conn.execute(_CLOSE_HOLD, params)
     return bool(result.rowcount == 1)
+
+
+_CLOSE_HOLD = update(holds).where(holds.c.id == _HOLD_ID, holds.c.status == "open")
 
 
 async def get_hold(db: Database, hold_id: str) -> AnyRow | None:
     async with db.autocommit() as conn:
-        return (await conn.execute(select(holds).where(holds.c.id == hold_id))).first()
+        return (await conn.execute(_GET_HOLD, {"m_hold_id": hold_id})).first()
+
+
+_GET_HOLD = select(holds).where(holds.c.id == _HOLD_ID)
 
 
 async def expired_hold_ids(
@@ -619,42 +744,54 @@ async def claim_operation(
     the unique index until the first commits or rolls back, then fails (Conflict) or
     goes ahead: never both."""
     op_id = ids.new_id("op")
-    await conn.execute(
-        insert(operations).values(
-            id=op_id,
-            org_id=org_id,
-            scope=scope,
-            kind=kind,
-            idempotency_key=idempotency_key,
-            result=None,
-            created_at=now,
-        )
-    )
+    values = {
+        "id": op_id,
+        "org_id": org_id,
+        "scope": scope,
+        "kind": kind,
+        "idempotency_key": idempotency_key,
+        "result": None,
+        "created_at": now,
+    }
+    await conn.execute(_INSERT_OPERATION, values)
     return op_id
 
 
+_INSERT_OPERATION = insert(operations)
+
+
 async def store_result(conn: AsyncConnection, op_id: str, result: dict[str, Any]) -> None:
-    await conn.execute(update(operations).where(operations.c.id == op_id).values(result=result))
+    await conn.execute(_STORE_RESULT, {"m_op_id": op_id, "result": result})
+
+
+_STORE_RESULT = update(operations).where(
+    operations.c.id == bindparam("m_op_id", type_=operations.c.id.type)
+)
 
 
 async def stored_result(
     db: Database, *, scope: str, kind: str, idempotency_key: str
 ) -> dict[str, Any] | None:
-    o = operations.c
+    params = {"m_scope": scope, "m_kind": kind, "m_idempotency_key": idempotency_key}
     async with db.autocommit() as conn:
-        row = (
-            await conn.execute(
-                select(o.result).where(
-                    o.scope == scope, o.kind == kind, o.idempotency_key == idempotency_key
-                )
-            )
-        ).first()
+        row = (await conn.execute(_STORED_RESULT, params)).first()
     return None if row is None else row.result
+
+
+_STORED_RESULT = select(operations.c.result).where(
+    operations.c.scope == bindparam("m_scope", type_=operations.c.scope.type),
+    operations.c.kind == bindparam("m_kind", type_=operations.c.kind.type),
+    operations.c.idempotency_key
+    == bindparam("m_idempotency_key", type_=operations.c.idempotency_key.type),
+)
 
 
 async def insert_ledger(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
     if rows:
-        await conn.execute(insert(ledger), rows)
+        await conn.execute(_INSERT_LEDGER, rows)
+
+
+_INSERT_LEDGER = insert(ledger)
 
 
 # --- reporting ------------------------------------------------------------------------

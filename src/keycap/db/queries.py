@@ -374,18 +374,18 @@ def asked_product(req: Requirement) -> Any:
 
 # The hot path's statements are built once per requirement (and pepper set) and
 # reused: building and cache-keying a statement costs more than executing it.
-# The per-call values are bind parameters, filled in by _hot_params.
+# The per-call values are bind parameters, filled in by hot_params.
 _HOT_CACHE = 512
 
 
-def _hot_params(key_id: str, now: datetime, digests: Mapping[str, str]) -> dict[str, Any]:
+def hot_params(key_id: str, now: datetime, digests: Mapping[str, str]) -> dict[str, Any]:
     params: dict[str, Any] = {"hot_key_id": key_id, "hot_now": now}
     for i, digest in enumerate(digests.values()):
         params[f"hot_digest_{i}"] = digest
     return params
 
 
-def _hot_binds(peppers: tuple[str, ...]) -> tuple[Any, dict[str, Any], Any]:
+def hot_binds(peppers: tuple[str, ...]) -> tuple[Any, dict[str, Any], Any]:
     """Bind parameters for the key id, ``now`` and one digest per pepper id."""
     now = bindparam("hot_now", type_=keys.c.last_used_at.type)
     digests = {
@@ -407,7 +407,7 @@ async def lookup_for_validation(db: Database, key_id: str, req: Requirement) -> 
 @lru_cache(maxsize=_HOT_CACHE)
 def _lookup_stmt(req: Requirement) -> Any:
     k = keys.c
-    key_id, _, _ = _hot_binds(())
+    key_id, _, _ = hot_binds(())
     project_org: Any = null()
     product_org: Any = null()
     product_linked: Any = false()
@@ -443,7 +443,7 @@ def _record_use_stmt(
     # lose a count; the WHERE re-decides the grant rule at the moment of writing.
     # Only for keys no rate limit applies to (those go through a metered
     # transaction); the usage cap lives on this row, so it is checked here too.
-    key_id, digests, now = _hot_binds(peppers)
+    key_id, digests, now = hot_binds(peppers)
     stmt = (
         update(keys)
         .where(
@@ -476,7 +476,7 @@ async def record_use_returning(
     statement (``UPDATE ... RETURNING``). None: the rule did not hold; nothing written."""
     stmt = _record_use_stmt(req, tuple(digests), db.dialect, True)
     async with db.autocommit() as conn:
-        return (await conn.execute(stmt, _hot_params(key_id, now, digests))).first()
+        return (await conn.execute(stmt, hot_params(key_id, now, digests))).first()
 
 
 async def record_use(
@@ -486,7 +486,7 @@ async def record_use(
     holds; the caller read the row just before. False: nothing written."""
     stmt = _record_use_stmt(req, tuple(digests), db.dialect, False)
     async with db.autocommit() as conn:
-        result = await conn.execute(stmt, _hot_params(key_id, now, digests))
+        result = await conn.execute(stmt, hot_params(key_id, now, digests))
     return result.rowcount == 1
 
 
