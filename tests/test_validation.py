@@ -362,13 +362,13 @@ async def test_statements_per_metered_call(client: APIKeyClient, backend: str) -
     returning = backend != "mariadb"
     cases = [
         # UPDATE key (the whole rule, the cap, the use, the row lock); SELECT limits;
-        # UPDATE limit; SELECT budgets; UPDATE key budget; UPDATE org budget; INSERT
+        # UPDATE limit; SELECT budgets; UPDATE both budgets (one statement); INSERT
         # ledger. No SELECT of the key first: that only runs to explain a refusal.
-        (lambda: client.validate_key(metered.plaintext, cost=Decimal("0.01")), 7, 11),
+        (lambda: client.validate_key(metered.plaintext, cost=Decimal("0.01")), 6, 9),
         # UPDATE key; SELECT limits; UPDATE limit (the key is known to be rate-limited).
         (lambda: client.validate_key(metered.plaintext), 3, 5),
-        # UPDATE key (live, lock); SELECT budgets; UPDATE x2; INSERT ledger.
-        (lambda: client.charge(charged.id, Decimal("0.01")), 5, 8),
+        # UPDATE key (live, lock); SELECT budgets; UPDATE both; INSERT ledger.
+        (lambda: client.charge(charged.id, Decimal("0.01")), 4, 6),
     ]
     for call, with_returning, without in cases:
         await call()  # warm: the rate-limit hint, the statement caches

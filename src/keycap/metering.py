@@ -47,11 +47,13 @@ AlertHandler = Callable[[BudgetAlert], Awaitable[None]]
 
 class _Refused(Exception):
     # An internal signal, never escapes this module.
-    """Raised inside a transaction to roll it back; says which row refused."""
+    """Raised inside a transaction to roll it back; says which row refused (a rate
+    limit), or for which key (a budget: which one is found after the rollback)."""
 
-    def __init__(self, what: str, row: AnyRow | None = None) -> None:
+    def __init__(self, what: str, row: AnyRow | None = None, key: m.KeyRef | None = None) -> None:
         self.what = what
         self.row = row
+        self.key = key
 
 
 # --- results --------------------------------------------------------------------------
@@ -171,16 +173,24 @@ def budget_exceeded(
 
 
 async def _refusal(
-    db: Database, refused: _Refused, requested: int, now: datetime, key_id: str | None
+    db: Database, key: m.KeyRef, amounts: Mapping[str, int], now: datetime, key_id: str | None
 ) -> Exception | None:
-    """The error for a refused debit, or None if expired holds were freed (retry)."""
-    assert refused.row is not None
-    if await sweep(db, now, budget_id=refused.row.id):
-        return None
-    (row,) = await m.select_where(db, budgets, budgets.c.id == refused.row.id) or (refused.row,)
-    if budget_rules.state_at(row, now).remaining >= requested:
-        return None  # room appeared meanwhile (a release, a rollover): try again
-    return budget_exceeded(row, requested, now, key_id)
+    """The error naming the budget that refused a debit of ``amounts`` (the first in
+    id order without room), or None if there is room after all: expired holds were
+    freed, or a release or rollover happened meanwhile (the caller tries again)."""
+    async with db.autocommit() as conn:
+        applicable = await m.applicable_budgets(conn, key, list(amounts))
+    for row in applicable:
+        requested = amounts[row.meter]
+        if budget_rules.state_at(row, now).remaining >= requested:
+            continue
+        if await sweep(db, now, budget_id=row.id):
+            return None
+        (row,) = await m.select_where(db, budgets, budgets.c.id == row.id) or (row,)
+        if budget_rules.state_at(row, now).remaining >= requested:
+            return None
+        return budget_exceeded(row, requested, now, key_id)
+    return None
 
 
 async def _key_refusal(db: Database, key_id: str, now: datetime) -> Exception | None:
@@ -291,14 +301,11 @@ async def _charge_in(
 async def _debit_all(
     conn: Any, key: m.KeyRef, amounts: Mapping[str, int], now: datetime
 ) -> list[tuple[AnyRow, int]]:
-    debited = []
-    for row in await m.applicable_budgets(conn, key, amounts):
-        amount = amounts[row.meter]
-        after = await m.debit(conn, row, used=amount, held=0, now=now, key_id=key.id)
-        if after is None:
-            raise _Refused("budget", row)
-        debited.append((after, amount))
-    return debited
+    applicable = await m.applicable_budgets(conn, key, list(amounts))
+    afters = await m.debit_all(conn, applicable, amounts, now, key_id=key.id)
+    if afters is None:
+        raise _Refused("budget", key=key)
+    return [(after, amounts[after.meter]) for after in afters]
 
 
 def _charge_ledger(
@@ -365,10 +372,10 @@ async def _run(
                 raise
             return replay, ()
         except _Refused as refused:
-            if refused.what == "key" or refused.row is None:
+            if refused.what == "key" or refused.key is None:
                 error = await _key_refusal(db, key_id or "", now)
             else:
-                error = await _refusal(db, refused, amounts.get(refused.row.meter, 0), now, key_id)
+                error = await _refusal(db, refused.key, amounts, now, key_id)
             if error is not None:
                 raise error from None
     raise DatabaseError("the key or its budgets kept changing during the operation; try again")
@@ -411,12 +418,12 @@ async def reserve(
             key = await _live_key(conn, key_id, now)
             op_id = await _claim(conn, key.org_id, key_id, "reserve", idempotency_key, now)
             hold_id = ids.new_id("hold")
-            held = []
-            for row in await m.applicable_budgets(conn, key, [meter]):
-                after = await m.debit(conn, row, used=0, held=amount, now=now, key_id=key_id)
-                if after is None:
-                    raise _Refused("budget", row)
-                held.append(after)
+            applicable = await m.applicable_budgets(conn, key, [meter])
+            held = await m.debit_all(
+                conn, applicable, {meter: amount}, now, key_id=key_id, hold=True
+            )
+            if held is None:
+                raise _Refused("budget", key=key)
             values = {
                 "id": hold_id,
                 "org_id": key.org_id,
@@ -766,10 +773,11 @@ async def validate(
         except _Refused as refused:
             if refused.what == "key":
                 return None
-            assert refused.row is not None
             if refused.what == "rate":
+                assert refused.row is not None
                 raise await _rate_refusal(db, refused.row, amounts, now, key_id) from None
-            error = await _refusal(db, refused, amounts.get(refused.row.meter, 0), now, key_id)
+            assert refused.key is not None
+            error = await _refusal(db, refused.key, amounts, now, key_id)
             if error is not None:
                 raise error from None
             continue

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -595,8 +595,10 @@ def _consume_rate() -> Changing:
 
 
 async def applicable_budgets(
-    conn: AsyncConnection, key: KeyRef, meters: Iterable[str]
+    conn: AsyncConnection, key: KeyRef, meters: Sequence[str]
 ) -> Sequence[AnyRow]:
+    """The budgets of ``meters`` that apply to the key (its own, its project's, its
+    organization's), in id order."""
     params = {**_key_params(key), "m_meters": list(meters)}
     return (await conn.execute(_budgets_of(), params)).all()
 
@@ -607,6 +609,73 @@ def _budgets_of() -> Any:
     subjects = b.subject_id.in_([_KEY_ID, _ORG_ID, _PROJECT_ID])
     meters = b.meter.in_(bindparam("m_meters", expanding=True))
     return select(budgets).where(subjects, meters).order_by(b.id)
+
+
+async def debit_all(
+    conn: AsyncConnection,
+    rows: Sequence[AnyRow],
+    amounts: Mapping[str, int],
+    now: datetime,
+    *,
+    key_id: str,
+    hold: bool = False,
+) -> list[AnyRow] | None:
+    """Charge (or, with ``hold``, hold) ``amounts[meter]`` on every budget in ``rows``,
+    in one UPDATE, each after its own period rollover; the rows after it, in id order.
+
+    Each row's WHERE is its own limit (``used + held + amount <= limit + credit``)
+    and the key's liveness, so a budget without room is simply not updated:
+    fewer rows changed than given means one refused, and None is returned (the
+    caller rolls back, so nothing is written). The period start and amount of
+    each row are chosen by a CASE on its id.
+    """
+    if not rows:
+        return []
+    params: dict[str, Any] = {"m_key_id": key_id, "m_now": now}
+    for i, row in enumerate(rows):
+        params[f"m_budget_{i}"] = row.id
+        params[f"m_start_{i}"] = _current_start(row, now)
+        params[f"m_amount_{i}"] = amounts[row.meter]
+    stmt = _debit_all(len(rows), hold)
+    if conn.dialect.update_returning:
+        changed = sorted((await conn.execute(stmt.returning, params)).all(), key=_by_id)
+    elif (await conn.execute(stmt.plain, params)).rowcount == len(rows):
+        changed = list((await conn.execute(stmt.reread, params)).all())
+    else:
+        return None
+    return changed if len(changed) == len(rows) else None
+
+
+def _by_id(row: AnyRow) -> str:
+    return str(row.id)
+
+
+@lru_cache(maxsize=32)
+def _debit_all(count: int, hold: bool) -> Changing:
+    b = budgets.c
+    ids_ = [bindparam(f"m_budget_{i}", type_=b.id.type) for i in range(count)]
+    at = b.period_start.type
+    start = case(
+        *((b.id == ids_[i], bindparam(f"m_start_{i}", type_=at)) for i in range(count)),
+        else_=b.period_start,
+    )
+    amount = case(*((b.id == ids_[i], _int(f"m_amount_{i}")) for i in range(count)), else_=big(0))
+    eff_used, eff_credit, period_start = _rollover(start)
+    stmt = (
+        update(budgets)
+        .where(
+            b.id.in_(ids_),
+            eff_used + b.held_micros + amount <= b.limit_micros + eff_credit,
+            key_is_live(_KEY_ID, _NOW),
+        )
+        .ordered_values(  # period_start last: the CASEs read the stored one
+            (b.used_micros, eff_used if hold else eff_used + amount),
+            (b.held_micros, b.held_micros + amount if hold else b.held_micros),
+            (b.credit_micros, eff_credit),
+            (b.period_start, period_start),
+        )
+    )
+    return _changing(stmt, select(budgets).where(b.id.in_(ids_)).order_by(b.id))
 
 
 async def debit(
