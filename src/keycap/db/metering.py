@@ -18,9 +18,14 @@ Why each consumption is safe under concurrency, on every database:
   so that a column the later assignments read (``period_start``,
   ``window_start``) is assigned last: both rules then give the same result.
 * A transaction touches rows in one fixed order: the key, then rate limits
-  by id, then budgets by id. A deadlock can still be reported (gap locks,
-  foreign-key checks); :func:`retrying` runs the whole unit again, a bounded
-  number of times, and so does a serialization failure or SQLite's busy error.
+  by id, then budgets (all of them in one UPDATE, whose index scan over the
+  ids visits them in id order). A deadlock can still be reported (gap locks,
+  foreign-key checks, a planner choosing another scan); :func:`retrying` runs
+  the whole unit again, a bounded number of times, and so does a
+  serialization failure or SQLite's busy error.
+* A multi-budget debit is all or nothing: each row's WHERE is its own limit,
+  and when fewer rows change than there are budgets the whole transaction
+  rolls back.
 * Every debit re-checks in its WHERE that the key is not revoked, disabled or
   expired, so an expired key can never be charged or reserve.
 * SELECTs only find ids and build error details; nothing is decided on what
@@ -69,6 +74,7 @@ from keycap.db.queries import (
     contains,
     grant_predicate,
     hot_binds,
+    hot_params,
     key_is_live_now,
 )
 from keycap.db.schema import (
@@ -147,6 +153,12 @@ def _int(name: str) -> Any:
 
 def _key_params(key: KeyRef) -> dict[str, Any]:
     return {"m_key_id": key.id, "m_org_id": key.org_id, "m_project_id": key.project_id}
+
+
+def _applies_to_key(table: Any) -> ColumnElement[bool]:
+    """The row belongs to the key, its project or its organization (the parameters
+    of :func:`_key_params`; a key without a project binds NULL, which matches nothing)."""
+    return table.c.subject_id.in_([_KEY_ID, _ORG_ID, _PROJECT_ID])  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True, slots=True)
@@ -480,10 +492,7 @@ async def record_metered_use(
     is off and the key has no cap. Returns the key's row after it (with
     ``pepper_id``), or None: refused, nothing written."""
     stmt = _metered_use(req, tuple(digests), dialect, track)
-    params: dict[str, Any] = {"hot_key_id": key_id, "hot_now": now}
-    for i, digest in enumerate(digests.values()):
-        params[f"hot_digest_{i}"] = digest
-    return await _changed(conn, stmt, params)
+    return await _changed(conn, stmt, hot_params(key_id, now, digests))
 
 
 @lru_cache(maxsize=512)
@@ -523,10 +532,7 @@ async def applicable_rate_limits(conn: AsyncConnection, key: KeyRef) -> Sequence
 
 @lru_cache(maxsize=1)
 def _rate_limits_of() -> Any:
-    # The project id is NULL for a key without a project: IN (..., NULL) matches nothing more.
-    rl = rate_limits.c
-    subjects = rl.subject_id.in_([_KEY_ID, _ORG_ID, _PROJECT_ID])
-    return select(rate_limits).where(subjects).order_by(rl.id)
+    return select(rate_limits).where(_applies_to_key(rate_limits)).order_by(rate_limits.c.id)
 
 
 def rate_units(row: AnyRow, amounts: Mapping[str, int]) -> int:
@@ -605,10 +611,8 @@ async def applicable_budgets(
 
 @lru_cache(maxsize=1)
 def _budgets_of() -> Any:
-    b = budgets.c
-    subjects = b.subject_id.in_([_KEY_ID, _ORG_ID, _PROJECT_ID])
-    meters = b.meter.in_(bindparam("m_meters", expanding=True))
-    return select(budgets).where(subjects, meters).order_by(b.id)
+    meters = budgets.c.meter.in_(bindparam("m_meters", expanding=True))
+    return select(budgets).where(_applies_to_key(budgets), meters).order_by(budgets.c.id)
 
 
 async def debit_all(
