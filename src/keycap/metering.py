@@ -19,7 +19,7 @@ from keycap.db import metering as m
 from keycap.db import queries, rows
 from keycap.db.engine import Conflict, Database
 from keycap.db.queries import AnyRow
-from keycap.db.schema import budgets, rate_limits
+from keycap.db.schema import budgets
 from keycap.errors import (
     BudgetExceededError,
     DatabaseError,
@@ -754,14 +754,10 @@ async def validate(
             if key_row is None:
                 raise _Refused("key")
             key = m.KeyRef(key_id, key_row.org_id, key_row.project_id)
-            now_ms = _ms(now)
-            statuses = []
-            for row in await m.applicable_rate_limits(conn, key):
-                units = m.rate_units(row, amounts)
-                after = await m.consume_rate(conn, row, units, now_ms) if units else row
-                if after is None:
-                    raise _Refused("rate", row)
-                statuses.append(rate_limit_status(after, now))
+            limits = await m.consume_rates(conn, key, amounts, _ms(now), key_row.rate_limit_count)
+            if limits is None:
+                raise _Refused("rate", key=key)
+            statuses = [rate_limit_status(row, now) for row in limits]
             charge_result = await _charge_in(conn, key, amounts, now) if amounts else None
             tightest = min(statuses, key=_rate_order) if statuses else None
             alerts = charge_result.alerts if charge_result is not None else ()
@@ -773,11 +769,12 @@ async def validate(
         except _Refused as refused:
             if refused.what == "key":
                 return None
-            if refused.what == "rate":
-                assert refused.row is not None
-                raise await _rate_refusal(db, refused.row, amounts, now, key_id) from None
             assert refused.key is not None
-            error = await _refusal(db, refused.key, amounts, now, key_id)
+            error: Exception | None
+            if refused.what == "rate":
+                error = await _rate_refusal(db, refused.key, amounts, now, key_id)
+            else:
+                error = await _refusal(db, refused.key, amounts, now, key_id)
             if error is not None:
                 raise error from None
             continue
@@ -792,18 +789,29 @@ def _rate_order(status: RateLimitStatus) -> tuple[Any, ...]:
 
 
 async def _rate_refusal(
-    db: Database, row: AnyRow, amounts: Mapping[str, int], now: datetime, key_id: str
-) -> RateLimitedError:
-    (current,) = await m.select_where(db, rate_limits, rate_limits.c.id == row.id) or (row,)
+    db: Database, key: m.KeyRef, amounts: Mapping[str, int], now: datetime, key_id: str
+) -> RateLimitedError | None:
+    """The error naming the rate limit that refused (the first in id order that does
+    not admit the call now), or None if all admit it now (the caller tries again)."""
     now_ms = _ms(now)
-    units = m.rate_units(current, amounts)
-    v = ratelimit.view(
-        current.window_ms,
-        now_ms,
-        current.window_start,
-        current.current_units,
-        current.previous_units,
-    )
+    for current in await m.applicable_rate_limits(db, key):
+        units = m.rate_units(current, amounts)
+        v = ratelimit.view(
+            current.window_ms,
+            now_ms,
+            current.window_start,
+            current.current_units,
+            current.previous_units,
+        )
+        if units and not ratelimit.admits(current.limit_units, v, units):
+            return _rate_limited(current, units, v, now, key_id)
+    return None
+
+
+def _rate_limited(
+    current: AnyRow, units: int, v: ratelimit.WindowView, now: datetime, key_id: str
+) -> RateLimitedError:
+    now_ms = _ms(now)
     wait = ratelimit.retry_after_ms(current.limit_units, current.window_ms, now_ms, v, units)
     status = rate_limit_status(current, now)
     return RateLimitedError(

@@ -142,7 +142,6 @@ _ORG_ID = bindparam("m_org_id", type_=keys.c.org_id.type)
 _PROJECT_ID = bindparam("m_project_id", type_=keys.c.project_id.type)
 _NOW = bindparam("m_now", type_=keys.c.last_used_at.type)
 _BUDGET_ID = bindparam("m_budget_id", type_=budgets.c.id.type)
-_RATE_ID = bindparam("m_rate_id", type_=rate_limits.c.id.type)
 _HOLD_ID = bindparam("m_hold_id", type_=holds.c.id.type)
 
 
@@ -520,14 +519,17 @@ def _metered_use(req: Requirement, peppers: tuple[str, ...], dialect: str, track
         )
         .ordered_values(*values)
     )
-    return _changing(stmt, select(*KEY_COLUMNS, k.pepper_id).where(k.id == key_id))
+    returned = (*KEY_COLUMNS, k.pepper_id, rate_limit_count(key_id))
+    return _changing(stmt, select(*returned).where(k.id == key_id))
 
 
 # --- rate limits ----------------------------------------------------------------------
 
 
-async def applicable_rate_limits(conn: AsyncConnection, key: KeyRef) -> Sequence[AnyRow]:
-    return (await conn.execute(_rate_limits_of(), _key_params(key))).all()
+async def applicable_rate_limits(db: Database, key: KeyRef) -> Sequence[AnyRow]:
+    """The rate limits that apply to the key, in id order (to explain a refusal)."""
+    async with db.autocommit() as conn:
+        return (await conn.execute(_rate_limits_of(), _key_params(key))).all()
 
 
 @lru_cache(maxsize=1)
@@ -540,36 +542,48 @@ def rate_units(row: AnyRow, amounts: Mapping[str, int]) -> int:
     return 1 if row.meter is None else amounts.get(row.meter, 0)
 
 
-async def consume_rate(
-    conn: AsyncConnection, row: AnyRow, units: int, now_ms: int
-) -> AnyRow | None:
-    """The sliding-window inequality of ``keycap.ratelimit.admits``, decided in the UPDATE.
-    Returns the limit's row after it, or None: refused, nothing written.
+async def consume_rates(
+    conn: AsyncConnection, key: KeyRef, amounts: Mapping[str, int], now_ms: int, count: int
+) -> list[AnyRow] | None:
+    """Consume every rate limit that applies to the key (its own, its project's,
+    its organization's) in one UPDATE: the sliding-window inequality of
+    ``keycap.ratelimit.admits``, decided per row in its WHERE. Returns the rows
+    after it, in id order; or None when fewer than ``count`` (the number of
+    limits counted by the key's UPDATE, earlier in this transaction) were
+    admitted: refused, and the caller rolls back.
 
-    The weight for the current instant is computed here from the clock; which
-    counters it applies to depends on the stored ``window_start`` and is
-    chosen by the CASEs, so the decision uses the row as it is under the lock.
+    A call consumes one unit of a plain limit, and its cost on the meter of a
+    metered one (none, if it has no cost on that meter: such a row always
+    passes). The window arithmetic of ``keycap.ratelimit.view`` is done in SQL
+    from the row's own ``window_ms`` and the client's clock, in integers, so
+    it gives exactly the numbers the Python side computes; which counters the
+    weight applies to depends on the stored ``window_start``, chosen by the
+    CASEs, so the decision uses the row as it is under the lock.
     """
-    win = row.window_ms
-    aligned = now_ms - now_ms % win
-    params = {
-        "m_rate_id": row.id,
-        "m_at": aligned,
-        "m_previous_at": aligned - win,
-        "m_weight": ratelimit.view(win, now_ms, aligned, 0, 0).weight,
-        "m_cost": units,
-    }
-    return await _changed(conn, _consume_rate(), params)
+    if not count:
+        return []
+    params: dict[str, Any] = {**_key_params(key), "m_now_ms": now_ms}
+    for i, (meter, amount) in enumerate(amounts.items()):
+        params[f"m_rate_meter_{i}"] = meter
+        params[f"m_rate_units_{i}"] = amount
+    return await _changed_rows(conn, _consume_rates(len(amounts)), params, count)
 
 
-@lru_cache(maxsize=1)
-def _consume_rate() -> Changing:
+@lru_cache(maxsize=16)
+def _consume_rates(meter_count: int) -> Changing:
     c = rate_limits.c
-    weight = _int("m_weight")
-    r = big(ratelimit.RESOLUTION)
-    at, cost = _int("m_at"), _int("m_cost")
+    now_ms, win, r = _int("m_now_ms"), c.window_ms, big(ratelimit.RESOLUTION)
+    into = now_ms % win  # how far into its current window the clock is
+    at = now_ms - into
+    weight = ((win - into) * r + win - big(1)) // win  # ceil, as ratelimit.view
+    meters = [bindparam(f"m_rate_meter_{i}", type_=c.meter.type) for i in range(meter_count)]
+    cost = case(
+        (c.meter.is_(None), big(1)),
+        *((c.meter == meters[i], _int(f"m_rate_units_{i}")) for i in range(meter_count)),
+        else_=big(0),
+    )
     ahead, same = c.window_start > at, c.window_start == at
-    previous = c.window_start == _int("m_previous_at")
+    previous = c.window_start == at - win
     weighted_previous = case(
         (ahead, c.previous_units * r),
         (same, c.previous_units * weight),
@@ -580,7 +594,7 @@ def _consume_rate() -> Changing:
     fits = weighted_previous + (current + cost) * r <= c.limit_units * r
     stmt = (
         update(rate_limits)
-        .where(c.id == _RATE_ID, fits)
+        .where(_applies_to_key(rate_limits), or_(cost == big(0), fits))
         .ordered_values(  # window_start last: the CASEs above read the stored one
             (
                 c.previous_units,
@@ -594,7 +608,50 @@ def _consume_rate() -> Changing:
             (c.window_start, case((ahead, c.window_start), else_=at)),
         )
     )
-    return _changing(stmt, select(rate_limits).where(c.id == _RATE_ID))
+    reread = select(rate_limits).where(_applies_to_key(rate_limits)).order_by(c.id)
+    return _changing(stmt, reread)
+
+
+def rate_limit_count(key_id: Any) -> Any:
+    """How many rate limits apply to the key ``key_id`` (a bind parameter): a column
+    for the RETURNING of the key's UPDATE, so :func:`consume_rates` can tell a
+    refusal (fewer rows changed) from a key with fewer limits.
+
+    SQLite renders RETURNING columns unqualified, even inside a subquery, so each
+    innermost SELECT here reads one table only and nothing is ambiguous."""
+    counted = keys.alias("counted_key")
+
+    def of_key(column: Any) -> Any:
+        return select(column).where(counted.c.id == key_id).scalar_subquery()
+
+    subjects = [key_id, of_key(counted.c.org_id), of_key(counted.c.project_id)]
+    return (
+        select(func.count())
+        .select_from(rate_limits)
+        .where(rate_limits.c.subject_id.in_(subjects))
+        .scalar_subquery()
+        .label("rate_limit_count")
+    )
+
+
+async def _changed_rows(
+    conn: AsyncConnection, stmt: Changing, params: Mapping[str, Any], count: int
+) -> list[AnyRow] | None:
+    """Run a multi-row UPDATE that must change exactly ``count`` rows; the rows after
+    it in id order, or None when it changed fewer (one refused: the caller rolls
+    back). Without RETURNING (MySQL), the rows are read after it, under the row
+    locks it took."""
+    if conn.dialect.update_returning:
+        changed = sorted((await conn.execute(stmt.returning, params)).all(), key=_by_id)
+    elif (await conn.execute(stmt.plain, params)).rowcount == count:
+        changed = list((await conn.execute(stmt.reread, params)).all())
+    else:
+        return None
+    return changed if len(changed) == count else None
+
+
+def _by_id(row: AnyRow) -> str:
+    return str(row.id)
 
 
 # --- budgets --------------------------------------------------------------------------
@@ -640,18 +697,7 @@ async def debit_all(
         params[f"m_budget_{i}"] = row.id
         params[f"m_start_{i}"] = _current_start(row, now)
         params[f"m_amount_{i}"] = amounts[row.meter]
-    stmt = _debit_all(len(rows), hold)
-    if conn.dialect.update_returning:
-        changed = sorted((await conn.execute(stmt.returning, params)).all(), key=_by_id)
-    elif (await conn.execute(stmt.plain, params)).rowcount == len(rows):
-        changed = list((await conn.execute(stmt.reread, params)).all())
-    else:
-        return None
-    return changed if len(changed) == len(rows) else None
-
-
-def _by_id(row: AnyRow) -> str:
-    return str(row.id)
+    return await _changed_rows(conn, _debit_all(len(rows), hold), params, len(rows))
 
 
 @lru_cache(maxsize=32)
