@@ -17,15 +17,15 @@ Why each consumption is safe under concurrency, on every database:
   assignment. Every multi-column SET here is written with ``ordered_values``
   so that a column the later assignments read (``period_start``,
   ``window_start``) is assigned last: both rules then give the same result.
-* A transaction touches rows in one fixed order: the key, then rate limits
-  by id, then budgets (all of them in one UPDATE, whose index scan over the
-  ids visits them in id order). A deadlock can still be reported (gap locks,
+* A transaction touches rows in one fixed order: the key, then its rate
+  limits, then its budgets (each set in one UPDATE, whose index scan visits
+  the rows in index order). A deadlock can still be reported (gap locks,
   foreign-key checks, a planner choosing another scan); :func:`retrying` runs
   the whole unit again, a bounded number of times, and so does a
   serialization failure or SQLite's busy error.
-* A multi-budget debit is all or nothing: each row's WHERE is its own limit,
-  and when fewer rows change than there are budgets the whole transaction
-  rolls back.
+* A multi-row UPDATE (every rate limit, every budget) is all or nothing: each
+  row's WHERE is its own limit, and when fewer rows change than there are
+  limits or budgets, the whole transaction rolls back.
 * Every debit re-checks in its WHERE that the key is not revoked, disabled or
   expired, so an expired key can never be charged or reserve.
 * SELECTs only find ids and build error details; nothing is decided on what
