@@ -2,8 +2,10 @@
 
 import asyncio
 import gc
+from pathlib import Path
 
 import pytest
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from keycap import (
@@ -14,7 +16,7 @@ from keycap import (
 )
 from keycap.db.engine import normalize_url
 from keycap.tokens import KeyFormat
-from tests.conftest import SECRET
+from tests.conftest import DATABASES, SECRET, server_url
 
 
 @pytest.mark.parametrize(
@@ -86,6 +88,30 @@ async def test_unreachable_database_is_typed_and_hides_the_password(url: str) ->
     # into a closed loop during a later test (a known aiosqlite race).
     gc.collect()
     await asyncio.sleep(0)
+
+
+@pytest.mark.skipif("postgresql" not in DATABASES, reason="needs the test PostgreSQL")
+async def test_too_many_clients_is_database_unavailable(session_tmp: Path) -> None:
+    """PostgreSQL refusing a connection for lack of slots (SQLSTATE 53300) is an
+    outage to retry later, not a bug: database_unavailable, like a refused socket."""
+    url = make_url(server_url("postgresql", "keycap_test", session_tmp))
+    admin = create_async_engine(url.set(drivername="postgresql+asyncpg"))
+    async with admin.begin() as conn:
+        await conn.exec_driver_sql("DROP ROLE IF EXISTS keycap_full")
+        await conn.exec_driver_sql(
+            "CREATE ROLE keycap_full LOGIN PASSWORD 'fullpw' CONNECTION LIMIT 0"
+        )
+    try:
+        full = url.set(username="keycap_full", password="fullpw")
+        async with APIKeyClient(full.render_as_string(False), signing_secret=SECRET) as client:
+            with pytest.raises(DatabaseUnavailableError) as info:
+                await client.list_organizations()
+        assert info.value.code == "database_unavailable"
+        assert "too many connections" in str(info.value) and "fullpw" not in str(info.value)
+    finally:
+        async with admin.begin() as conn:
+            await conn.exec_driver_sql("DROP ROLE keycap_full")
+        await admin.dispose()
 
 
 async def test_missing_tables_are_a_database_error(tmp_path: object) -> None:

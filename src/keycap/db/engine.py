@@ -114,6 +114,11 @@ class Conflict(DatabaseError):
 
 
 _SQLITE_NOT_UNAVAILABLE = ("no such table", "no such column", "syntax error")
+# PostgreSQL SQLSTATE classes that mean "the server cannot take this now", whatever
+# exception class the driver maps them to: connection exceptions (08), insufficient
+# resources (53: too many clients, out of memory, disk full), and the server shutting
+# down or starting up (57P01-57P03).
+_UNAVAILABLE_SQLSTATES = ("08", "53", "57P")
 
 
 def translate(error: BaseException) -> KeycapError:
@@ -122,7 +127,12 @@ def translate(error: BaseException) -> KeycapError:
         return Conflict(f"constraint violated: {_describe(error)}")
     if isinstance(error, exc.DBAPIError):
         detail = _describe(error)
-        if error.connection_invalidated or isinstance(error, exc.InterfaceError):
+        sqlstate = str(getattr(error.orig, "sqlstate", None) or "")
+        if (
+            error.connection_invalidated
+            or isinstance(error, exc.InterfaceError)
+            or sqlstate.startswith(_UNAVAILABLE_SQLSTATES)
+        ):
             return DatabaseUnavailableError(f"database unavailable: {detail}")
         # SQLite reports schema mistakes as OperationalError too; those are not outages.
         message = str(error.orig).strip().lower()
