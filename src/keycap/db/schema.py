@@ -258,7 +258,7 @@ holds = Table(
     Column("closed_at", UTCDateTime(), nullable=True),
     PrimaryKeyConstraint("id"),
     ForeignKeyConstraint(["org_id"], [organizations.c.id], ondelete="CASCADE"),
-    # A deleted key's open holds are released first (db.metering.delete_key).
+    # A deleted key's open holds are released first (APIKeyClient.delete_key).
     ForeignKeyConstraint(["key_id"], [keys.c.id], ondelete="SET NULL"),
     CheckConstraint("status IN ('open', 'settled', 'released', 'expired')", name="status_known"),
     CheckConstraint("amount_micros >= 0", name="amount_nonnegative"),
