@@ -865,7 +865,7 @@ class APIKeyClient:
         row = await db_metering.get_hold(self._db, hold_id)
         if row is None:
             raise NotFoundError("hold", hold_id)
-        return metering._hold_model(row)
+        return metering.hold_model(row)
 
     async def sweep_expired_holds(self) -> int:
         """Return every hold past its ttl to its budgets now (they are also returned
