@@ -17,7 +17,7 @@ from keycap.errors import (
     DatabaseError,
 )
 from keycap.metering.refusals import run
-from keycap.metering.release import hold_budgets, hold_model, open_hold, run_hold
+from keycap.metering.release import hold_model, open_hold, return_hold, run_hold
 from keycap.metering.results import (
     AlertHandler,
     budget_status,
@@ -140,19 +140,7 @@ async def settle(
                 raise Refused("hold")
             within = min(actual, hold.amount_micros)
             excess = actual - within
-            afters = []
-            for row in await hold_budgets(conn, hold):
-                after = await m.debit(
-                    conn,
-                    row,
-                    used=within,
-                    held=-hold.amount_micros,
-                    now=now,
-                    key_id=None,
-                    must_fit=False,
-                )
-                assert after is not None
-                afters.append(after)
+            afters = await return_hold(conn, hold, now, used=within)
             fit = excess
             if excess and afters:
                 fit = min(excess, *(budget_rules.state_at(a, now).remaining for a in afters))

@@ -55,6 +55,19 @@ async def hold_budgets(conn: Any, hold: Any) -> Sequence[AnyRow]:
     return await m.budgets_by_id(conn, hold.budget_ids.split())
 
 
+async def return_hold(conn: Any, hold: Any, now: datetime, *, used: int) -> list[AnyRow]:
+    """Take the hold off every budget it reserved on (that still exists), charging
+    ``used`` of it; the rows after, in id order. Never refused: the money was held."""
+    afters = []
+    for row in await hold_budgets(conn, hold):
+        after = await m.debit(
+            conn, row, used=used, held=-hold.amount_micros, now=now, key_id=None, must_fit=False
+        )
+        assert after is not None
+        afters.append(after)
+    return afters
+
+
 async def run_hold(
     db: Database,
     unit: Callable[[], Awaitable[Any]],
@@ -93,19 +106,7 @@ async def release(
             op_id = await claim(conn, hold.org_id, hold_id, "release", idempotency_key, now)
             if not await m.close_hold(conn, hold_id, status, now):
                 raise Refused("hold")
-            afters = []
-            for row in await hold_budgets(conn, hold):
-                after = await m.debit(
-                    conn,
-                    row,
-                    used=0,
-                    held=-hold.amount_micros,
-                    now=now,
-                    key_id=None,
-                    must_fit=False,
-                )
-                assert after is not None
-                afters.append(after)
+            afters = await return_hold(conn, hold, now, used=0)
             await m.insert_ledger(
                 conn,
                 [
