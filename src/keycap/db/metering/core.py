@@ -104,14 +104,14 @@ def key_params(key: KeyRef) -> dict[str, Any]:
 
 def applies_to_key(table: Any) -> ColumnElement[bool]:
     """The row belongs to the key, its project or its organization (the parameters
-    of :func:`_key_params`; a key without a project binds NULL, which matches nothing)."""
+    of :func:`key_params`; a key without a project binds NULL, which matches nothing)."""
     return table.c.subject_id.in_([KEY_ID, ORG_ID, PROJECT_ID])  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True, slots=True)
 class Changing:
-    """A cached single-row UPDATE in both forms :func:`_changed` may run: with
-    ``RETURNING``, and plain followed by ``reread`` (a SELECT of the same columns)."""
+    """A cached UPDATE in both forms :func:`changed_rows` may run: with ``RETURNING``,
+    and plain followed by ``reread`` (a SELECT of the same columns and rows)."""
 
     returning: Any
     plain: Any
@@ -203,13 +203,9 @@ class KeyRef:
 async def changed(
     conn: AsyncConnection, stmt: Changing, params: Mapping[str, Any]
 ) -> AnyRow | None:
-    """Run a single-row UPDATE; the row after it, or None if it changed nothing.
-
-    PostgreSQL and SQLite return it from the UPDATE itself (``RETURNING``);
-    MySQL/MariaDB cannot, so the SELECT runs after it, with the same parameters.
-    The row is locked by this transaction until commit, so both read what was
-    written.
-    """
+    """Run a single-row UPDATE; the row after it, or None if it changed nothing
+    (:func:`changed_rows` for several rows; this one's columns need not include
+    ``id``). Without RETURNING (MySQL) the row is read after it, under its lock."""
     if conn.dialect.update_returning:
         return (await conn.execute(stmt.returning, params)).first()
     if (await conn.execute(stmt.plain, params)).rowcount != 1:
@@ -222,8 +218,10 @@ async def changed_rows(
 ) -> list[AnyRow] | None:
     """Run a multi-row UPDATE that must change exactly ``count`` rows; the rows after
     it in id order, or None when it changed fewer (one refused: the caller rolls
-    back). Without RETURNING (MySQL), the rows are read after it, under the row
-    locks it took."""
+    back). PostgreSQL and SQLite return them from the UPDATE itself
+    (``RETURNING``); MySQL/MariaDB cannot, so the SELECT runs after it, with the
+    same parameters, under the row locks the UPDATE took until commit: both read
+    what was written."""
     if conn.dialect.update_returning:
         after = sorted((await conn.execute(stmt.returning, params)).all(), key=by_id)
     elif (await conn.execute(stmt.plain, params)).rowcount == count:
