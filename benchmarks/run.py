@@ -36,9 +36,9 @@ from sqlalchemy import insert, select, text
 from sqlalchemy.engine import make_url
 
 from keycap import APIKeyClient, Budget, BudgetExceededError, RateLimit
-from keycap.db.schema import keys as keys_table
-from keycap.db.schema import ledger as ledger_table
-from keycap.db.schema import metadata
+from keycap._db.schema import keys as keys_table
+from keycap._db.schema import ledger as ledger_table
+from keycap._db.schema import metadata
 
 SECRET = "benchmark-signing-secret-0123456789-abcdefghij"
 FLOOR_TABLE = "keycap_bench_floor"

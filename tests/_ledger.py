@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import func, select
 
 from keycap import APIKeyClient
-from keycap.db.schema import budgets, holds, ledger
+from keycap._db.schema import budgets, holds, ledger
 
 
 async def assert_balances_match_ledger(client: APIKeyClient) -> list[str]:

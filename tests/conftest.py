@@ -20,8 +20,8 @@ import pytest
 from sqlalchemy import delete
 
 from keycap import APIKeyClient
-from keycap.db.engine import create_engine
-from keycap.db.schema import metadata
+from keycap._db.engine import create_engine
+from keycap._db.schema import metadata
 
 SECRET = "test-signing-secret-0123456789-abcdefghij"
 ALL_DATABASES = ("sqlite", "postgresql", "mariadb")

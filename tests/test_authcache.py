@@ -18,8 +18,8 @@ from keycap import (
     RateLimitedError,
     RevokedKeyError,
 )
-from keycap.authcache import AuthCache
-from keycap.policy import Requirement
+from keycap._ops.authcache import AuthCache
+from keycap._rules.policy import Requirement
 from tests.conftest import SECRET, FakeClock
 from tests.test_validation import count_statements
 

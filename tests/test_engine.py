@@ -14,8 +14,8 @@ from keycap import (
     DatabaseError,
     DatabaseUnavailableError,
 )
-from keycap.db.engine import normalize_url
-from keycap.tokens import KeyFormat
+from keycap._db.engine import normalize_url
+from keycap._rules.tokens import KeyFormat
 from tests.conftest import DATABASES, SECRET, server_url
 
 

@@ -1,7 +1,7 @@
 import pytest
 
-from keycap.errors import ConfigurationError
-from keycap.hashing import PepperRing
+from keycap._errors import ConfigurationError
+from keycap._rules.hashing import PepperRing
 
 S1 = "a" * 32
 S2 = "b" * 32

@@ -8,9 +8,9 @@ from decimal import Decimal
 import pytest
 from starlette.datastructures import Headers
 
-from keycap import errors
+from keycap import _errors as errors
+from keycap._rules.money import plain
 from keycap.integrations._http import HTTPOptions, credential, problem
-from keycap.money import plain
 
 NOW = datetime(2026, 1, 15, 12, 0, tzinfo=UTC)
 KEY = "sk_live_" + "a" * 51

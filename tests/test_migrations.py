@@ -12,8 +12,8 @@ from sqlalchemy import Column, Integer, MetaData, Table, inspect
 
 import keycap.migrations as migrations
 from keycap import APIKeyClient
-from keycap.db.engine import create_engine
-from keycap.db.schema import metadata as keycap_metadata
+from keycap._db.engine import create_engine
+from keycap._db.schema import metadata as keycap_metadata
 from tests._run import python
 from tests.conftest import SECRET, server_url
 

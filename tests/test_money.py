@@ -2,8 +2,8 @@ from decimal import Decimal
 
 import pytest
 
-from keycap.errors import InvalidArgumentError
-from keycap.money import costs, from_micros, to_micros
+from keycap._errors import InvalidArgumentError
+from keycap._rules.money import costs, from_micros, to_micros
 
 
 @pytest.mark.parametrize(

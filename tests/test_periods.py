@@ -2,9 +2,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from keycap import periods
-from keycap.errors import InvalidArgumentError
-from keycap.periods import Period
+from keycap._errors import InvalidArgumentError
+from keycap._rules import periods
+from keycap._rules.periods import Period
 
 
 def dt(*args: int) -> datetime:

@@ -5,7 +5,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from keycap.errors import (
+from keycap._errors import (
     DisabledKeyError,
     ExpiredKeyError,
     ForbiddenError,
@@ -13,7 +13,7 @@ from keycap.errors import (
     InvalidKeyError,
     RevokedKeyError,
 )
-from keycap.policy import KeyFacts, Requirement, check
+from keycap._rules.policy import KeyFacts, Requirement, check
 
 NOW = datetime(2026, 1, 15, 12, 0, tzinfo=UTC)
 ORG, OTHER_ORG = "org_A", "org_B"

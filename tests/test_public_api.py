@@ -4,7 +4,7 @@ from datetime import UTC, datetime
 import pytest
 
 import keycap
-from keycap import errors
+from keycap import _errors as errors
 
 
 def test_all_is_sorted_and_exactly_what_we_mean() -> None:

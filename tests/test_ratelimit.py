@@ -3,9 +3,9 @@ from decimal import Decimal
 
 import pytest
 
-from keycap import ratelimit
-from keycap.errors import InvalidArgumentError
-from keycap.ratelimit import RateLimit, admits, remaining, retry_after_ms, view
+from keycap._errors import InvalidArgumentError
+from keycap._rules import rate_limits as ratelimit
+from keycap._rules.rate_limits import RateLimit, admits, remaining, retry_after_ms, view
 
 MIN = 60_000
 

@@ -1,7 +1,7 @@
 import pytest
 
-from keycap import scopes
-from keycap.errors import InvalidArgumentError
+from keycap._errors import InvalidArgumentError
+from keycap._rules import scopes
 
 
 @pytest.mark.parametrize(

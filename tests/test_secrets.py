@@ -7,7 +7,7 @@ import pytest
 from sqlalchemy import select
 
 from keycap import APIKeyClient, InvalidKeyError, KeycapError
-from keycap.db.schema import metadata
+from keycap._db.schema import metadata
 from tests.conftest import SECRET
 
 

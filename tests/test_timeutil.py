@@ -2,8 +2,8 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from keycap.errors import InvalidArgumentError
-from keycap.timeutil import aware_utc, parse_duration, resolve_expiry
+from keycap._errors import InvalidArgumentError
+from keycap._rules.timeutil import aware_utc, parse_duration, resolve_expiry
 
 NOW = datetime(2026, 1, 15, 12, 0, tzinfo=UTC)
 

@@ -3,9 +3,9 @@ import zlib
 
 import pytest
 
-from keycap import _base62
-from keycap.errors import ConfigurationError, InvalidKeyError
-from keycap.tokens import BODY_LENGTH, KeyFormat
+from keycap._errors import ConfigurationError, InvalidKeyError
+from keycap._rules import base62 as _base62
+from keycap._rules.tokens import BODY_LENGTH, KeyFormat
 
 FMT = KeyFormat("sk", "live")
 

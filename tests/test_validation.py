@@ -20,7 +20,7 @@ from keycap import (
     RateLimit,
     RevokedKeyError,
 )
-from keycap.db.schema import keys
+from keycap._db.schema import keys
 from tests.conftest import SECRET, FakeClock
 
 

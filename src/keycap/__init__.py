@@ -3,9 +3,8 @@
 Start with :class:`APIKeyClient`; every error is a :class:`KeycapError`.
 """
 
-from keycap.budgets import Budget
-from keycap.client import APIKeyClient
-from keycap.errors import (
+from keycap._client import APIKeyClient
+from keycap._errors import (
     AlreadyExistsError,
     BudgetExceededError,
     ConfigurationError,
@@ -26,7 +25,7 @@ from keycap.errors import (
     RevokedKeyError,
     UsageExhaustedError,
 )
-from keycap.models import (
+from keycap._models import (
     APIKey,
     BudgetAlert,
     BudgetStatus,
@@ -41,7 +40,8 @@ from keycap.models import (
     Settlement,
     UsageRow,
 )
-from keycap.ratelimit import RateLimit
+from keycap._rules.budgets import Budget
+from keycap._rules.rate_limits import RateLimit
 
 __version__ = "0.1.0"
 

@@ -18,12 +18,12 @@ from datetime import datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from keycap import ids, money, timeutil
-from keycap.budgets import Budget
-from keycap.client import APIKeyClient
-from keycap.errors import DatabaseError, InvalidArgumentError, KeycapError
-from keycap.models import APIKey
-from keycap.ratelimit import RateLimit
+from keycap._client import APIKeyClient
+from keycap._errors import DatabaseError, InvalidArgumentError, KeycapError
+from keycap._models import APIKey
+from keycap._rules import ids, money, timeutil
+from keycap._rules.budgets import Budget
+from keycap._rules.rate_limits import RateLimit
 
 DEFAULT_URL = "sqlite:///keycap.db"
 #: Only with --dev, and said so on every run: keys made with it are not secret.

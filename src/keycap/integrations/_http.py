@@ -15,7 +15,7 @@ from decimal import Decimal
 from http import HTTPStatus
 from typing import Any
 
-from keycap.errors import (
+from keycap._errors import (
     AlreadyExistsError,
     BudgetExceededError,
     ConfigurationError,
@@ -32,8 +32,8 @@ from keycap.errors import (
     RateLimitedError,
     UsageExhaustedError,
 )
-from keycap.models import APIKey, BudgetStatus
-from keycap.money import plain
+from keycap._models import APIKey, BudgetStatus
+from keycap._rules.money import plain
 
 #: Read in this order; the first present wins.
 DEFAULT_HEADERS = ("authorization", "x-api-key")

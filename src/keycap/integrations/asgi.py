@@ -18,11 +18,11 @@ from typing import Any
 
 import anyio
 
-from keycap import money
-from keycap.client import APIKeyClient
-from keycap.errors import ConfigurationError, KeycapError
+from keycap._client import APIKeyClient
+from keycap._errors import ConfigurationError, KeycapError
+from keycap._models import APIKey, Hold, Settlement
+from keycap._rules import money
 from keycap.integrations._http import DEFAULT_HEADERS, PROBLEM_JSON, HTTPOptions, problem
-from keycap.models import APIKey, Hold, Settlement
 
 __all__ = ["KeycapMiddleware", "Meter", "RequestContext"]
 

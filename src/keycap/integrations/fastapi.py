@@ -19,10 +19,11 @@ from typing import Annotated, Any
 from fastapi import Depends, HTTPException, Request, Security
 from fastapi.security import APIKeyHeader, HTTPBearer
 
-from keycap import money
-from keycap import scopes as scope_rules
-from keycap.client import APIKeyClient
-from keycap.errors import ConfigurationError, KeycapError, MissingKeyError
+from keycap._client import APIKeyClient
+from keycap._errors import ConfigurationError, KeycapError, MissingKeyError
+from keycap._models import APIKey
+from keycap._rules import money
+from keycap._rules import scopes as scope_rules
 from keycap.integrations._http import (
     BUDGET_REMAINING_HEADER,
     HTTPOptions,
@@ -32,7 +33,6 @@ from keycap.integrations._http import (
     tightest,
 )
 from keycap.integrations.asgi import SCOPE_KEY, KeycapMiddleware, Meter, RequestContext
-from keycap.models import APIKey
 
 __all__ = [
     "KeycapMiddleware",

@@ -31,9 +31,10 @@ from starlette.authentication import (
 from starlette.requests import HTTPConnection
 from starlette.responses import JSONResponse, Response
 
-from keycap import scopes as scope_rules
-from keycap.client import APIKeyClient
-from keycap.errors import ConfigurationError, KeycapError
+from keycap._client import APIKeyClient
+from keycap._errors import ConfigurationError, KeycapError
+from keycap._models import APIKey
+from keycap._rules import scopes as scope_rules
 from keycap.integrations._http import (
     DEFAULT_HEADERS,
     PROBLEM_JSON,
@@ -41,7 +42,6 @@ from keycap.integrations._http import (
     credential,
     problem,
 )
-from keycap.models import APIKey
 
 __all__ = ["KeycapAuthenticationError", "KeycapBackend", "KeycapUser"]
 

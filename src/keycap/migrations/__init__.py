@@ -47,7 +47,7 @@ def upgrade_connection(connection: Any, revision: str = "head") -> None:
     from alembic.runtime.migration import MigrationContext, MigrationStep
     from alembic.script import ScriptDirectory
 
-    from keycap.db.schema import metadata
+    from keycap._db.schema import metadata
 
     script = ScriptDirectory(SCRIPT_LOCATION)
 

@@ -9,9 +9,9 @@ from typing import Any
 
 from alembic import context
 
-from keycap.db.engine import create_engine, normalize_url
-from keycap.db.schema import metadata
-from keycap.errors import ConfigurationError
+from keycap._db.engine import create_engine, normalize_url
+from keycap._db.schema import metadata
+from keycap._errors import ConfigurationError
 from keycap.migrations import VERSION_TABLE, include_name
 
 config = context.config

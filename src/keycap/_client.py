@@ -1,0 +1,992 @@
+"""``APIKeyClient``: the one object users touch. It orchestrates; it holds no SQL or crypto."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
+from enum import Enum
+from types import TracebackType
+from typing import Any, Final, Self
+
+from sqlalchemy import Table
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from keycap import _ops as metering
+from keycap._db import metering as db_metering
+from keycap._db import queries, rows
+from keycap._db.engine import Database, create_engine
+from keycap._db.schema import budgets as budgets_table
+from keycap._db.schema import keys, organizations, products, projects
+from keycap._db.schema import metadata as schema_metadata
+from keycap._db.schema import rate_limits as rate_limits_table
+from keycap._errors import (
+    AlreadyExistsError,
+    ConfigurationError,
+    DatabaseError,
+    HoldClosedError,
+    InvalidArgumentError,
+    InvalidKeyError,
+    NotFoundError,
+)
+from keycap._models import (
+    APIKey,
+    BudgetStatus,
+    Charge,
+    Hold,
+    IssuedKey,
+    KeyStatus,
+    Organization,
+    Product,
+    Project,
+    RateLimitStatus,
+    Settlement,
+    UsageRow,
+)
+from keycap._ops.authcache import AuthCache
+from keycap._rules import ids, inputs, money, policy, timeutil, tokens
+from keycap._rules import scopes as scope_rules
+from keycap._rules.budgets import Budget, BudgetSpec
+from keycap._rules.hashing import PepperRing
+from keycap._rules.rate_limits import RateLimit
+from keycap._rules.timeutil import Clock
+
+__all__ = ["UNSET", "APIKeyClient"]
+
+
+class _Unset(Enum):
+    UNSET = "UNSET"
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+#: "Leave unchanged" in ``update_key`` (None there means "clear").
+UNSET: Final = _Unset.UNSET
+
+# Attempts of validate_key when the key changes between its statements.
+_VALIDATE_ATTEMPTS = 4
+_MAX_HOLD_TTL = timedelta(days=30)
+# How many keys the client remembers as rate-limited (see _note_rate_limited).
+_HINTS = 10_000
+
+
+class APIKeyClient:
+    """Issues and validates API keys stored in your database.
+
+    Args:
+        database: a URL (``sqlite:///app.db``, ``postgresql://…``, ``mysql://…``,
+            ``mariadb://…``; plain schemes use aiosqlite/asyncpg/aiomysql) or an
+            ``AsyncEngine`` you own (keycap will not dispose it).
+        signing_secret: the HMAC pepper, at least 32 bytes; or a list, newest
+            first, to rotate: new keys use the first, every one verifies.
+        key_prefix: the first part of every key (``sk``).
+        environment: the second part (``live``, ``test``).
+        track_usage: record ``last_used_at`` and ``use_count`` on each accepted
+            validation (default True; also settable per call).
+        clock: returns the current aware datetime; inject one in tests. Rate
+            windows and budget periods follow it too (docs/limits-and-budgets.md).
+        on_budget_alert: ``async def handler(alert: BudgetAlert)``, awaited after
+            commit once for each alert threshold a charge crosses.
+        auth_cache_ttl: seconds to remember successful read-path validations in
+            this process (off by default). Only untracked validations without cost,
+            rate limit or use cap are served from it; changes made through this
+            client clear it, changes by other processes show within the TTL
+            (docs/performance.md).
+
+    Raises:
+        ConfigurationError: a bad URL, a missing driver, or bad secrets/prefixes.
+    """
+
+    def __init__(
+        self,
+        database: str | AsyncEngine,
+        *,
+        signing_secret: str | bytes | Sequence[str | bytes],
+        key_prefix: str = "sk",
+        environment: str = "live",
+        track_usage: bool = True,
+        clock: Clock | None = None,
+        on_budget_alert: metering.AlertHandler | None = None,
+        auth_cache_ttl: float | None = None,
+    ) -> None:
+        self._format = tokens.KeyFormat(key_prefix, environment)
+        self._ring = PepperRing(signing_secret)
+        self._track_usage = inputs.flag(track_usage, "track_usage")
+        if clock is not None and not callable(clock):
+            raise ConfigurationError("clock must be a callable returning an aware datetime")
+        self._clock = clock or timeutil.utcnow
+        if on_budget_alert is not None and not callable(on_budget_alert):
+            raise ConfigurationError("on_budget_alert must be an async callable")
+        self._on_alert = on_budget_alert
+        self._rate_limited: dict[str, None] = {}  # insertion-ordered: oldest first
+        self._cache = _auth_cache(auth_cache_ttl)
+        if isinstance(database, AsyncEngine):
+            self._db = Database(database, owned=False)
+        else:
+            self._db = Database(create_engine(database), owned=True)
+
+    def __repr__(self) -> str:
+        url = self._db.engine.url.render_as_string(hide_password=True)
+        fmt = self._format
+        return f"APIKeyClient({url!r}, key_prefix={fmt.prefix!r}, environment={fmt.environment!r})"
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Dispose the engine if keycap created it."""
+        await self._db.dispose()
+
+    def now(self) -> datetime:
+        """The current time by the client's clock (aware, UTC): what expiry, rate
+        windows and budget periods are measured against."""
+        return self._now()
+
+    def _now(self) -> datetime:
+        try:
+            return timeutil.aware_utc(self._clock(), "clock()")
+        except InvalidArgumentError as error:
+            raise ConfigurationError(f"the client's clock is broken: {error.problem}") from None
+
+    # --- schema ---------------------------------------------------------------------
+
+    async def create_tables(self) -> None:
+        """Create keycap's tables if missing. A development convenience: deploys
+        run ``alembic upgrade head`` (or :meth:`migrate`) so the schema is versioned."""
+        async with self._db.begin() as conn:
+            await conn.run_sync(schema_metadata.create_all)
+
+    async def migrate(self, revision: str = "head") -> None:
+        """Run keycap's shipped Alembic migrations up to ``revision`` on this database."""
+        from keycap.migrations import upgrade_connection
+
+        async with self._db.begin() as conn:
+            await conn.run_sync(upgrade_connection, revision)
+
+    # --- organizations, projects, products -------------------------------------------
+
+    async def create_organization(self, name: str) -> Organization:
+        """Create an organization.
+
+        Raises:
+            AlreadyExistsError: an organization of that name exists (``existing_id``).
+            InvalidArgumentError: a bad name.
+        """
+        return rows.to_organization(await self._create(organizations, ids.ORG, None, name))
+
+    async def get_or_create_organization(self, name: str) -> tuple[Organization, bool]:
+        """The organization of that name, created if missing; ``(org, created)``.
+        Safe to call concurrently: exactly one caller creates it."""
+        found, created = await self._get_or_create(organizations, ids.ORG, None, name)
+        return rows.to_organization(found), created
+
+    async def get_organization(self, org_id: str) -> Organization:
+        """Raises: NotFoundError."""
+        return rows.to_organization(await self._get(organizations, ids.ORG, org_id))
+
+    async def list_organizations(self, *, limit: int = 100, offset: int = 0) -> list[Organization]:
+        limit, offset = inputs.page(limit, offset)
+        found = await queries.list_rows(self._db, organizations, None, limit, offset)
+        return [rows.to_organization(r) for r in found]
+
+    async def delete_organization(self, org_id: str) -> None:
+        """Delete an organization with its projects, products and keys.
+
+        Raises: NotFoundError.
+        """
+        await self._delete(organizations, ids.ORG, org_id)
+
+    async def create_project(self, org_id: str, name: str) -> Project:
+        """Raises: NotFoundError (organization), AlreadyExistsError, InvalidArgumentError."""
+        return rows.to_project(await self._create(projects, ids.PROJECT, org_id, name))
+
+    async def get_or_create_project(self, org_id: str, name: str) -> tuple[Project, bool]:
+        found, created = await self._get_or_create(projects, ids.PROJECT, org_id, name)
+        return rows.to_project(found), created
+
+    async def get_project(self, project_id: str) -> Project:
+        """Raises: NotFoundError."""
+        return rows.to_project(await self._get(projects, ids.PROJECT, project_id))
+
+    async def list_projects(
+        self, org_id: str, *, limit: int = 100, offset: int = 0
+    ) -> list[Project]:
+        org_id = ids.check(ids.ORG, org_id)
+        limit, offset = inputs.page(limit, offset)
+        return [
+            rows.to_project(r)
+            for r in await queries.list_rows(self._db, projects, org_id, limit, offset)
+        ]
+
+    async def delete_project(self, project_id: str) -> None:
+        """Delete a project, its product links and its keys (whose open holds are
+        released first). Raises: NotFoundError."""
+        project_id = ids.check(ids.PROJECT, project_id)
+        await self._retire_keys("project_id", project_id)
+        await self._delete(projects, ids.PROJECT, project_id)
+
+    async def create_product(self, org_id: str, name: str) -> Product:
+        """Raises: NotFoundError (organization), AlreadyExistsError, InvalidArgumentError."""
+        return rows.to_product(await self._create(products, ids.PRODUCT, org_id, name))
+
+    async def get_or_create_product(self, org_id: str, name: str) -> tuple[Product, bool]:
+        found, created = await self._get_or_create(products, ids.PRODUCT, org_id, name)
+        return rows.to_product(found), created
+
+    async def get_product(self, product_id: str) -> Product:
+        """Raises: NotFoundError."""
+        return rows.to_product(await self._get(products, ids.PRODUCT, product_id))
+
+    async def list_products(
+        self, org_id: str, *, limit: int = 100, offset: int = 0
+    ) -> list[Product]:
+        org_id = ids.check(ids.ORG, org_id)
+        limit, offset = inputs.page(limit, offset)
+        return [
+            rows.to_product(r)
+            for r in await queries.list_rows(self._db, products, org_id, limit, offset)
+        ]
+
+    async def delete_product(self, product_id: str) -> None:
+        """Delete a product, its project links and the keys narrowed to it.
+
+        Raises: NotFoundError.
+        """
+        product_id = ids.check(ids.PRODUCT, product_id)
+        await self._retire_keys("product_id", product_id)
+        await self._delete(products, ids.PRODUCT, product_id)
+
+    async def add_product_to_project(self, product_id: str, project_id: str) -> bool:
+        """Let keys of the project use the product. Idempotent: False if already linked.
+
+        Raises:
+            NotFoundError: either is missing.
+            InvalidArgumentError: they belong to different organizations.
+        """
+        product = await self.get_product(product_id)
+        project = await self.get_project(project_id)
+        if product.org_id != project.org_id:
+            raise InvalidArgumentError(
+                "product_id", "belongs to another organization than the project"
+            )
+        linked = await queries.link_product(
+            self._db, project.org_id, project.id, product.id, self._now()
+        )
+        self._changed()
+        return linked
+
+    async def remove_product_from_project(self, product_id: str, project_id: str) -> bool:
+        """Unlink; the project's keys lose the product at once. False if not linked."""
+        unlinked = await queries.unlink_product(
+            self._db, ids.check(ids.PROJECT, project_id), ids.check(ids.PRODUCT, product_id)
+        )
+        self._changed()
+        return unlinked
+
+    async def _create(
+        self, table: Table, kind: str, org_id: str | None, name: str
+    ) -> dict[str, Any]:
+        values: dict[str, Any] = {"id": ids.new_id(kind), "name": inputs.text(name, "name")}
+        if kind != ids.ORG:
+            values["org_id"] = ids.check(ids.ORG, org_id)
+        values["created_at"] = self._now()
+        await queries.insert_named(self._db, table, values, ids.resource_name(kind))
+        return values
+
+    async def _get_or_create(
+        self, table: Table, kind: str, org_id: str | None, name: str
+    ) -> tuple[rows.Source, bool]:
+        name = inputs.text(name, "name")
+        if kind != ids.ORG:
+            org_id = ids.check(ids.ORG, org_id)
+        existing = await queries.find_named(self._db, table, name, org_id)
+        if existing is not None:
+            return existing, False
+        try:
+            return await self._create(table, kind, org_id, name), True
+        except AlreadyExistsError:
+            # Lost a race with another creator: theirs is the one.
+            winner = await queries.find_named(self._db, table, name, org_id)
+            if winner is None:  # created and deleted meanwhile
+                raise
+            return winner, False
+
+    async def _get(self, table: Table, kind: str, id_: str) -> Any:
+        id_ = ids.check(kind, id_)
+        row = await queries.get_by_id(self._db, table, id_)
+        if row is None:
+            raise NotFoundError(ids.resource_name(kind), id_)
+        return row
+
+    async def _retire_keys(self, column: str, value: str) -> None:
+        """Before keys are deleted: revoke them, so no new hold can start, then release
+        their open holds, so none is left holding a project's or organization's budget."""
+        now = self._now()
+        await queries.revoke_keys_where(self._db, column, value, now)
+        for hold_id in await db_metering.open_hold_ids(self._db, column, value):
+            with contextlib.suppress(HoldClosedError):  # settled or expired meanwhile
+                await metering.release(self._db, hold_id=hold_id, idempotency_key=None, now=now)
+        self._changed()
+
+    async def _delete(self, table: Table, kind: str, id_: str) -> None:
+        id_ = ids.check(kind, id_)
+        deleted = await queries.delete_by_id(self._db, table, id_)
+        self._changed()
+        if not deleted:
+            raise NotFoundError(ids.resource_name(kind), id_)
+
+    # --- keys: administration -----------------------------------------------------------
+
+    async def create_key(
+        self,
+        org_id: str,
+        *,
+        project_id: str | None = None,
+        product_id: str | None = None,
+        name: str = "",
+        scopes: Sequence[str] = (),
+        expires_in: str | timedelta | None = None,
+        expires_at: datetime | None = None,
+        metadata: dict[str, Any] | None = None,
+        delegated_by: str | None = None,
+        max_uses: int | None = None,
+        rate_limits: Sequence[RateLimit] = (),
+        budgets: Sequence[Budget] = (),
+    ) -> IssuedKey:
+        """Issue a key. Its plaintext is in the result, once; only a digest is stored.
+
+        Args:
+            org_id: the owning organization.
+            project_id: narrow the key to one project (and the products linked to it).
+            product_id: narrow the key to one product.
+            name: a label for people.
+            scopes: granted scopes; ``["*"]`` grants all, ``[]`` grants none.
+            expires_in: a duration (``"7d"``), or ``expires_at``: an aware datetime.
+            metadata: a JSON object of at most 16 KiB, returned with the key.
+            delegated_by: who the key acts for (a user id, a parent key id).
+            max_uses: a lifetime cap on accepted validations ("activations").
+            rate_limits: the key's own rate limits (:class:`RateLimit`).
+            budgets: the key's own budgets (:class:`Budget`). Limits and budgets
+                are created in the same transaction as the key.
+
+        Raises:
+            NotFoundError: the organization, project or product does not exist in that org.
+            InvalidArgumentError: any bad argument, including a naive ``expires_at``
+                or a product not linked to the project.
+        """
+        org_id = ids.check(ids.ORG, org_id)
+        project_id = ids.check_optional(ids.PROJECT, project_id, field="project_id")
+        product_id = ids.check_optional(ids.PRODUCT, product_id, field="product_id")
+        name = inputs.text(name, "name", allow_empty=True)
+        granted = scope_rules.normalize(scopes, "scopes")
+        meta = inputs.metadata(metadata)
+        delegated = None if delegated_by is None else inputs.text(delegated_by, "delegated_by")
+        cap = _max_uses(max_uses)
+        limit_specs = _sequence(rate_limits, RateLimit, "rate_limits")
+        budget_specs = [BudgetSpec.of(b) for b in _sequence(budgets, Budget, "budgets")]
+        now = self._now()
+        expiry = timeutil.resolve_expiry(expires_in, expires_at, now)
+
+        public_id, plaintext = self._format.generate()
+        values: dict[str, Any] = {
+            "id": ids.key_id(public_id),
+            "org_id": org_id,
+            "project_id": project_id,
+            "product_id": product_id,
+            "name": name,
+            "start": self._format.start(plaintext),
+            "digest": self._ring.digest(plaintext),
+            "pepper_id": self._ring.current_id,
+            "scopes": scope_rules.encode(granted),
+            "metadata": meta,
+            "delegated_by": delegated,
+            "created_at": now,
+            "updated_at": now,
+            "expires_at": expiry,
+            "revoked_at": None,
+            "disabled_at": None,
+            "last_used_at": None,
+            "use_count": 0,
+            "max_uses": cap,
+        }
+        subject = db_metering.Subject(values["id"], org_id, project_id, values["id"])
+        extra = [
+            (
+                rate_limits_table,
+                [db_metering.new_rate_limit_row(subject, rl, now) for rl in limit_specs],
+            ),
+            (
+                budgets_table,
+                [db_metering.new_budget_row(subject, spec, now) for spec in budget_specs],
+            ),
+        ]
+        await queries.insert_key(self._db, values, project_id, product_id, extra)
+        key = rows.to_key({**values, "scopes": granted})
+        return IssuedKey.model_construct(key=key, plaintext=plaintext)
+
+    async def get_key(self, key_id: str) -> APIKey:
+        """Raises: NotFoundError."""
+        key_id = ids.check(ids.KEY, key_id)
+        row = await queries.get_key(self._db, key_id)
+        if row is None:
+            raise NotFoundError("key", key_id)
+        return rows.to_key(row)
+
+    async def list_keys(
+        self,
+        *,
+        org_id: str | None = None,
+        project_id: str | None = None,
+        product_id: str | None = None,
+        status: KeyStatus | str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[APIKey]:
+        """Keys oldest first, filtered in SQL. ``status`` is active, revoked, expired or disabled.
+
+        Raises: InvalidArgumentError.
+        """
+        org_id = ids.check_optional(ids.ORG, org_id, field="org_id")
+        project_id = ids.check_optional(ids.PROJECT, project_id, field="project_id")
+        product_id = ids.check_optional(ids.PRODUCT, product_id, field="product_id")
+        if status is not None:
+            try:
+                status = KeyStatus(status)
+            except ValueError:
+                raise InvalidArgumentError(
+                    "status", "must be one of " + ", ".join(s.value for s in KeyStatus)
+                ) from None
+        limit, offset = inputs.page(limit, offset)
+        found = await queries.list_keys(
+            self._db,
+            org_id=org_id,
+            project_id=project_id,
+            product_id=product_id,
+            status=status.value if status is not None else None,
+            now=self._now(),
+            limit=limit,
+            offset=offset,
+        )
+        return [rows.to_key(r) for r in found]
+
+    async def update_key(
+        self,
+        key_id: str,
+        *,
+        name: str | _Unset = UNSET,
+        scopes: Sequence[str] | _Unset = UNSET,
+        metadata: dict[str, Any] | _Unset = UNSET,
+        expires_in: str | timedelta | _Unset = UNSET,
+        expires_at: datetime | _Unset | None = UNSET,
+        max_uses: int | _Unset | None = UNSET,
+    ) -> APIKey:
+        """Change a key's name, scopes, metadata, expiry (``expires_at=None``: never) or
+        usage cap (``max_uses=None``: none). Arguments left out are unchanged. Takes
+        effect on the next validation.
+
+        Raises: NotFoundError, InvalidArgumentError.
+        """
+        key_id = ids.check(ids.KEY, key_id)
+        now = self._now()
+        values: dict[str, Any] = {"updated_at": now}
+        if name is not UNSET:
+            values["name"] = inputs.text(name, "name", allow_empty=True)
+        if scopes is not UNSET:
+            values["scopes"] = scope_rules.encode(scope_rules.normalize(scopes, "scopes"))
+        if metadata is not UNSET:
+            values["metadata"] = inputs.metadata(metadata)
+        if max_uses is not UNSET:
+            values["max_uses"] = _max_uses(max_uses)
+        if expires_in is not UNSET or expires_at is not UNSET:
+            if expires_in is not UNSET and expires_at is not UNSET:
+                raise InvalidArgumentError("expires_in", "give expires_in or expires_at, not both")
+            if expires_at is None:
+                values["expires_at"] = None
+            else:
+                values["expires_at"] = timeutil.resolve_expiry(
+                    None if expires_in is UNSET else expires_in,
+                    None if expires_at is UNSET else expires_at,
+                    now,
+                )
+        row = await queries.update_key(self._db, key_id, values, only_if=None)
+        self._changed()
+        if row is None:
+            raise NotFoundError("key", key_id)
+        return rows.to_key(row)
+
+    async def revoke_key(self, key_id: str) -> APIKey:
+        """Revoke for good. Idempotent: a second call keeps the first ``revoked_at``.
+
+        Raises: NotFoundError.
+        """
+        key_id = ids.check(ids.KEY, key_id)
+        return self._found(await queries.revoke_key(self._db, key_id, self._now()), key_id)
+
+    async def disable_key(self, key_id: str) -> APIKey:
+        """Suspend a key until :meth:`enable_key`. Idempotent. Raises: NotFoundError."""
+        key_id = ids.check(ids.KEY, key_id)
+        return self._found(await queries.set_disabled(self._db, key_id, self._now(), True), key_id)
+
+    async def enable_key(self, key_id: str) -> APIKey:
+        """Lift a suspension (a revoked key stays revoked). Raises: NotFoundError."""
+        key_id = ids.check(ids.KEY, key_id)
+        return self._found(await queries.set_disabled(self._db, key_id, self._now(), False), key_id)
+
+    async def delete_key(self, key_id: str) -> None:
+        """Delete a key with its own limits and budgets. Prefer :meth:`revoke_key`,
+        which keeps the record. The key is revoked first and its open holds are
+        released, so no reservation is left holding a project's or organization's
+        budget; its ledger rows stay (with its id) as financial history.
+
+        Raises: NotFoundError.
+        """
+        key_id = ids.check(ids.KEY, key_id)
+        await self._retire_keys("id", key_id)
+        await self._delete(keys, ids.KEY, key_id)
+
+    def _found(self, row: Any, key_id: str) -> APIKey:
+        """The key a write changed (revoke, disable, enable)."""
+        self._changed()
+        if row is None:
+            raise NotFoundError("key", key_id)
+        return rows.to_key(row)
+
+    # --- keys: validation ---------------------------------------------------------------
+
+    async def validate_key(
+        self,
+        plaintext: str,
+        *,
+        required_scopes: Sequence[str] = (),
+        product_id: str | None = None,
+        project_id: str | None = None,
+        org_id: str | None = None,
+        product_name: str | None = None,
+        track_usage: bool | None = None,
+        cost: money.Amount | Mapping[str, money.Amount] | None = None,
+    ) -> APIKey:
+        """Check a presented key against the grant rule (docs/security.md) and its limits.
+
+        Rate limits and the usage cap always apply. With ``cost`` (a ``Decimal``
+        for the ``spend`` meter, or ``{meter: amount}``), every applicable budget
+        is debited too. It is all decided in one transaction: all pass and all are
+        consumed, or the call is refused and nothing is consumed or written.
+
+        The returned key carries the tightest rate limit (``rate_limit``) and, with
+        ``cost``, the charge and its budgets (``charge``), for response headers.
+
+        ``product_name`` asks for a product by name in the key's own organization
+        (``"chat-api"``), resolved in the same statement; use it or ``product_id``.
+
+        Raises:
+            InvalidKeyError: malformed, unknown, or wrong secret.
+            RevokedKeyError, DisabledKeyError, ExpiredKeyError: the key's state.
+            ForbiddenError: not valid for the organization, project or product asked for.
+            InsufficientScopeError: ``missing_scopes`` lists what is lacking.
+            UsageExhaustedError: ``max_uses`` reached.
+            RateLimitedError: a rate limit refused; ``retry_after`` says when to retry.
+            BudgetExceededError: a budget of the key, project or organization refused.
+            InvalidArgumentError: a bad ``required_scopes``, id or ``cost`` argument.
+            DatabaseUnavailableError: the database could not be reached.
+        """
+        # Everything that can be refused without I/O is refused first, cheapest first.
+        public_id = self._format.parse(plaintext)
+        req = policy.Requirement(
+            scopes=scope_rules.normalize(required_scopes, "required_scopes"),
+            org_id=_asked(ids.ORG, org_id, "org_id"),
+            project_id=_asked(ids.PROJECT, project_id, "project_id"),
+            product_id=_asked(ids.PRODUCT, product_id, "product_id"),
+            product_name=None
+            if product_name is None
+            else inputs.text(product_name, "product_name"),
+        )
+        if product_id is not None and product_name is not None:
+            raise InvalidArgumentError("product_name", "give product_id or product_name, not both")
+        track = (
+            self._track_usage if track_usage is None else inputs.flag(track_usage, "track_usage")
+        )
+        amounts = None if cost is None else money.costs(cost)
+        key_id = ids.key_id(public_id)
+        now = self._now()
+        cacheable = self._cache is not None and amounts is None and not track
+        if cacheable and (hit := self._cached(key_id, plaintext, req, now)) is not None:
+            return hit
+        generation = self._cache.generation if self._cache is not None else 0
+        digests = self._ring.digests(plaintext)
+
+        # A call with a cost, or for a key known to be rate-limited, goes straight to
+        # the metered transaction, which re-decides the whole grant rule in SQL;
+        # the lookup below only runs to explain a refusal.
+        metered = amounts is not None or key_id in self._rate_limited
+        for _ in range(_VALIDATE_ATTEMPTS):
+            if metered:
+                outcome = await metering.validate(
+                    self._db,
+                    key_id=key_id,
+                    digests=digests,
+                    req=req,
+                    amounts=amounts or {},
+                    track=track,
+                    now=now,
+                    on_alert=self._on_alert,
+                )
+                if outcome is not None:
+                    key_row, rate, charged = outcome
+                    self._note_rate_limited(key_id, rate is not None)
+                    await self._upgrade_pepper(key_id, key_row.pepper_id, plaintext)
+                    return rows.to_key(key_row, rate_limit=rate, charge=charged)
+            elif track and self._db.update_returning:
+                # PostgreSQL, SQLite, a key no rate limit applies to: one statement.
+                row = await queries.record_use_returning(self._db, key_id, digests, req, now)
+                if row is not None:
+                    await self._upgrade_pepper(key_id, row.pepper_id, plaintext)
+                    return rows.to_key(row)
+            # Refused, untracked, not yet known to be rate-limited, or MySQL: read
+            # the row; the policy says why.
+            looked = await queries.lookup_for_validation(self._db, key_id, req)
+            if looked is None:
+                raise InvalidKeyError()
+            digest_ok = self._ring.verify(plaintext, looked.pepper_id, looked.digest)
+            policy.check(rows.to_facts(looked, digest_ok), req, now)
+            self._note_rate_limited(key_id, bool(looked.has_rate_limits))
+            if (exhausted := metering.usage_cap_error(looked)) is not None:
+                raise exhausted
+            if amounts is not None or looked.has_rate_limits:
+                # Rate-limited after all, or the metered transaction refused a key
+                # the policy now passes (it changed in between): decide (again) there.
+                metered = True
+                continue
+            metered = False
+            if not track and looked.max_uses is None:  # a capped key is always counted
+                await self._upgrade_pepper(key_id, looked.pepper_id, plaintext)
+                if (
+                    cacheable
+                    and self._cache is not None
+                    and not self._ring.needs_upgrade(looked.pepper_id)
+                ):
+                    self._cache.put(key_id, req, looked, now, generation)
+                return rows.to_key(looked)
+            if self._db.update_returning:
+                row = await queries.record_use_returning(self._db, key_id, digests, req, now)
+                if row is not None:
+                    await self._upgrade_pepper(key_id, row.pepper_id, plaintext)
+                    return rows.to_key(row)
+            elif await queries.record_use(self._db, key_id, digests, req, now):
+                # MySQL/MariaDB: recorded under the rule re-checked in SQL.
+                await self._upgrade_pepper(key_id, looked.pepper_id, plaintext)
+                return rows.to_key(looked, use_count=looked.use_count + 1, last_used_at=now)
+            # The key changed between our statements (enabled, re-scoped...): decide again.
+        raise DatabaseError("the key kept changing during validation; try again")
+
+    # --- metering: limits and budgets -------------------------------------------------
+
+    async def set_rate_limit(self, subject_id: str, limit: RateLimit) -> RateLimitStatus:
+        """Attach (or change, by name) a rate limit on a key, project or organization.
+        A project's or organization's limit is shared by all keys under it.
+
+        Raises: NotFoundError, InvalidArgumentError.
+        """
+        subject_id = ids.check_subject(subject_id)
+        spec = _sequence([limit], RateLimit, "limit")[0]
+        subject = await db_metering.resolve_subject(self._db, subject_id)
+        now = self._now()
+        row = await db_metering.upsert_rate_limit(self._db, subject, spec, now)
+        self._changed()  # a cached key may now be rate-limited
+        return metering.rate_limit_status(row, now)
+
+    async def remove_rate_limit(self, subject_id: str, name: str) -> bool:
+        """Remove a rate limit by name; False if there was none."""
+        subject_id = ids.check_subject(subject_id)
+        name = inputs.text(name, "name")
+        c = rate_limits_table.c
+        return bool(
+            await db_metering.delete_where(
+                self._db, rate_limits_table, c.subject_id == subject_id, c.name == name
+            )
+        )
+
+    async def get_rate_limits(self, subject_id: str) -> list[RateLimitStatus]:
+        """The rate limits attached directly to a key, project or organization."""
+        subject_id = ids.check_subject(subject_id)
+        now = self._now()
+        found = await db_metering.select_where(
+            self._db, rate_limits_table, rate_limits_table.c.subject_id == subject_id
+        )
+        return [metering.rate_limit_status(r, now) for r in found]
+
+    async def set_budget(self, subject_id: str, budget: Budget) -> BudgetStatus:
+        """Attach (or change: one per meter and period) a budget on a key, project or
+        organization. Changing a limit keeps what was used and held this period.
+
+        Raises: NotFoundError, InvalidArgumentError.
+        """
+        subject_id = ids.check_subject(subject_id)
+        spec = BudgetSpec.of(budget)
+        subject = await db_metering.resolve_subject(self._db, subject_id)
+        now = self._now()
+        return metering.budget_status(
+            await db_metering.upsert_budget(self._db, subject, spec, now), now
+        )
+
+    async def remove_budget(self, budget_id: str) -> bool:
+        """Remove a budget (its ledger rows stay); False if there was none."""
+        budget_id = ids.check(ids.BUDGET, budget_id)
+        return bool(
+            await db_metering.delete_where(self._db, budgets_table, budgets_table.c.id == budget_id)
+        )
+
+    async def get_budgets(self, subject_id: str) -> list[BudgetStatus]:
+        """The budgets attached directly to a key, project or organization, as they stand
+        (holds past their ttl are returned to them first)."""
+        subject_id = ids.check_subject(subject_id)
+        now = self._now()
+        for budget in await db_metering.select_where(
+            self._db, budgets_table, budgets_table.c.subject_id == subject_id
+        ):
+            await metering.sweep(self._db, now, budget_id=budget.id)
+        found = await db_metering.select_where(
+            self._db, budgets_table, budgets_table.c.subject_id == subject_id
+        )
+        return [metering.budget_status(r, now) for r in found]
+
+    async def grant_credit(self, budget_id: str, amount: money.Amount) -> BudgetStatus:
+        """Top a budget up for its current period (a lifetime budget: for good).
+
+        Raises: NotFoundError, InvalidArgumentError.
+        """
+        budget_id = ids.check(ids.BUDGET, budget_id)
+        micros = money.to_micros(amount, "amount", allow_zero=False)
+        now = self._now()
+        return metering.budget_status(
+            await db_metering.grant_credit(self._db, budget_id, micros, now), now
+        )
+
+    # --- metering: charges and holds --------------------------------------------------
+
+    async def charge(
+        self,
+        key_id: str,
+        amount: money.Amount | Mapping[str, money.Amount],
+        *,
+        idempotency_key: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Charge:
+        """Charge a cost known after the work: every budget of each meter on the key,
+        its project and its organization takes it, or none does.
+
+        Raises:
+            BudgetExceededError: names the budget that refused.
+            RevokedKeyError, DisabledKeyError, ExpiredKeyError, NotFoundError: the key.
+            InvalidArgumentError: a bad amount, meter or idempotency key.
+        """
+        key_id = ids.check(ids.KEY, key_id)
+        amounts = money.costs(amount, "amount")
+        return await metering.charge(
+            self._db,
+            key_id=key_id,
+            amounts=amounts,
+            idempotency_key=_idempotency(idempotency_key),
+            metadata=inputs.metadata(metadata) or None,
+            now=self._now(),
+            on_alert=self._on_alert,
+        )
+
+    async def reserve(
+        self,
+        key_id: str,
+        amount: money.Amount,
+        *,
+        meter: str = money.DEFAULT_METER,
+        ttl: str | timedelta = "15m",
+        idempotency_key: str | None = None,
+    ) -> Hold:
+        """Reserve ``amount`` on every budget of ``meter`` before work whose cost is known
+        only afterwards; :meth:`settle` or :meth:`release` it after. Unsettled, it
+        returns to the budgets by itself after ``ttl`` (1 second to 30 days).
+
+        Raises: BudgetExceededError, the key's errors, InvalidArgumentError.
+        """
+        key_id = ids.check(ids.KEY, key_id)
+        micros = money.to_micros(amount, "amount")
+        lifetime = timeutil.parse_duration(ttl, "ttl")
+        if lifetime > _MAX_HOLD_TTL:
+            raise InvalidArgumentError("ttl", "must be at most 30 days")
+        return await metering.reserve(
+            self._db,
+            key_id=key_id,
+            meter=money.meter_name(meter),
+            amount=micros,
+            ttl=lifetime,
+            idempotency_key=_idempotency(idempotency_key),
+            now=self._now(),
+        )
+
+    async def settle(
+        self, hold_id: str, actual: money.Amount, *, idempotency_key: str | None = None
+    ) -> Settlement:
+        """Charge what was actually used against a hold and return the rest. At or below
+        the held amount this always succeeds; above it the excess is charged as far as
+        the budgets allow and the rest is recorded as ``shortfall``.
+
+        Raises: NotFoundError, HoldClosedError, InvalidArgumentError.
+        """
+        hold_id = ids.check(ids.HOLD, hold_id)
+        micros = money.to_micros(actual, "actual")
+        return await metering.settle(
+            self._db,
+            hold_id=hold_id,
+            actual=micros,
+            idempotency_key=_idempotency(idempotency_key),
+            now=self._now(),
+            on_alert=self._on_alert,
+        )
+
+    async def release(self, hold_id: str, *, idempotency_key: str | None = None) -> Hold:
+        """Return a hold to its budgets unused. Raises: NotFoundError, HoldClosedError."""
+        hold_id = ids.check(ids.HOLD, hold_id)
+        return await metering.release(
+            self._db,
+            hold_id=hold_id,
+            idempotency_key=_idempotency(idempotency_key),
+            now=self._now(),
+        )
+
+    async def get_hold(self, hold_id: str) -> Hold:
+        """Raises: NotFoundError."""
+        hold_id = ids.check(ids.HOLD, hold_id)
+        row = await db_metering.get_hold(self._db, hold_id)
+        if row is None:
+            raise NotFoundError("hold", hold_id)
+        return metering.hold_model(row)
+
+    async def sweep_expired_holds(self) -> int:
+        """Return every hold past its ttl to its budgets now (they are also returned
+        lazily when they stand in a charge's way). Returns how many."""
+        return await metering.sweep(self._db, self._now())
+
+    async def usage(
+        self,
+        *,
+        key_id: str | None = None,
+        project_id: str | None = None,
+        org_id: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        per: str = "day",
+    ) -> list[UsageRow]:
+        """What was charged, per day or month (UTC) and meter, from the ledger.
+
+        ``since`` defaults to 30 days ago; ``until`` (exclusive) to no end.
+        """
+        now = self._now()
+        if per not in ("day", "month"):
+            raise InvalidArgumentError("per", "must be 'day' or 'month'")
+        start = now - timedelta(days=30) if since is None else timeutil.aware_utc(since, "since")
+        end = timeutil.MAX_DATETIME if until is None else timeutil.aware_utc(until, "until")
+        found = await db_metering.usage(
+            self._db,
+            key_id=ids.check_optional(ids.KEY, key_id, field="key_id"),
+            project_id=ids.check_optional(ids.PROJECT, project_id, field="project_id"),
+            org_id=ids.check_optional(ids.ORG, org_id, field="org_id"),
+            since=start,
+            until=end,
+            monthly=per == "month",
+        )
+        return [
+            UsageRow.model_construct(
+                period=r.bucket,
+                meter=r.meter,
+                amount=money.from_micros(int(r.micros)),
+                charges=r.charges,
+            )
+            for r in found
+        ]
+
+    def _cached(
+        self, key_id: str, plaintext: str, req: policy.Requirement, now: datetime
+    ) -> APIKey | None:
+        """A validation served by the auth cache: the secret is verified and the grant
+        rule re-run against ``now``; None sends it to the database."""
+        assert self._cache is not None
+        row = self._cache.get(key_id, req, now)
+        if row is None or not self._ring.verify(plaintext, row.pepper_id, row.digest):
+            return None
+        policy.check(rows.to_facts(row, True), req, now)
+        return rows.to_key(row)
+
+    def _changed(self) -> None:
+        """Something a validation depends on changed: forget cached validations."""
+        if self._cache is not None:
+            self._cache.clear()
+
+    def _note_rate_limited(self, key_id: str, limited: bool) -> None:
+        """Remember which keys a rate limit applies to, so their validations skip the
+        one-statement path that cannot admit them. Only a hint: a stale entry
+        costs one statement either way, never a wrong decision."""
+        if not limited:
+            self._rate_limited.pop(key_id, None)
+            return
+        self._rate_limited[key_id] = None
+        if len(self._rate_limited) > _HINTS:
+            del self._rate_limited[next(iter(self._rate_limited))]
+
+    async def _upgrade_pepper(self, key_id: str, pepper_id: str, plaintext: str) -> None:
+        if self._ring.needs_upgrade(pepper_id):
+            await queries.upgrade_digest(
+                self._db, key_id, pepper_id, self._ring.current_id, self._ring.digest(plaintext)
+            )
+
+
+def _asked(kind: str, value: object, field: str) -> str | None:
+    """An asked-for id. One that is not an id of that kind matches nothing, so it is
+    replaced by a value no id equals: the rule then refuses it as forbidden, after
+    the key itself was checked, and the odd string never reaches the driver."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidArgumentError(field, "must be a string id")
+    return value if ids.is_valid(kind, value) else "-"
+
+
+def _max_uses(value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 10**12:
+        raise InvalidArgumentError("max_uses", "must be None or an int from 0 to 10**12")
+    return value
+
+
+def _sequence(value: object, kind: type[Any], field: str) -> list[Any]:
+    """A list of value objects, each checked by reading its validated properties."""
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+        raise InvalidArgumentError(field, f"must be a list of {kind.__name__}")
+    items = list(value)
+    if len(items) > 50 or not all(isinstance(v, kind) for v in items):
+        raise InvalidArgumentError(field, f"must be at most 50 {kind.__name__} objects")
+    if kind is RateLimit:
+        for rl in items:
+            _ = (rl.units, rl.window_ms, rl.key)  # each raises InvalidArgumentError if bad
+    return items
+
+
+def _idempotency(value: object) -> str | None:
+    return None if value is None else inputs.text(value, "idempotency_key")
+
+
+def _auth_cache(ttl: object) -> AuthCache | None:
+    if ttl is None:
+        return None
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl <= 3600:
+        raise ConfigurationError(
+            "auth_cache_ttl must be a number of seconds, above 0, at most 3600"
+        )
+    return AuthCache(timedelta(seconds=ttl))

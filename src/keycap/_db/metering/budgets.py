@@ -1,0 +1,284 @@
+"""Budget statements: administration, top-ups, and debits (every applicable
+budget in one UPDATE, or one budget at a time for holds).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+from sqlalchemy import (
+    bindparam,
+    case,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from keycap._db.engine import Conflict, Database
+from keycap._db.metering.core import (
+    BUDGET_ID,
+    KEY_ID,
+    NOW,
+    Changing,
+    KeyRef,
+    Subject,
+    applies_to_key,
+    big,
+    changed,
+    changed_rows,
+    changing,
+    int_param,
+    key_is_live,
+    key_params,
+    retrying,
+)
+from keycap._db.metering.ledger import ledger_row
+from keycap._db.queries import (
+    AnyRow,
+)
+from keycap._db.schema import (
+    budgets,
+    ledger,
+)
+from keycap._errors import NotFoundError
+from keycap._rules import budgets as budget_rules
+from keycap._rules import ids, periods
+
+
+def new_budget_row(
+    subject: Subject, spec: budget_rules.BudgetSpec, now: datetime
+) -> dict[str, Any]:
+    """A budget's row as created (on its own, or with its key in create_key)."""
+    return {
+        "id": ids.new_id(ids.BUDGET),
+        **subject.columns,
+        "meter": spec.meter,
+        "period": spec.period.value,
+        "anchor_day": spec.anchor_day,
+        "limit_micros": spec.limit_micros,
+        "credit_micros": 0,
+        "used_micros": 0,
+        "held_micros": 0,
+        "period_start": periods.start(spec.period, now, spec.anchor_day),
+        "thresholds": budget_rules.encode_thresholds(spec.thresholds),
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+async def upsert_budget(
+    db: Database, subject: Subject, spec: budget_rules.BudgetSpec, now: datetime
+) -> AnyRow:
+    """Create or change a budget (one per subject, meter and period). Changing the
+    limit keeps what was used and held."""
+    b = budgets.c
+    row = new_budget_row(subject, spec, now)
+    where = (b.subject_id == subject.subject_id, b.meter == spec.meter, b.period == spec.period)
+    try:
+        async with db.begin() as conn:
+            await conn.execute(insert(budgets).values(**row))
+    except Conflict:
+        async with db.begin() as conn:
+            await conn.execute(
+                update(budgets)
+                .where(*where)
+                .values(
+                    limit_micros=spec.limit_micros,
+                    anchor_day=spec.anchor_day,
+                    thresholds=row["thresholds"],
+                    updated_at=now,
+                )
+            )
+    async with db.autocommit() as conn:
+        return (await conn.execute(select(budgets).where(*where))).one()
+
+
+def _rollover(start: Any) -> tuple[Any, Any, Any]:
+    """(used, credit, period_start) as they are once the period starting at ``start`` applies."""
+    b = budgets.c
+    new_period = b.period_start < start
+    return (
+        case((new_period, big(0)), else_=b.used_micros),
+        case((new_period, big(0)), else_=b.credit_micros),
+        case((new_period, start), else_=b.period_start),
+    )
+
+
+def _current_start(row: AnyRow, now: datetime) -> datetime:
+    return periods.start(periods.Period(row.period), now, row.anchor_day)
+
+
+async def grant_credit(db: Database, budget_id: str, micros: int, now: datetime) -> AnyRow:
+    """Top up a budget for its current period, and record it in the ledger."""
+    b = budgets.c
+
+    async def unit() -> AnyRow:
+        async with db.begin() as conn:
+            row = (await conn.execute(select(budgets).where(b.id == budget_id))).first()
+            if row is None:
+                raise NotFoundError("budget", budget_id)
+            start = _current_start(row, now)
+            used, credit, period_start = _rollover(start)
+            await conn.execute(
+                update(budgets)
+                .where(b.id == budget_id)
+                .ordered_values(
+                    (b.used_micros, used),
+                    (b.credit_micros, credit + big(micros)),
+                    (b.period_start, period_start),
+                    (b.updated_at, now),
+                )
+            )
+            after = (await conn.execute(select(budgets).where(b.id == budget_id))).one()
+            await conn.execute(
+                insert(ledger).values(
+                    ledger_row(after, "topup", micros, 0, 0, True, now, key_id=None)
+                )
+            )
+            return after
+
+    return await retrying(unit)
+
+
+# --- budgets --------------------------------------------------------------------------
+
+
+async def applicable_budgets(
+    conn: AsyncConnection, key: KeyRef, meters: Sequence[str]
+) -> Sequence[AnyRow]:
+    """The budgets of ``meters`` that apply to the key (its own, its project's, its
+    organization's), in id order."""
+    params = {**key_params(key), "m_meters": list(meters)}
+    return (await conn.execute(_budgets_of(), params)).all()
+
+
+@lru_cache(maxsize=1)
+def _budgets_of() -> Any:
+    meters = budgets.c.meter.in_(bindparam("m_meters", expanding=True))
+    return select(budgets).where(applies_to_key(budgets), meters).order_by(budgets.c.id)
+
+
+async def debit_all(
+    conn: AsyncConnection,
+    rows: Sequence[AnyRow],
+    amounts: Mapping[str, int],
+    now: datetime,
+    *,
+    key_id: str,
+    hold: bool = False,
+) -> list[AnyRow] | None:
+    """Charge (or, with ``hold``, hold) ``amounts[meter]`` on every budget in ``rows``,
+    in one UPDATE, each after its own period rollover; the rows after it, in id order.
+
+    Each row's WHERE is its own limit (``used + held + amount <= limit + credit``)
+    and the key's liveness, so a budget without room is simply not updated:
+    fewer rows changed than given means one refused, and None is returned (the
+    caller rolls back, so nothing is written). The period start and amount of
+    each row are chosen by a CASE on its id.
+    """
+    if not rows:
+        return []
+    params: dict[str, Any] = {"m_key_id": key_id, "m_now": now}
+    for i, row in enumerate(rows):
+        params[f"m_budget_{i}"] = row.id
+        params[f"m_start_{i}"] = _current_start(row, now)
+        params[f"m_amount_{i}"] = amounts[row.meter]
+    return await changed_rows(conn, _debit_all(len(rows), hold), params, len(rows))
+
+
+@lru_cache(maxsize=32)
+def _debit_all(count: int, hold: bool) -> Changing:
+    b = budgets.c
+    ids_ = [bindparam(f"m_budget_{i}", type_=b.id.type) for i in range(count)]
+    at = b.period_start.type
+    start = case(
+        *((b.id == ids_[i], bindparam(f"m_start_{i}", type_=at)) for i in range(count)),
+        else_=b.period_start,
+    )
+    amount = case(
+        *((b.id == ids_[i], int_param(f"m_amount_{i}")) for i in range(count)), else_=big(0)
+    )
+    eff_used, eff_credit, period_start = _rollover(start)
+    stmt = (
+        update(budgets)
+        .where(
+            b.id.in_(ids_),
+            eff_used + b.held_micros + amount <= b.limit_micros + eff_credit,
+            key_is_live(KEY_ID, NOW),
+        )
+        .ordered_values(  # period_start last: the CASEs read the stored one
+            (b.used_micros, eff_used if hold else eff_used + amount),
+            (b.held_micros, b.held_micros + amount if hold else b.held_micros),
+            (b.credit_micros, eff_credit),
+            (b.period_start, period_start),
+        )
+    )
+    return changing(stmt, select(budgets).where(b.id.in_(ids_)).order_by(b.id))
+
+
+async def debit(
+    conn: AsyncConnection,
+    row: AnyRow,
+    *,
+    used: int,
+    held: int,
+    now: datetime,
+    key_id: str | None,
+    must_fit: bool = True,
+) -> AnyRow | None:
+    """Add ``used`` to the budget's use and ``held`` to its holds (either may be
+    negative: a release), after rolling its period over if it has passed.
+
+    With ``must_fit``, only if ``used + held + both <= limit + credit`` and the
+    key is live; returns the row after the change, or None (nothing written).
+    """
+    params = {
+        "m_budget_id": row.id,
+        "m_start": _current_start(row, now),
+        "m_used": used,
+        "m_held": held,
+        "m_both": used + held,
+        "m_key_id": key_id,
+        "m_now": now,
+    }
+    return await changed(conn, _debit(must_fit, must_fit and key_id is not None), params)
+
+
+@lru_cache(maxsize=4)
+def _debit(must_fit: bool, key_live: bool) -> Changing:
+    b = budgets.c
+    start = bindparam("m_start", type_=b.period_start.type)
+    eff_used, eff_credit, period_start = _rollover(start)
+    stmt = (
+        update(budgets)
+        .where(b.id == BUDGET_ID)
+        .ordered_values(  # period_start last: the CASEs read the stored one
+            (b.used_micros, eff_used + int_param("m_used")),
+            (b.held_micros, b.held_micros + int_param("m_held")),
+            (b.credit_micros, eff_credit),
+            (b.period_start, period_start),
+        )
+    )
+    if must_fit:
+        both = int_param("m_both")
+        stmt = stmt.where(eff_used + b.held_micros + both <= b.limit_micros + eff_credit)
+    if key_live:
+        stmt = stmt.where(key_is_live(KEY_ID, NOW))
+    return changing(stmt, select(budgets).where(b.id == BUDGET_ID))
+
+
+async def budgets_by_id(conn: AsyncConnection, budget_ids: Sequence[str]) -> Sequence[AnyRow]:
+    if not budget_ids:
+        return []
+    return (await conn.execute(_BUDGETS_BY_ID, {"m_ids": list(budget_ids)})).all()
+
+
+_BUDGETS_BY_ID = (
+    select(budgets)
+    .where(budgets.c.id.in_(bindparam("m_ids", expanding=True)))
+    .order_by(budgets.c.id)
+)

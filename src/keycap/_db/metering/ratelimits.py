@@ -1,0 +1,205 @@
+"""Rate-limit statements: administration, and every applicable limit consumed
+in one UPDATE.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+from sqlalchemy import (
+    bindparam,
+    case,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from keycap._db.engine import Conflict, Database
+from keycap._db.metering.core import (
+    Changing,
+    KeyRef,
+    Subject,
+    applies_to_key,
+    big,
+    changed_rows,
+    changing,
+    int_param,
+    key_params,
+)
+from keycap._db.queries import (
+    AnyRow,
+)
+from keycap._db.schema import (
+    keys,
+    rate_limits,
+)
+from keycap._rules import ids
+from keycap._rules import rate_limits as ratelimit
+
+
+def new_rate_limit_row(
+    subject: Subject, limit: ratelimit.RateLimit, now: datetime
+) -> dict[str, Any]:
+    """A rate limit's row as created (on its own, or with its key in create_key)."""
+    return {
+        "id": ids.new_id(ids.RATE_LIMIT),
+        **subject.columns,
+        "name": limit.key,
+        "meter": limit.meter,
+        "limit_units": limit.units,
+        "window_ms": limit.window_ms,
+        "window_start": 0,
+        "current_units": 0,
+        "previous_units": 0,
+        "created_at": now,
+    }
+
+
+async def upsert_rate_limit(
+    db: Database, subject: Subject, limit: ratelimit.RateLimit, now: datetime
+) -> AnyRow:
+    """Create or change a limit. Changing the window starts counting afresh."""
+    rl = rate_limits.c
+    row = new_rate_limit_row(subject, limit, now)
+    name, window_ms = row["name"], row["window_ms"]
+    try:
+        async with db.begin() as conn:
+            await conn.execute(insert(rate_limits).values(**row))
+    except Conflict:
+        same = rl.window_ms == window_ms
+        async with db.begin() as conn:
+            await conn.execute(
+                update(rate_limits)
+                .where(rl.subject_id == subject.subject_id, rl.name == name)
+                .ordered_values(  # window_ms last: the CASEs read the old one on MySQL too
+                    (rl.window_start, case((same, rl.window_start), else_=0)),
+                    (rl.current_units, case((same, rl.current_units), else_=0)),
+                    (rl.previous_units, case((same, rl.previous_units), else_=0)),
+                    (rl.meter, row["meter"]),
+                    (rl.limit_units, row["limit_units"]),
+                    (rl.window_ms, window_ms),
+                )
+            )
+    async with db.autocommit() as conn:
+        return (
+            await conn.execute(
+                select(rate_limits).where(rl.subject_id == subject.subject_id, rl.name == name)
+            )
+        ).one()
+
+
+# --- rate limits ----------------------------------------------------------------------
+
+
+async def applicable_rate_limits(db: Database, key: KeyRef) -> Sequence[AnyRow]:
+    """The rate limits that apply to the key, in id order (to explain a refusal)."""
+    async with db.autocommit() as conn:
+        return (await conn.execute(_rate_limits_of(), key_params(key))).all()
+
+
+@lru_cache(maxsize=1)
+def _rate_limits_of() -> Any:
+    return select(rate_limits).where(applies_to_key(rate_limits)).order_by(rate_limits.c.id)
+
+
+def rate_units(row: AnyRow, amounts: Mapping[str, int]) -> int:
+    """What one call consumes of this limit: one call, or the call's cost on its meter."""
+    return 1 if row.meter is None else amounts.get(row.meter, 0)
+
+
+async def consume_rates(
+    conn: AsyncConnection, key: KeyRef, amounts: Mapping[str, int], now_ms: int, count: int
+) -> list[AnyRow] | None:
+    """Consume every rate limit that applies to the key (its own, its project's,
+    its organization's) in one UPDATE: the sliding-window inequality of
+    ``keycap._rules.rate_limits.admits``, decided per row in its WHERE. Returns the rows
+    after it, in id order; or None when fewer than ``count`` (the number of
+    limits counted by the key's UPDATE, earlier in this transaction) were
+    admitted: refused, and the caller rolls back.
+
+    A call consumes one unit of a plain limit, and its cost on the meter of a
+    metered one (none, if it has no cost on that meter: such a row always
+    passes). The window arithmetic of ``keycap._rules.rate_limits.view`` is done in SQL
+    from the row's own ``window_ms`` and the client's clock, in integers, so
+    it gives exactly the numbers the Python side computes; which counters the
+    weight applies to depends on the stored ``window_start``, chosen by the
+    CASEs, so the decision uses the row as it is under the lock.
+    """
+    if not count:
+        return []
+    params: dict[str, Any] = {**key_params(key), "m_now_ms": now_ms}
+    for i, (meter, amount) in enumerate(amounts.items()):
+        params[f"m_rate_meter_{i}"] = meter
+        params[f"m_rate_units_{i}"] = amount
+    return await changed_rows(conn, _consume_rates(len(amounts)), params, count)
+
+
+@lru_cache(maxsize=16)
+def _consume_rates(meter_count: int) -> Changing:
+    c = rate_limits.c
+    now_ms, win, r = int_param("m_now_ms"), c.window_ms, big(ratelimit.RESOLUTION)
+    into = now_ms % win  # how far into its current window the clock is
+    at = now_ms - into
+    weight = ((win - into) * r + win - big(1)) // win  # ceil, as ratelimit.view
+    meters = [bindparam(f"m_rate_meter_{i}", type_=c.meter.type) for i in range(meter_count)]
+    cost = case(
+        (c.meter.is_(None), big(1)),
+        *((c.meter == meters[i], int_param(f"m_rate_units_{i}")) for i in range(meter_count)),
+        else_=big(0),
+    )
+    ahead, same = c.window_start > at, c.window_start == at
+    previous = c.window_start == at - win
+    weighted_previous = case(
+        (ahead, c.previous_units * r),
+        (same, c.previous_units * weight),
+        (previous, c.current_units * weight),
+        else_=big(0),
+    )
+    current = case((c.window_start >= at, c.current_units), else_=big(0))
+    fits = weighted_previous + (current + cost) * r <= c.limit_units * r
+    stmt = (
+        update(rate_limits)
+        .where(applies_to_key(rate_limits), or_(cost == big(0), fits))
+        .ordered_values(  # window_start last: the CASEs above read the stored one
+            (
+                c.previous_units,
+                case(
+                    (c.window_start >= at, c.previous_units),
+                    (previous, c.current_units),
+                    else_=big(0),
+                ),
+            ),
+            (c.current_units, current + cost),
+            (c.window_start, case((ahead, c.window_start), else_=at)),
+        )
+    )
+    reread = select(rate_limits).where(applies_to_key(rate_limits)).order_by(c.id)
+    return changing(stmt, reread)
+
+
+def rate_limit_count(key_id: Any) -> Any:
+    """How many rate limits apply to the key ``key_id`` (a bind parameter): a column
+    for the RETURNING of the key's UPDATE, so :func:`consume_rates` can tell a
+    refusal (fewer rows changed) from a key with fewer limits.
+
+    SQLite renders RETURNING columns unqualified, even inside a subquery, so each
+    innermost SELECT here reads one table only and nothing is ambiguous."""
+    counted = keys.alias("counted_key")
+
+    def of_key(column: Any) -> Any:
+        return select(column).where(counted.c.id == key_id).scalar_subquery()
+
+    subjects = [key_id, of_key(counted.c.org_id), of_key(counted.c.project_id)]
+    return (
+        select(func.count())
+        .select_from(rate_limits)
+        .where(rate_limits.c.subject_id.in_(subjects))
+        .scalar_subquery()
+        .label("rate_limit_count")
+    )

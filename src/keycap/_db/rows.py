@@ -1,0 +1,84 @@
+"""Rows to result models, built without re-validation (the database is the source)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy import Row
+
+from keycap._db.queries import AnyRow
+from keycap._models import APIKey, Organization, Product, Project
+from keycap._rules import scopes
+from keycap._rules.policy import KeyFacts
+
+Source = AnyRow | Mapping[str, Any]
+
+
+def _mapping(row: Source) -> Mapping[str, Any]:
+    return row._mapping if isinstance(row, Row) else row  # type: ignore[return-value]
+
+
+def to_organization(row: Source) -> Organization:
+    m = _mapping(row)
+    return Organization.model_construct(id=m["id"], name=m["name"], created_at=m["created_at"])
+
+
+def to_project(row: Source) -> Project:
+    m = _mapping(row)
+    return Project.model_construct(
+        id=m["id"], org_id=m["org_id"], name=m["name"], created_at=m["created_at"]
+    )
+
+
+def to_product(row: Source) -> Product:
+    m = _mapping(row)
+    return Product.model_construct(
+        id=m["id"], org_id=m["org_id"], name=m["name"], created_at=m["created_at"]
+    )
+
+
+def to_key(row: Source, **override: Any) -> APIKey:
+    """A key from its row; ``scopes`` may be the stored string or already a tuple."""
+    m = _mapping(row)
+    stored_scopes = m["scopes"]
+    return APIKey.model_construct(
+        id=m["id"],
+        org_id=m["org_id"],
+        project_id=m["project_id"],
+        product_id=m["product_id"],
+        name=m["name"],
+        start=m["start"],
+        scopes=scopes.decode(stored_scopes) if isinstance(stored_scopes, str) else stored_scopes,
+        metadata=m["metadata"],
+        delegated_by=m["delegated_by"],
+        created_at=m["created_at"],
+        updated_at=m["updated_at"],
+        expires_at=m["expires_at"],
+        revoked_at=m["revoked_at"],
+        disabled_at=m["disabled_at"],
+        last_used_at=override.get("last_used_at", m["last_used_at"]),
+        use_count=override.get("use_count", m["use_count"]),
+        max_uses=m.get("max_uses"),
+        rate_limit=override.get("rate_limit"),
+        charge=override.get("charge"),
+    )
+
+
+def to_facts(row: Row[Any], digest_ok: bool) -> KeyFacts:
+    m = row._mapping
+    return KeyFacts(
+        key_id=m["id"],
+        digest_ok=digest_ok,
+        org_id=m["org_id"],
+        project_id=m["project_id"],
+        product_id=m["product_id"],
+        scopes=scopes.decode(m["scopes"]),
+        expires_at=m["expires_at"],
+        revoked_at=m["revoked_at"],
+        disabled_at=m["disabled_at"],
+        asked_project_org_id=m.get("asked_project_org_id"),
+        asked_product_org_id=m.get("asked_product_org_id"),
+        asked_product_linked=bool(m.get("asked_product_linked")),
+        asked_product_id=m.get("asked_product_id"),
+    )

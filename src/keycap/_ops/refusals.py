@@ -1,0 +1,112 @@
+"""After a refused transaction rolled back: which key state, budget or rate
+limit refused, as the typed error; or None when there is room after all, and
+the caller tries again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime
+from typing import Any
+
+from keycap._db import metering as m
+from keycap._db import queries, rows
+from keycap._db.engine import Conflict, Database
+from keycap._db.schema import budgets
+from keycap._errors import (
+    DatabaseError,
+    KeycapError,
+    NotFoundError,
+    RateLimitedError,
+)
+from keycap._ops.release import sweep
+from keycap._ops.results import budget_exceeded, epoch_ms, rate_limited_error
+from keycap._ops.units import Refused, stored_replay
+from keycap._rules import budgets as budget_rules
+from keycap._rules import policy
+from keycap._rules import rate_limits as ratelimit
+from keycap._rules.policy import Requirement
+
+
+async def refusal(
+    db: Database, key: m.KeyRef, amounts: Mapping[str, int], now: datetime, key_id: str | None
+) -> Exception | None:
+    """The error naming the budget that refused a debit of ``amounts`` (the first in
+    id order without room), or None if there is room after all: expired holds were
+    freed, or a release or rollover happened meanwhile (the caller tries again)."""
+    async with db.autocommit() as conn:
+        applicable = await m.applicable_budgets(conn, key, list(amounts))
+    for row in applicable:
+        requested = amounts[row.meter]
+        if budget_rules.state_at(row, now).remaining >= requested:
+            continue
+        if await sweep(db, now, budget_id=row.id):
+            return None
+        (row,) = await m.select_where(db, budgets, budgets.c.id == row.id) or (row,)
+        if budget_rules.state_at(row, now).remaining >= requested:
+            return None
+        return budget_exceeded(row, requested, now, key_id)
+    return None
+
+
+async def key_refusal(db: Database, key_id: str, now: datetime) -> Exception | None:
+    """Why a key could not be charged: not found, or the state the policy names.
+    None: it is live after all (enabled meanwhile), so the caller tries again."""
+    row = await queries.get_key(db, key_id)
+    if row is None:
+        return NotFoundError("key", key_id)
+    try:
+        policy.check(rows.to_facts(row, digest_ok=True), Requirement(), now)
+    except KeycapError as error:
+        return error
+    return None
+
+
+async def rate_refusal(
+    db: Database, key: m.KeyRef, amounts: Mapping[str, int], now: datetime, key_id: str
+) -> RateLimitedError | None:
+    """The error naming the rate limit that refused (the first in id order that does
+    not admit the call now), or None if all admit it now (the caller tries again)."""
+    now_ms = epoch_ms(now)
+    for current in await m.applicable_rate_limits(db, key):
+        units = m.rate_units(current, amounts)
+        v = ratelimit.view(
+            current.window_ms,
+            now_ms,
+            current.window_start,
+            current.current_units,
+            current.previous_units,
+        )
+        if units and not ratelimit.admits(current.limit_units, v, units):
+            return rate_limited_error(current, units, v, now, key_id)
+    return None
+
+
+async def run(
+    db: Database,
+    unit: Callable[[], Awaitable[Any]],
+    *,
+    key_id: str | None,
+    amounts: Mapping[str, int],
+    now: datetime,
+    idempotency: tuple[str, str, str | None],
+    model: Any,
+) -> Any:
+    """Run a unit, turning refusals into errors and a lost idempotency race into a replay."""
+    kind, scope, idempotency_key = idempotency
+    for _ in range(3):
+        try:
+            return await m.retrying(unit)
+        except Conflict:
+            # Lost the race to a duplicate with the same idempotency key: its result.
+            if (replay := await stored_replay(db, model, scope, kind, idempotency_key)) is None:
+                raise
+            return replay, ()
+        except Refused as refused:
+            if refused.what == "key" or refused.key is None:
+                error = await key_refusal(db, key_id or "", now)
+            else:
+                error = await refusal(db, refused.key, amounts, now, key_id)
+            if error is not None:
+                raise error from None
+    raise DatabaseError("the key or its budgets kept changing during the operation; try again")

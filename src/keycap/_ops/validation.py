@@ -1,0 +1,83 @@
+"""Metered validation: the key, every rate limit, the usage cap and every
+budget, in one transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+
+from keycap._db import metering as m
+from keycap._db.engine import Database
+from keycap._db.queries import AnyRow
+from keycap._errors import (
+    DatabaseError,
+)
+from keycap._models import (
+    BudgetAlert,
+    Charge,
+    RateLimitStatus,
+)
+from keycap._ops.charges import charge_in
+from keycap._ops.refusals import rate_refusal, refusal
+from keycap._ops.results import AlertHandler, deliver, epoch_ms, rate_limit_status, rate_order
+from keycap._ops.units import Refused
+from keycap._rules.policy import Requirement
+
+
+async def validate(
+    db: Database,
+    *,
+    key_id: str,
+    digests: Mapping[str, str],
+    req: Requirement,
+    amounts: Mapping[str, int],
+    track: bool,
+    now: datetime,
+    on_alert: AlertHandler | None,
+) -> tuple[AnyRow, RateLimitStatus | None, Charge | None] | None:
+    """Validation, every rate limit, the usage cap and every budget, in one transaction.
+
+    Returns None when the key itself was refused (the caller diagnoses it);
+    raises RateLimitedError or BudgetExceededError naming what refused.
+    """
+
+    async def unit() -> tuple[
+        AnyRow, RateLimitStatus | None, Charge | None, tuple[BudgetAlert, ...]
+    ]:
+        async with db.begin() as conn:
+            key_row = await m.record_metered_use(
+                conn, key_id, digests, req, now, db.dialect, track=track
+            )
+            if key_row is None:
+                raise Refused("key")
+            key = m.KeyRef(key_id, key_row.org_id, key_row.project_id)
+            limits = await m.consume_rates(
+                conn, key, amounts, epoch_ms(now), key_row.rate_limit_count
+            )
+            if limits is None:
+                raise Refused("rate", key=key)
+            statuses = [rate_limit_status(row, now) for row in limits]
+            charge_result = await charge_in(conn, key, amounts, now) if amounts else None
+            tightest = min(statuses, key=rate_order) if statuses else None
+            alerts = charge_result.alerts if charge_result is not None else ()
+            return key_row, tightest, charge_result, alerts
+
+    for _ in range(3):
+        try:
+            key_row, tightest, charge_result, alerts = await m.retrying(unit)
+        except Refused as refused:
+            if refused.what == "key":
+                return None
+            assert refused.key is not None
+            error: Exception | None
+            if refused.what == "rate":
+                error = await rate_refusal(db, refused.key, amounts, now, key_id)
+            else:
+                error = await refusal(db, refused.key, amounts, now, key_id)
+            if error is not None:
+                raise error from None
+            continue
+        await deliver(alerts, on_alert)
+        return key_row, tightest, charge_result
+    raise DatabaseError("the budgets kept changing during validation; try again")

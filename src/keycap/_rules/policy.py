@@ -1,0 +1,108 @@
+"""The grant rule, as pure code (docs/security.md states it in words).
+
+Access is granted if and only if, in this order:
+
+1. the key is well formed and its checksum is right (``tokens``);
+2. a key with that public id exists;
+3. its digest matches under the pepper that made it;
+4. it is not revoked;
+5. it is not disabled;
+6. it is not expired (``expires_at`` is unset or later than now);
+7. if an organization is asked for, the key belongs to it;
+8. if a project is asked for: a project key must be of that project; a key
+   without a project passes only if the project belongs to the key's organization;
+9. if a product is asked for (by id, or by name within the key's organization):
+   the product belongs to the key's organization, a product key must be of that
+   product, and a project key passes only if the product is linked to its project;
+10. every required scope is covered (``scopes``).
+
+The first failing step decides the error. ``db.queries.grant_predicate`` is the
+same rule in SQL; a test holds the two together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from keycap._errors import (
+    DisabledKeyError,
+    ExpiredKeyError,
+    ForbiddenError,
+    InsufficientScopeError,
+    InvalidKeyError,
+    RevokedKeyError,
+)
+from keycap._rules import scopes as scope_rules
+
+
+@dataclass(frozen=True, slots=True)
+class Requirement:
+    """What a validation asks for, already validated."""
+
+    scopes: tuple[str, ...] = ()
+    org_id: str | None = None
+    project_id: str | None = None
+    product_id: str | None = None
+    #: A product by name, looked up in the key's own organization.
+    product_name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyFacts:
+    """What the lookup returned about the key and the asked-for resources."""
+
+    key_id: str
+    digest_ok: bool
+    org_id: str
+    project_id: str | None
+    product_id: str | None
+    scopes: tuple[str, ...]
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    disabled_at: datetime | None
+    #: Organization of the asked-for project/product; None when absent or not asked.
+    asked_project_org_id: str | None = None
+    asked_product_org_id: str | None = None
+    #: The id of the product asked for by name in the key's organization, if any.
+    asked_product_id: str | None = None
+    #: Whether the asked-for product is linked to the key's project.
+    asked_product_linked: bool = False
+
+
+def check(facts: KeyFacts, req: Requirement, now: datetime) -> None:
+    """Raise the error of the first failing step; return if access is granted.
+
+    Raises:
+        InvalidKeyError, RevokedKeyError, DisabledKeyError, ExpiredKeyError,
+        ForbiddenError, InsufficientScopeError.
+    """
+    if not facts.digest_ok:
+        raise InvalidKeyError()
+    kid = facts.key_id
+    if facts.revoked_at is not None:
+        raise RevokedKeyError(facts.revoked_at, key_id=kid)
+    if facts.disabled_at is not None:
+        raise DisabledKeyError(facts.disabled_at, key_id=kid)
+    if facts.expires_at is not None and facts.expires_at <= now:
+        raise ExpiredKeyError(facts.expires_at, key_id=kid)
+    if req.org_id is not None and req.org_id != facts.org_id:
+        raise ForbiddenError("organization", key_id=kid)
+    if req.project_id is not None and (
+        req.project_id != facts.project_id
+        if facts.project_id is not None
+        else facts.asked_project_org_id != facts.org_id
+    ):
+        raise ForbiddenError("project", key_id=kid)
+    wanted = req.product_id if req.product_id is not None else facts.asked_product_id
+    if (req.product_id is not None or req.product_name is not None) and (
+        wanted is None
+        or facts.asked_product_org_id != facts.org_id
+        or (facts.product_id is not None and facts.product_id != wanted)
+        or (facts.project_id is not None and not facts.asked_product_linked)
+    ):
+        raise ForbiddenError("product", key_id=kid)
+    if req.scopes:
+        absent = scope_rules.missing(facts.scopes, req.scopes)
+        if absent:
+            raise InsufficientScopeError(absent, key_id=kid)
