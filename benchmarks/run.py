@@ -222,7 +222,7 @@ async def build(client: APIKeyClient) -> World:
 
 async def fill_keys(client: APIKeyClient, total: int) -> None:
     """Bulk-insert copies of an existing key row until the table holds ``total`` keys."""
-    db = client._db
+    db = client.engine
     async with db.begin() as conn:
         have = (await conn.execute(select(text("count(*)")).select_from(keys_table))).scalar_one()
         template = dict((await conn.execute(select(keys_table).limit(1))).one()._mapping)
@@ -242,7 +242,7 @@ async def fill_keys(client: APIKeyClient, total: int) -> None:
 
 async def fill_ledger(client: APIKeyClient, key_id: str, rows: int) -> None:
     """History: ``rows`` ledger rows of an old period for ``key_id`` (balances unaffected)."""
-    db = client._db
+    db = client.engine
     async with db.begin() as conn:
         template = dict(
             (
@@ -332,7 +332,7 @@ async def bench(db: str, url: str, args: argparse.Namespace) -> list[Row]:
     print(f"{db}: setting up", file=sys.stderr)
     floor = await bare(db, url)
     async with APIKeyClient(url, signing_secret=SECRET) as client:
-        async with client._db.begin() as conn:
+        async with client.engine.begin() as conn:
             await conn.run_sync(metadata.drop_all)
             await conn.run_sync(metadata.create_all)
         w = await build(client)

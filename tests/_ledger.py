@@ -13,7 +13,7 @@ async def assert_balances_match_ledger(client: APIKeyClient) -> list[str]:
     SUM(delta_held) == the amounts of its open holds.
     Returns one line per budget for reports."""
     lines = []
-    async with client._db.begin() as conn:
+    async with client.engine.begin() as conn:
         for b in (await conn.execute(select(budgets))).all():
             used = await conn.scalar(
                 select(func.coalesce(func.sum(ledger.c.delta_used), 0)).where(

@@ -115,7 +115,7 @@ def clock() -> FakeClock:
 async def client(db_url: str, clock: FakeClock) -> AsyncIterator[APIKeyClient]:
     """A client on an emptied database, with the fake clock."""
     async with APIKeyClient(db_url, signing_secret=SECRET, clock=clock) as c:
-        async with c._db.begin() as conn:
+        async with c.engine.begin() as conn:
             for table in reversed(metadata.sorted_tables):
                 await conn.execute(delete(table))
         yield c

@@ -27,7 +27,7 @@ from tests.test_validation import count_statements
 @pytest.fixture
 def cached(client: APIKeyClient, clock: FakeClock) -> APIKeyClient:
     return APIKeyClient(
-        client._db.engine, signing_secret=SECRET, clock=clock, track_usage=False, auth_cache_ttl=30
+        client.engine, signing_secret=SECRET, clock=clock, track_usage=False, auth_cache_ttl=30
     )
 
 

@@ -379,7 +379,7 @@ async def test_403_for_another_organization_or_project(client: APIKeyClient) -> 
 async def test_a_route_with_its_own_client_is_still_settled(client: APIKeyClient) -> None:
     w = await world(client)
     capped = await client.create_key(w.org, budgets=[Budget(Decimal("1.00"), period="month")])
-    own = APIKeyClient(client._db.engine, signing_secret=SECRET)
+    own = APIKeyClient(client.engine, signing_secret=SECRET)
     app = FastAPI()
     app.add_middleware(KeycapMiddleware, client=client, close_client=False)
 

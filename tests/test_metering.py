@@ -135,7 +135,7 @@ async def test_a_lagging_clock_does_not_reset_a_period_twice(
     clock.now = datetime(2026, 1, 16, 0, 0, 1, tzinfo=UTC)  # a server already in the new day
     await client.charge(issued.id, D("0.9"))
     lagging = APIKeyClient(
-        client._db.engine,
+        client.engine,
         signing_secret=SECRET,
         clock=lambda: datetime(2026, 1, 15, 23, 59, 58, tzinfo=UTC),
     )

@@ -13,7 +13,7 @@ from tests.conftest import SECRET
 
 async def _all_stored_text(client: APIKeyClient) -> str:
     out = []
-    async with client._db.begin() as conn:
+    async with client.engine.begin() as conn:
         for table in metadata.sorted_tables:
             for row in (await conn.execute(select(table))).all():
                 out.extend(repr(v) for v in row)

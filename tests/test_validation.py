@@ -65,7 +65,7 @@ def count_statements(client: APIKeyClient) -> Iterator[list[str]]:
     def before(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         seen.append(statement)
 
-    engine = client._db.engine.sync_engine
+    engine = client.engine.sync_engine
     event.listen(engine, "before_cursor_execute", before)
     try:
         yield seen
@@ -74,7 +74,7 @@ def count_statements(client: APIKeyClient) -> Iterator[list[str]]:
 
 
 async def row_of(client: APIKeyClient, key_id: str) -> Any:
-    async with client._db.begin() as conn:
+    async with client.engine.begin() as conn:
         return (await conn.execute(select(keys).where(keys.c.id == key_id))).one()
 
 
@@ -91,7 +91,7 @@ async def test_every_step_of_the_grant_rule(client: APIKeyClient, clock: FakeClo
     await client.delete_key("key_" + unknown[8:20])
     with pytest.raises(InvalidKeyError):
         await client.validate_key(unknown)
-    other_secret = APIKeyClient(client._db.engine, signing_secret="z" * 40, clock=clock)
+    other_secret = APIKeyClient(client.engine, signing_secret="z" * 40, clock=clock)
     with pytest.raises(InvalidKeyError) as wrong_secret:
         await other_secret.validate_key(ok)
     assert wrong_secret.value.key_id is None  # unknown and wrong secret look the same
@@ -277,7 +277,7 @@ async def test_usage_tracking_can_be_switched_off_per_call_and_per_client(
 ) -> None:
     issued = await client.create_key((await client.create_organization("A")).id)
     await client.validate_key(issued.plaintext, track_usage=False)
-    quiet = APIKeyClient(client._db.engine, signing_secret=SECRET, clock=clock, track_usage=False)
+    quiet = APIKeyClient(client.engine, signing_secret=SECRET, clock=clock, track_usage=False)
     await quiet.validate_key(issued.plaintext)
     stored = await client.get_key(issued.id)
     assert (stored.use_count, stored.last_used_at) == (0, None)
@@ -311,7 +311,7 @@ async def test_statements_per_validation(client: APIKeyClient, backend: str) -> 
 
 async def test_pepper_rotation(client: APIKeyClient, clock: FakeClock) -> None:
     old, new = "old-secret-" + "o" * 32, "new-secret-" + "n" * 32
-    engine = client._db.engine
+    engine = client.engine
     before = APIKeyClient(engine, signing_secret=old, clock=clock)
     org = (await before.create_organization("A")).id
     issued = await before.create_key(org)
@@ -319,11 +319,11 @@ async def test_pepper_rotation(client: APIKeyClient, clock: FakeClock) -> None:
 
     rotated = APIKeyClient(engine, signing_secret=[new, old], clock=clock)
     fresh = await rotated.create_key(org)
-    assert (await row_of(client, fresh.id)).pepper_id == rotated._ring.current_id
+    assert (await row_of(client, fresh.id)).pepper_id == rotated.pepper_id
     # The old key still validates and is re-digested under the newest secret.
     await rotated.validate_key(issued.plaintext, track_usage=False)
     row = await row_of(client, issued.id)
-    assert row.pepper_id == rotated._ring.current_id != old_pepper
+    assert row.pepper_id == rotated.pepper_id != old_pepper
     # So once every key has been used, the old secret can be retired.
     only_new = APIKeyClient(engine, signing_secret=new, clock=clock)
     await only_new.validate_key(issued.plaintext)
@@ -335,9 +335,7 @@ async def test_a_key_of_another_prefix_or_environment_is_invalid(
     client: APIKeyClient, clock: FakeClock
 ) -> None:
     org = (await client.create_organization("A")).id
-    test_env = APIKeyClient(
-        client._db.engine, signing_secret=SECRET, environment="test", clock=clock
-    )
+    test_env = APIKeyClient(client.engine, signing_secret=SECRET, environment="test", clock=clock)
     issued = await test_env.create_key(org)
     assert issued.plaintext.startswith("sk_test_")
     await test_env.validate_key(issued.plaintext)

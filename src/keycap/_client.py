@@ -2,29 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from enum import Enum
 from types import TracebackType
 from typing import Any, Final, Self
 
-from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from keycap import _ops as metering
-from keycap._db import metering as db_metering
-from keycap._db import queries, rows
+from keycap._db import budgets, holds, keys, ledger, rate_limits, rows, tenancy
 from keycap._db.engine import Database, create_engine
-from keycap._db.schema import budgets as budgets_table
-from keycap._db.schema import keys, organizations, products, projects
 from keycap._db.schema import metadata as schema_metadata
-from keycap._db.schema import rate_limits as rate_limits_table
 from keycap._errors import (
-    AlreadyExistsError,
     ConfigurationError,
     DatabaseError,
-    HoldClosedError,
     InvalidArgumentError,
     InvalidKeyError,
     NotFoundError,
@@ -43,6 +34,9 @@ from keycap._models import (
     Settlement,
     UsageRow,
 )
+from keycap._ops import admin, charges, results, validation
+from keycap._ops import holds as hold_ops
+from keycap._ops import release as release_ops
 from keycap._ops.authcache import AuthCache
 from keycap._rules import ids, inputs, money, policy, timeutil, tokens
 from keycap._rules import scopes as scope_rules
@@ -107,7 +101,7 @@ class APIKeyClient:
         environment: str = "live",
         track_usage: bool = True,
         clock: Clock | None = None,
-        on_budget_alert: metering.AlertHandler | None = None,
+        on_budget_alert: results.AlertHandler | None = None,
         auth_cache_ttl: float | None = None,
     ) -> None:
         self._format = tokens.KeyFormat(key_prefix, environment)
@@ -146,6 +140,20 @@ class APIKeyClient:
         """Dispose the engine if keycap created it."""
         await self._db.dispose()
 
+    @property
+    def engine(self) -> AsyncEngine:
+        """The SQLAlchemy engine keycap runs on: the one passed in, or the one it made
+        from the URL (disposed by :meth:`aclose`). Use it to run your own statements
+        or migrations on keycap's database."""
+        return self._db.engine
+
+    @property
+    def pepper_id(self) -> str:
+        """The id of the newest signing secret. New keys are digested with it, and an
+        older key's digest is moved to it on its next successful validation; a key
+        row whose ``pepper_id`` differs still awaits that (docs/security.md)."""
+        return self._ring.current_id
+
     def now(self) -> datetime:
         """The current time by the client's clock (aware, UTC): what expiry, rate
         windows and budget periods are measured against."""
@@ -181,21 +189,21 @@ class APIKeyClient:
             AlreadyExistsError: an organization of that name exists (``existing_id``).
             InvalidArgumentError: a bad name.
         """
-        return rows.to_organization(await self._create(organizations, ids.ORG, None, name))
+        return rows.to_organization(await self._create(ids.ORG, None, name))
 
     async def get_or_create_organization(self, name: str) -> tuple[Organization, bool]:
         """The organization of that name, created if missing; ``(org, created)``.
         Safe to call concurrently: exactly one caller creates it."""
-        found, created = await self._get_or_create(organizations, ids.ORG, None, name)
+        found, created = await self._get_or_create(ids.ORG, None, name)
         return rows.to_organization(found), created
 
     async def get_organization(self, org_id: str) -> Organization:
         """Raises: NotFoundError."""
-        return rows.to_organization(await self._get(organizations, ids.ORG, org_id))
+        return rows.to_organization(await self._get(ids.ORG, org_id))
 
     async def list_organizations(self, *, limit: int = 100, offset: int = 0) -> list[Organization]:
         limit, offset = inputs.page(limit, offset)
-        found = await queries.list_rows(self._db, organizations, None, limit, offset)
+        found = await self._db.run(tenancy.list_rows, tenancy.TABLES[ids.ORG], None, limit, offset)
         return [rows.to_organization(r) for r in found]
 
     async def delete_organization(self, org_id: str) -> None:
@@ -203,58 +211,58 @@ class APIKeyClient:
 
         Raises: NotFoundError.
         """
-        await self._delete(organizations, ids.ORG, org_id)
+        await self._delete(ids.ORG, org_id)
 
     async def create_project(self, org_id: str, name: str) -> Project:
         """Raises: NotFoundError (organization), AlreadyExistsError, InvalidArgumentError."""
-        return rows.to_project(await self._create(projects, ids.PROJECT, org_id, name))
+        return rows.to_project(await self._create(ids.PROJECT, org_id, name))
 
     async def get_or_create_project(self, org_id: str, name: str) -> tuple[Project, bool]:
-        found, created = await self._get_or_create(projects, ids.PROJECT, org_id, name)
+        found, created = await self._get_or_create(ids.PROJECT, org_id, name)
         return rows.to_project(found), created
 
     async def get_project(self, project_id: str) -> Project:
         """Raises: NotFoundError."""
-        return rows.to_project(await self._get(projects, ids.PROJECT, project_id))
+        return rows.to_project(await self._get(ids.PROJECT, project_id))
 
     async def list_projects(
         self, org_id: str, *, limit: int = 100, offset: int = 0
     ) -> list[Project]:
         org_id = ids.check(ids.ORG, org_id)
         limit, offset = inputs.page(limit, offset)
-        return [
-            rows.to_project(r)
-            for r in await queries.list_rows(self._db, projects, org_id, limit, offset)
-        ]
+        found = await self._db.run(
+            tenancy.list_rows, tenancy.TABLES[ids.PROJECT], org_id, limit, offset
+        )
+        return [rows.to_project(r) for r in found]
 
     async def delete_project(self, project_id: str) -> None:
         """Delete a project, its product links and its keys (whose open holds are
         released first). Raises: NotFoundError."""
         project_id = ids.check(ids.PROJECT, project_id)
         await self._retire_keys("project_id", project_id)
-        await self._delete(projects, ids.PROJECT, project_id)
+        await self._delete(ids.PROJECT, project_id)
 
     async def create_product(self, org_id: str, name: str) -> Product:
         """Raises: NotFoundError (organization), AlreadyExistsError, InvalidArgumentError."""
-        return rows.to_product(await self._create(products, ids.PRODUCT, org_id, name))
+        return rows.to_product(await self._create(ids.PRODUCT, org_id, name))
 
     async def get_or_create_product(self, org_id: str, name: str) -> tuple[Product, bool]:
-        found, created = await self._get_or_create(products, ids.PRODUCT, org_id, name)
+        found, created = await self._get_or_create(ids.PRODUCT, org_id, name)
         return rows.to_product(found), created
 
     async def get_product(self, product_id: str) -> Product:
         """Raises: NotFoundError."""
-        return rows.to_product(await self._get(products, ids.PRODUCT, product_id))
+        return rows.to_product(await self._get(ids.PRODUCT, product_id))
 
     async def list_products(
         self, org_id: str, *, limit: int = 100, offset: int = 0
     ) -> list[Product]:
         org_id = ids.check(ids.ORG, org_id)
         limit, offset = inputs.page(limit, offset)
-        return [
-            rows.to_product(r)
-            for r in await queries.list_rows(self._db, products, org_id, limit, offset)
-        ]
+        found = await self._db.run(
+            tenancy.list_rows, tenancy.TABLES[ids.PRODUCT], org_id, limit, offset
+        )
+        return [rows.to_product(r) for r in found]
 
     async def delete_product(self, product_id: str) -> None:
         """Delete a product, its project links and the keys narrowed to it.
@@ -263,7 +271,7 @@ class APIKeyClient:
         """
         product_id = ids.check(ids.PRODUCT, product_id)
         await self._retire_keys("product_id", product_id)
-        await self._delete(products, ids.PRODUCT, product_id)
+        await self._delete(ids.PRODUCT, product_id)
 
     async def add_product_to_project(self, product_id: str, project_id: str) -> bool:
         """Let keys of the project use the product. Idempotent: False if already linked.
@@ -278,7 +286,7 @@ class APIKeyClient:
             raise InvalidArgumentError(
                 "product_id", "belongs to another organization than the project"
             )
-        linked = await queries.link_product(
+        linked = await admin.link_product(
             self._db, project.org_id, project.id, product.id, self._now()
         )
         self._changed()
@@ -286,63 +294,39 @@ class APIKeyClient:
 
     async def remove_product_from_project(self, product_id: str, project_id: str) -> bool:
         """Unlink; the project's keys lose the product at once. False if not linked."""
-        unlinked = await queries.unlink_product(
-            self._db, ids.check(ids.PROJECT, project_id), ids.check(ids.PRODUCT, product_id)
+        unlinked = await self._db.run_in_transaction(
+            tenancy.delete_link,
+            ids.check(ids.PROJECT, project_id),
+            ids.check(ids.PRODUCT, product_id),
         )
         self._changed()
         return unlinked
 
-    async def _create(
-        self, table: Table, kind: str, org_id: str | None, name: str
-    ) -> dict[str, Any]:
-        values: dict[str, Any] = {"id": ids.new_id(kind), "name": inputs.text(name, "name")}
-        if kind != ids.ORG:
-            values["org_id"] = ids.check(ids.ORG, org_id)
-        values["created_at"] = self._now()
-        await queries.insert_named(self._db, table, values, ids.resource_name(kind))
-        return values
+    async def _create(self, kind: str, org_id: str | None, name: str) -> dict[str, Any]:
+        name = inputs.text(name, "name")
+        parent = None if kind == ids.ORG else ids.check(ids.ORG, org_id)
+        return await admin.create_named(self._db, kind, parent, name, self._now())
 
     async def _get_or_create(
-        self, table: Table, kind: str, org_id: str | None, name: str
+        self, kind: str, org_id: str | None, name: str
     ) -> tuple[rows.Source, bool]:
         name = inputs.text(name, "name")
-        if kind != ids.ORG:
-            org_id = ids.check(ids.ORG, org_id)
-        existing = await queries.find_named(self._db, table, name, org_id)
-        if existing is not None:
-            return existing, False
-        try:
-            return await self._create(table, kind, org_id, name), True
-        except AlreadyExistsError:
-            # Lost a race with another creator: theirs is the one.
-            winner = await queries.find_named(self._db, table, name, org_id)
-            if winner is None:  # created and deleted meanwhile
-                raise
-            return winner, False
+        parent = None if kind == ids.ORG else ids.check(ids.ORG, org_id)
+        return await admin.get_or_create_named(self._db, kind, parent, name, self._now())
 
-    async def _get(self, table: Table, kind: str, id_: str) -> Any:
-        id_ = ids.check(kind, id_)
-        row = await queries.get_by_id(self._db, table, id_)
-        if row is None:
-            raise NotFoundError(ids.resource_name(kind), id_)
-        return row
+    async def _get(self, kind: str, id_: str) -> Any:
+        return await admin.get_named(self._db, kind, ids.check(kind, id_))
 
     async def _retire_keys(self, column: str, value: str) -> None:
-        """Before keys are deleted: revoke them, so no new hold can start, then release
-        their open holds, so none is left holding a project's or organization's budget."""
-        now = self._now()
-        await queries.revoke_keys_where(self._db, column, value, now)
-        for hold_id in await db_metering.open_hold_ids(self._db, column, value):
-            with contextlib.suppress(HoldClosedError):  # settled or expired meanwhile
-                await metering.release(self._db, hold_id=hold_id, idempotency_key=None, now=now)
+        await admin.retire_keys(self._db, column, value, self._now())
         self._changed()
 
-    async def _delete(self, table: Table, kind: str, id_: str) -> None:
+    async def _delete(self, kind: str, id_: str) -> None:
         id_ = ids.check(kind, id_)
-        deleted = await queries.delete_by_id(self._db, table, id_)
-        self._changed()
-        if not deleted:
-            raise NotFoundError(ids.resource_name(kind), id_)
+        try:
+            await admin.delete_named(self._db, kind, id_)
+        finally:
+            self._changed()
 
     # --- keys: administration -----------------------------------------------------------
 
@@ -397,46 +381,31 @@ class APIKeyClient:
         expiry = timeutil.resolve_expiry(expires_in, expires_at, now)
 
         public_id, plaintext = self._format.generate()
-        values: dict[str, Any] = {
-            "id": ids.key_id(public_id),
-            "org_id": org_id,
-            "project_id": project_id,
-            "product_id": product_id,
-            "name": name,
-            "start": self._format.start(plaintext),
-            "digest": self._ring.digest(plaintext),
-            "pepper_id": self._ring.current_id,
-            "scopes": scope_rules.encode(granted),
-            "metadata": meta,
-            "delegated_by": delegated,
-            "created_at": now,
-            "updated_at": now,
-            "expires_at": expiry,
-            "revoked_at": None,
-            "disabled_at": None,
-            "last_used_at": None,
-            "use_count": 0,
-            "max_uses": cap,
-        }
-        subject = db_metering.Subject(values["id"], org_id, project_id, values["id"])
-        extra = [
-            (
-                rate_limits_table,
-                [db_metering.new_rate_limit_row(subject, rl, now) for rl in limit_specs],
-            ),
-            (
-                budgets_table,
-                [db_metering.new_budget_row(subject, spec, now) for spec in budget_specs],
-            ),
-        ]
-        await queries.insert_key(self._db, values, project_id, product_id, extra)
+        key_id = ids.key_id(public_id)
+        values = keys.new_key_row(
+            key_id=key_id,
+            org_id=org_id,
+            project_id=project_id,
+            product_id=product_id,
+            name=name,
+            start=self._format.start(plaintext),
+            digest=self._ring.digest(plaintext),
+            pepper_id=self._ring.current_id,
+            scopes=scope_rules.encode(granted),
+            metadata=meta,
+            delegated_by=delegated,
+            expires_at=expiry,
+            max_uses=cap,
+            now=now,
+        )
+        await admin.create_key(self._db, values, limit_specs, budget_specs)
         key = rows.to_key({**values, "scopes": granted})
         return IssuedKey.model_construct(key=key, plaintext=plaintext)
 
     async def get_key(self, key_id: str) -> APIKey:
         """Raises: NotFoundError."""
         key_id = ids.check(ids.KEY, key_id)
-        row = await queries.get_key(self._db, key_id)
+        row = await self._db.run(keys.get_key, key_id)
         if row is None:
             raise NotFoundError("key", key_id)
         return rows.to_key(row)
@@ -466,8 +435,8 @@ class APIKeyClient:
                     "status", "must be one of " + ", ".join(s.value for s in KeyStatus)
                 ) from None
         limit, offset = inputs.page(limit, offset)
-        found = await queries.list_keys(
-            self._db,
+        found = await self._db.run(
+            keys.list_keys,
             org_id=org_id,
             project_id=project_id,
             product_id=product_id,
@@ -517,7 +486,7 @@ class APIKeyClient:
                     None if expires_at is UNSET else expires_at,
                     now,
                 )
-        row = await queries.update_key(self._db, key_id, values, only_if=None)
+        row = await self._db.run_in_transaction(keys.update_key, key_id, values)
         self._changed()
         if row is None:
             raise NotFoundError("key", key_id)
@@ -529,17 +498,24 @@ class APIKeyClient:
         Raises: NotFoundError.
         """
         key_id = ids.check(ids.KEY, key_id)
-        return self._found(await queries.revoke_key(self._db, key_id, self._now()), key_id)
+        return self._found(
+            await self._db.run_in_transaction(keys.revoke_key, key_id, self._now()), key_id
+        )
 
     async def disable_key(self, key_id: str) -> APIKey:
         """Suspend a key until :meth:`enable_key`. Idempotent. Raises: NotFoundError."""
         key_id = ids.check(ids.KEY, key_id)
-        return self._found(await queries.set_disabled(self._db, key_id, self._now(), True), key_id)
+        return self._found(
+            await self._db.run_in_transaction(keys.set_disabled, key_id, self._now(), True), key_id
+        )
 
     async def enable_key(self, key_id: str) -> APIKey:
         """Lift a suspension (a revoked key stays revoked). Raises: NotFoundError."""
         key_id = ids.check(ids.KEY, key_id)
-        return self._found(await queries.set_disabled(self._db, key_id, self._now(), False), key_id)
+        return self._found(
+            await self._db.run_in_transaction(keys.set_disabled, key_id, self._now(), False),
+            key_id,
+        )
 
     async def delete_key(self, key_id: str) -> None:
         """Delete a key with its own limits and budgets. Prefer :meth:`revoke_key`,
@@ -551,7 +527,7 @@ class APIKeyClient:
         """
         key_id = ids.check(ids.KEY, key_id)
         await self._retire_keys("id", key_id)
-        await self._delete(keys, ids.KEY, key_id)
+        await self._delete(ids.KEY, key_id)
 
     def _found(self, row: Any, key_id: str) -> APIKey:
         """The key a write changed (revoke, disable, enable)."""
@@ -629,7 +605,7 @@ class APIKeyClient:
         metered = amounts is not None or key_id in self._rate_limited
         for _ in range(_VALIDATE_ATTEMPTS):
             if metered:
-                outcome = await metering.validate(
+                outcome = await validation.validate(
                     self._db,
                     key_id=key_id,
                     digests=digests,
@@ -646,19 +622,19 @@ class APIKeyClient:
                     return rows.to_key(key_row, rate_limit=rate, charge=charged)
             elif track and self._db.update_returning:
                 # PostgreSQL, SQLite, a key no rate limit applies to: one statement.
-                row = await queries.record_use_returning(self._db, key_id, digests, req, now)
+                row = await self._db.run(keys.record_use_returning, key_id, digests, req, now)
                 if row is not None:
                     await self._upgrade_pepper(key_id, row.pepper_id, plaintext)
                     return rows.to_key(row)
             # Refused, untracked, not yet known to be rate-limited, or MySQL: read
             # the row; the policy says why.
-            looked = await queries.lookup_for_validation(self._db, key_id, req)
+            looked = await self._db.run(keys.lookup_for_validation, key_id, req)
             if looked is None:
                 raise InvalidKeyError()
             digest_ok = self._ring.verify(plaintext, looked.pepper_id, looked.digest)
             policy.check(rows.to_facts(looked, digest_ok), req, now)
             self._note_rate_limited(key_id, bool(looked.has_rate_limits))
-            if (exhausted := metering.usage_cap_error(looked)) is not None:
+            if (exhausted := results.usage_cap_error(looked)) is not None:
                 raise exhausted
             if amounts is not None or looked.has_rate_limits:
                 # Rate-limited after all, or the metered transaction refused a key
@@ -676,11 +652,11 @@ class APIKeyClient:
                     self._cache.put(key_id, req, looked, now, generation)
                 return rows.to_key(looked)
             if self._db.update_returning:
-                row = await queries.record_use_returning(self._db, key_id, digests, req, now)
+                row = await self._db.run(keys.record_use_returning, key_id, digests, req, now)
                 if row is not None:
                     await self._upgrade_pepper(key_id, row.pepper_id, plaintext)
                     return rows.to_key(row)
-            elif await queries.record_use(self._db, key_id, digests, req, now):
+            elif await self._db.run(keys.record_use, key_id, digests, req, now):
                 # MySQL/MariaDB: recorded under the rule re-checked in SQL.
                 await self._upgrade_pepper(key_id, looked.pepper_id, plaintext)
                 return rows.to_key(looked, use_count=looked.use_count + 1, last_used_at=now)
@@ -697,31 +673,23 @@ class APIKeyClient:
         """
         subject_id = ids.check_subject(subject_id)
         spec = _sequence([limit], RateLimit, "limit")[0]
-        subject = await db_metering.resolve_subject(self._db, subject_id)
         now = self._now()
-        row = await db_metering.upsert_rate_limit(self._db, subject, spec, now)
+        row = await admin.set_rate_limit(self._db, subject_id, spec, now)
         self._changed()  # a cached key may now be rate-limited
-        return metering.rate_limit_status(row, now)
+        return results.rate_limit_status(row, now)
 
     async def remove_rate_limit(self, subject_id: str, name: str) -> bool:
         """Remove a rate limit by name; False if there was none."""
         subject_id = ids.check_subject(subject_id)
         name = inputs.text(name, "name")
-        c = rate_limits_table.c
-        return bool(
-            await db_metering.delete_where(
-                self._db, rate_limits_table, c.subject_id == subject_id, c.name == name
-            )
-        )
+        return await admin.remove_rate_limit(self._db, subject_id, name)
 
     async def get_rate_limits(self, subject_id: str) -> list[RateLimitStatus]:
         """The rate limits attached directly to a key, project or organization."""
         subject_id = ids.check_subject(subject_id)
         now = self._now()
-        found = await db_metering.select_where(
-            self._db, rate_limits_table, rate_limits_table.c.subject_id == subject_id
-        )
-        return [metering.rate_limit_status(r, now) for r in found]
+        found = await self._db.run(rate_limits.rate_limits_of, subject_id)
+        return [results.rate_limit_status(r, now) for r in found]
 
     async def set_budget(self, subject_id: str, budget: Budget) -> BudgetStatus:
         """Attach (or change: one per meter and period) a budget on a key, project or
@@ -731,32 +699,21 @@ class APIKeyClient:
         """
         subject_id = ids.check_subject(subject_id)
         spec = BudgetSpec.of(budget)
-        subject = await db_metering.resolve_subject(self._db, subject_id)
         now = self._now()
-        return metering.budget_status(
-            await db_metering.upsert_budget(self._db, subject, spec, now), now
-        )
+        return results.budget_status(await admin.set_budget(self._db, subject_id, spec, now), now)
 
     async def remove_budget(self, budget_id: str) -> bool:
         """Remove a budget (its ledger rows stay); False if there was none."""
         budget_id = ids.check(ids.BUDGET, budget_id)
-        return bool(
-            await db_metering.delete_where(self._db, budgets_table, budgets_table.c.id == budget_id)
-        )
+        return await self._db.run_in_transaction(budgets.delete_budget, budget_id)
 
     async def get_budgets(self, subject_id: str) -> list[BudgetStatus]:
         """The budgets attached directly to a key, project or organization, as they stand
         (holds past their ttl are returned to them first)."""
         subject_id = ids.check_subject(subject_id)
         now = self._now()
-        for budget in await db_metering.select_where(
-            self._db, budgets_table, budgets_table.c.subject_id == subject_id
-        ):
-            await metering.sweep(self._db, now, budget_id=budget.id)
-        found = await db_metering.select_where(
-            self._db, budgets_table, budgets_table.c.subject_id == subject_id
-        )
-        return [metering.budget_status(r, now) for r in found]
+        found = await admin.swept_budgets(self._db, subject_id, now)
+        return [results.budget_status(r, now) for r in found]
 
     async def grant_credit(self, budget_id: str, amount: money.Amount) -> BudgetStatus:
         """Top a budget up for its current period (a lifetime budget: for good).
@@ -766,8 +723,8 @@ class APIKeyClient:
         budget_id = ids.check(ids.BUDGET, budget_id)
         micros = money.to_micros(amount, "amount", allow_zero=False)
         now = self._now()
-        return metering.budget_status(
-            await db_metering.grant_credit(self._db, budget_id, micros, now), now
+        return results.budget_status(
+            await admin.grant_credit(self._db, budget_id, micros, now), now
         )
 
     # --- metering: charges and holds --------------------------------------------------
@@ -790,7 +747,7 @@ class APIKeyClient:
         """
         key_id = ids.check(ids.KEY, key_id)
         amounts = money.costs(amount, "amount")
-        return await metering.charge(
+        return await charges.charge(
             self._db,
             key_id=key_id,
             amounts=amounts,
@@ -820,7 +777,7 @@ class APIKeyClient:
         lifetime = timeutil.parse_duration(ttl, "ttl")
         if lifetime > _MAX_HOLD_TTL:
             raise InvalidArgumentError("ttl", "must be at most 30 days")
-        return await metering.reserve(
+        return await hold_ops.reserve(
             self._db,
             key_id=key_id,
             meter=money.meter_name(meter),
@@ -841,7 +798,7 @@ class APIKeyClient:
         """
         hold_id = ids.check(ids.HOLD, hold_id)
         micros = money.to_micros(actual, "actual")
-        return await metering.settle(
+        return await hold_ops.settle(
             self._db,
             hold_id=hold_id,
             actual=micros,
@@ -853,7 +810,7 @@ class APIKeyClient:
     async def release(self, hold_id: str, *, idempotency_key: str | None = None) -> Hold:
         """Return a hold to its budgets unused. Raises: NotFoundError, HoldClosedError."""
         hold_id = ids.check(ids.HOLD, hold_id)
-        return await metering.release(
+        return await release_ops.release(
             self._db,
             hold_id=hold_id,
             idempotency_key=_idempotency(idempotency_key),
@@ -863,15 +820,15 @@ class APIKeyClient:
     async def get_hold(self, hold_id: str) -> Hold:
         """Raises: NotFoundError."""
         hold_id = ids.check(ids.HOLD, hold_id)
-        row = await db_metering.get_hold(self._db, hold_id)
+        row = await self._db.run(holds.get_hold, hold_id)
         if row is None:
             raise NotFoundError("hold", hold_id)
-        return metering.hold_model(row)
+        return release_ops.hold_model(row)
 
     async def sweep_expired_holds(self) -> int:
         """Return every hold past its ttl to its budgets now (they are also returned
         lazily when they stand in a charge's way). Returns how many."""
-        return await metering.sweep(self._db, self._now())
+        return await release_ops.sweep(self._db, self._now())
 
     async def usage(
         self,
@@ -892,8 +849,8 @@ class APIKeyClient:
             raise InvalidArgumentError("per", "must be 'day' or 'month'")
         start = now - timedelta(days=30) if since is None else timeutil.aware_utc(since, "since")
         end = timeutil.MAX_DATETIME if until is None else timeutil.aware_utc(until, "until")
-        found = await db_metering.usage(
-            self._db,
+        found = await self._db.run(
+            ledger.usage,
             key_id=ids.check_optional(ids.KEY, key_id, field="key_id"),
             project_id=ids.check_optional(ids.PROJECT, project_id, field="project_id"),
             org_id=ids.check_optional(ids.ORG, org_id, field="org_id"),
@@ -941,8 +898,12 @@ class APIKeyClient:
 
     async def _upgrade_pepper(self, key_id: str, pepper_id: str, plaintext: str) -> None:
         if self._ring.needs_upgrade(pepper_id):
-            await queries.upgrade_digest(
-                self._db, key_id, pepper_id, self._ring.current_id, self._ring.digest(plaintext)
+            await self._db.run(
+                keys.upgrade_digest,
+                key_id,
+                pepper_id,
+                self._ring.current_id,
+                self._ring.digest(plaintext),
             )
 
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from sqlalchemy import event, exc
 from sqlalchemy.engine import URL, make_url
@@ -152,6 +152,19 @@ def translate(error: BaseException) -> KeycapError:
     raise error
 
 
+def is_transient(error: BaseException) -> bool:
+    """A deadlock, serialization failure or busy database: the unit of work that met
+    it may simply be run again."""
+    cause = error.__cause__ if isinstance(error, DatabaseError) else error
+    orig = getattr(cause, "orig", cause)
+    if getattr(orig, "sqlstate", None) in ("40P01", "40001"):
+        return True
+    args = getattr(orig, "args", ())
+    if args and args[0] in (1213, 1205):  # MySQL deadlock, lock wait timeout
+        return True
+    return "database is locked" in str(orig)
+
+
 def _describe(error: exc.DBAPIError) -> str:
     orig = error.orig if error.orig is not None else error
     first = str(orig).strip().splitlines()[0] if str(orig).strip() else ""
@@ -172,12 +185,17 @@ async def _translated(
         raise translate(error) from error
 
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
 class Database:
     """The engine and the two ways keycap talks to it.
 
     ``begin()`` is one transaction; ``autocommit()`` runs statements that are
     each atomic on their own (the validation hot path) with no BEGIN/COMMIT
-    round trips.
+    round trips. :meth:`run` and :meth:`run_in_transaction` call one statement
+    function (``keycap._db.keys.get_key``, ...) in either.
     """
 
     def __init__(self, engine: AsyncEngine, *, owned: bool) -> None:
@@ -201,6 +219,27 @@ class Database:
     async def autocommit(self) -> AsyncIterator[AsyncConnection]:
         async with _translated(self._autocommit.connect()) as conn:
             yield conn
+
+    async def run(
+        self,
+        statement: Callable[Concatenate[AsyncConnection, P], Awaitable[T]],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        """``statement(conn, ...)`` on an autocommit connection: for a statement that
+        is atomic on its own."""
+        async with self.autocommit() as conn:
+            return await statement(conn, *args, **kwargs)
+
+    async def run_in_transaction(
+        self,
+        statement: Callable[Concatenate[AsyncConnection, P], Awaitable[T]],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        """``statement(conn, ...)`` in a transaction of its own."""
+        async with self.begin() as conn:
+            return await statement(conn, *args, **kwargs)
 
     async def dispose(self) -> None:
         if self.owned:

@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy import Row
 
-from keycap._db.queries import AnyRow
+from keycap._db.build import AnyRow
 from keycap._models import APIKey, Organization, Product, Project
 from keycap._rules import scopes
 from keycap._rules.policy import KeyFacts

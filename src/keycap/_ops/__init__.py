@@ -1,32 +1,11 @@
-"""Metered operations: each one transaction, all-or-nothing, retried on transient conflicts.
+"""Operations: units of work, each one transaction (or one self-contained
+statement), all-or-nothing, retried on transient conflicts.
 
-The statements and why they are safe live in ``keycap._db.metering``; this
-package strings them into units of work (``charges``, ``holds``, ``release``,
-``validation``), turns a refusal into the error that says which limit refused
-(``refusals``), builds results, and reports alerts after commit (``results``).
+``admin`` (organizations, projects, products, keys, limits and budgets),
+``validation`` (the metered validation), ``charges``, ``holds`` (reserve and
+settle), ``release`` (release and expiry); ``refusals`` turns a rolled-back
+refusal into the error that names what refused, ``results`` builds results and
+delivers alerts after commit, ``units`` holds what they share (retries,
+idempotency, the key's lock). ``authcache`` remembers read-path validations in
+this process. The statements they string together live in ``keycap._db``.
 """
-
-from keycap._ops.charges import charge
-from keycap._ops.holds import reserve, settle
-from keycap._ops.release import hold_model, release, sweep
-from keycap._ops.results import (
-    AlertHandler,
-    budget_status,
-    rate_limit_status,
-    usage_cap_error,
-)
-from keycap._ops.validation import validate
-
-__all__ = [
-    "AlertHandler",
-    "budget_status",
-    "charge",
-    "hold_model",
-    "rate_limit_status",
-    "release",
-    "reserve",
-    "settle",
-    "sweep",
-    "usage_cap_error",
-    "validate",
-]

@@ -9,19 +9,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
 from typing import Any
 
-from keycap._db import metering as m
-from keycap._db import queries, rows
+from keycap._db import budgets, keys, rate_limits, rows
+from keycap._db.build import AnyRow, KeyRef
 from keycap._db.engine import Conflict, Database
-from keycap._db.schema import budgets
-from keycap._errors import (
-    DatabaseError,
-    KeycapError,
-    NotFoundError,
-    RateLimitedError,
-)
+from keycap._errors import DatabaseError, KeycapError, NotFoundError, RateLimitedError
 from keycap._ops.release import sweep
 from keycap._ops.results import budget_exceeded, epoch_ms, rate_limited_error
-from keycap._ops.units import Refused, stored_replay
+from keycap._ops.units import Refused, retrying, stored_replay
 from keycap._rules import budgets as budget_rules
 from keycap._rules import policy
 from keycap._rules import rate_limits as ratelimit
@@ -29,20 +23,20 @@ from keycap._rules.policy import Requirement
 
 
 async def refusal(
-    db: Database, key: m.KeyRef, amounts: Mapping[str, int], now: datetime, key_id: str | None
+    db: Database, key: KeyRef, amounts: Mapping[str, int], now: datetime, key_id: str | None
 ) -> Exception | None:
     """The error naming the budget that refused a debit of ``amounts`` (the first in
     id order without room), or None if there is room after all: expired holds were
     freed, or a release or rollover happened meanwhile (the caller tries again)."""
-    async with db.autocommit() as conn:
-        applicable = await m.applicable_budgets(conn, key, list(amounts))
+    applicable = await db.run(budgets.applicable_budgets, key, list(amounts))
     for row in applicable:
         requested = amounts[row.meter]
         if budget_rules.state_at(row, now).remaining >= requested:
             continue
         if await sweep(db, now, budget_id=row.id):
             return None
-        (row,) = await m.select_where(db, budgets, budgets.c.id == row.id) or (row,)
+        fresh = await db.run(budgets.get_budget, row.id)
+        row = fresh if fresh is not None else row
         if budget_rules.state_at(row, now).remaining >= requested:
             return None
         return budget_exceeded(row, requested, now, key_id)
@@ -52,7 +46,7 @@ async def refusal(
 async def key_refusal(db: Database, key_id: str, now: datetime) -> Exception | None:
     """Why a key could not be charged: not found, or the state the policy names.
     None: it is live after all (enabled meanwhile), so the caller tries again."""
-    row = await queries.get_key(db, key_id)
+    row = await db.run(keys.get_key, key_id)
     if row is None:
         return NotFoundError("key", key_id)
     try:
@@ -63,13 +57,13 @@ async def key_refusal(db: Database, key_id: str, now: datetime) -> Exception | N
 
 
 async def rate_refusal(
-    db: Database, key: m.KeyRef, amounts: Mapping[str, int], now: datetime, key_id: str
+    db: Database, key: KeyRef, amounts: Mapping[str, int], now: datetime, key_id: str
 ) -> RateLimitedError | None:
     """The error naming the rate limit that refused (the first in id order that does
     not admit the call now), or None if all admit it now (the caller tries again)."""
     now_ms = epoch_ms(now)
-    for current in await m.applicable_rate_limits(db, key):
-        units = m.rate_units(current, amounts)
+    for current in await db.run(rate_limits.applicable_rate_limits, key):
+        units = _units(current, amounts)
         v = ratelimit.view(
             current.window_ms,
             now_ms,
@@ -96,7 +90,7 @@ async def run(
     kind, scope, idempotency_key = idempotency
     for _ in range(3):
         try:
-            return await m.retrying(unit)
+            return await retrying(unit)
         except Conflict:
             # Lost the race to a duplicate with the same idempotency key: its result.
             if (replay := await stored_replay(db, model, scope, kind, idempotency_key)) is None:
@@ -110,3 +104,8 @@ async def run(
             if error is not None:
                 raise error from None
     raise DatabaseError("the key or its budgets kept changing during the operation; try again")
+
+
+def _units(row: AnyRow, amounts: Mapping[str, int]) -> int:
+    """What one call consumes of this limit: one call, or the call's cost on its meter."""
+    return 1 if row.meter is None else amounts.get(row.meter, 0)

@@ -10,19 +10,16 @@ from datetime import datetime
 from types import SimpleNamespace
 from typing import Any
 
-from keycap._db import metering as m
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from keycap._db import budgets, holds, ledger, operations
+from keycap._db.build import AnyRow
 from keycap._db.engine import Conflict, Database
-from keycap._db.queries import AnyRow
-from keycap._errors import (
-    HoldClosedError,
-    NotFoundError,
-)
-from keycap._models import (
-    BudgetStatus,
-    Hold,
-)
+from keycap._errors import HoldClosedError, NotFoundError
+from keycap._models import BudgetStatus, Hold
 from keycap._ops.results import budget_status, by_remaining
-from keycap._ops.units import Refused, claim, stored_replay
+from keycap._ops.units import Refused, claim, retrying, stored_replay
+from keycap._rules import movements
 from keycap._rules.money import from_micros
 
 
@@ -41,8 +38,20 @@ def hold_model(row: Any, statuses: Sequence[BudgetStatus] = (), replayed: bool =
     )
 
 
+def origin_of(hold: Any, now: datetime, idempotency_key: str | None) -> movements.Origin:
+    """What the ledger entries of a hold's settlement or release share."""
+    return movements.Origin(
+        now=now,
+        org_id=hold.org_id,
+        key_id=hold.key_id,
+        project_id=hold.project_id,
+        hold_id=hold.id,
+        idempotency_key=idempotency_key,
+    )
+
+
 async def open_hold(db: Database, hold_id: str) -> AnyRow:
-    row = await m.get_hold(db, hold_id)
+    row = await db.run(holds.get_hold, hold_id)
     if row is None:
         raise NotFoundError("hold", hold_id)
     if row.status != "open":
@@ -50,17 +59,14 @@ async def open_hold(db: Database, hold_id: str) -> AnyRow:
     return row
 
 
-async def hold_budgets(conn: Any, hold: Any) -> Sequence[AnyRow]:
-    """The budgets the hold reserved on that still exist, in id order."""
-    return await m.budgets_by_id(conn, hold.budget_ids.split())
-
-
-async def return_hold(conn: Any, hold: Any, now: datetime, *, used: int) -> list[AnyRow]:
+async def return_hold(
+    conn: AsyncConnection, hold: Any, now: datetime, *, used: int
+) -> list[AnyRow]:
     """Take the hold off every budget it reserved on (that still exists), charging
     ``used`` of it; the rows after, in id order. Never refused: the money was held."""
     afters = []
-    for row in await hold_budgets(conn, hold):
-        after = await m.debit(
+    for row in await budgets.budgets_by_id(conn, hold.budget_ids.split()):
+        after = await budgets.debit(
             conn, row, used=used, held=-hold.amount_micros, now=now, key_id=None, must_fit=False
         )
         assert after is not None
@@ -77,13 +83,13 @@ async def run_hold(
 ) -> Any:
     kind, idempotency_key = idempotency
     try:
-        return await m.retrying(unit)
+        return await retrying(unit)
     except Conflict:
         if (replay := await stored_replay(db, model, hold_id, kind, idempotency_key)) is None:
             raise
         return replay, ()
     except Refused:
-        row = await m.get_hold(db, hold_id)
+        row = await db.run(holds.get_hold, hold_id)
         raise HoldClosedError(hold_id, row.status if row is not None else "gone") from None
 
 
@@ -96,7 +102,6 @@ async def release(
     status: str = "released",
 ) -> Hold:
     """Return a hold to its budgets (``status="expired"``: the same, by expiry)."""
-    kind = "release" if status == "released" else "expiry"
     if (replay := await stored_replay(db, Hold, hold_id, "release", idempotency_key)) is not None:
         return replay  # type: ignore[no-any-return]
     hold = await open_hold(db, hold_id)
@@ -104,32 +109,20 @@ async def release(
     async def unit() -> tuple[Hold, tuple[()]]:
         async with db.begin() as conn:
             op_id = await claim(conn, hold.org_id, hold_id, "release", idempotency_key, now)
-            if not await m.close_hold(conn, hold_id, status, now):
+            if not await holds.close_hold(conn, hold_id, status, now):
                 raise Refused("hold")
             afters = await return_hold(conn, hold, now, used=0)
-            await m.insert_ledger(
-                conn,
-                [
-                    m.ledger_row(
-                        a,
-                        kind,
-                        hold.amount_micros,
-                        0,
-                        -hold.amount_micros,
-                        i == 0,
-                        now,
-                        key_id=hold.key_id,
-                        project_id=hold.project_id,
-                        hold_id=hold_id,
-                        idempotency_key=idempotency_key,
-                    )
-                    for i, a in enumerate(afters)
-                ],
+            entries = movements.releases(
+                origin_of(hold, now, idempotency_key),
+                afters,
+                hold.amount_micros,
+                expired=status != "released",
             )
+            await ledger.insert_ledger(conn, entries)
             closed = SimpleNamespace(**{**hold._mapping, "status": status, "closed_at": now})
             result = hold_model(closed, [budget_status(a, now) for a in afters])
             if op_id is not None:
-                await m.store_result(conn, op_id, result.model_dump(mode="json"))
+                await operations.store_result(conn, op_id, result.model_dump(mode="json"))
             return result, ()
 
     result, _ = await run_hold(db, unit, hold_id, ("release", idempotency_key), Hold)
@@ -139,7 +132,7 @@ async def release(
 async def sweep(db: Database, now: datetime, *, budget_id: str | None = None) -> int:
     """Expire open holds past their ttl, returning their amounts. Returns how many."""
     count = 0
-    for hold_id in await m.expired_hold_ids(db, now, budget_id=budget_id):
+    for hold_id in await db.run(holds.expired_hold_ids, now, budget_id=budget_id):
         try:
             await release(db, hold_id=hold_id, idempotency_key=None, now=now, status="expired")
             count += 1

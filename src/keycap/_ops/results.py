@@ -10,8 +10,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from keycap._db import metering as m
-from keycap._db.queries import AnyRow
+from keycap._db.build import AnyRow
+from keycap._db.tenancy import scope_of
 from keycap._errors import (
     BudgetExceededError,
     RateLimitedError,
@@ -36,7 +36,7 @@ def budget_status(row: AnyRow, now: datetime) -> BudgetStatus:
     state = budget_rules.state_at(row, now)
     return BudgetStatus.model_construct(
         id=row.id,
-        scope=m.scope_of(row.subject_id),
+        scope=scope_of(row.subject_id),
         subject_id=row.subject_id,
         meter=row.meter,
         period=row.period,
@@ -62,7 +62,7 @@ def rate_limit_status(row: AnyRow, now: datetime) -> RateLimitStatus:
     as_amount = row.meter is not None
     return RateLimitStatus.model_construct(
         id=row.id,
-        scope=m.scope_of(row.subject_id),
+        scope=scope_of(row.subject_id),
         subject_id=row.subject_id,
         name=row.name,
         meter=row.meter,
@@ -96,7 +96,7 @@ def crossed_alerts(
             out.append(
                 BudgetAlert.model_construct(
                     budget_id=after.id,
-                    scope=m.scope_of(after.subject_id),
+                    scope=scope_of(after.subject_id),
                     subject_id=after.subject_id,
                     meter=after.meter,
                     threshold=threshold,
@@ -131,7 +131,7 @@ def budget_exceeded(
     state = budget_rules.state_at(row, now)
     return BudgetExceededError(
         budget_id=row.id,
-        scope=m.scope_of(row.subject_id),
+        scope=scope_of(row.subject_id),
         subject_id=row.subject_id,
         meter=row.meter,
         period=row.period,
@@ -153,7 +153,7 @@ def rate_limited_error(
     status = rate_limit_status(current, now)
     return RateLimitedError(
         name=current.name,
-        scope=m.scope_of(current.subject_id),
+        scope=scope_of(current.subject_id),
         limit=status.limit,
         remaining=status.remaining,
         retry_after=None if wait is None else wait / 1000,

@@ -1,15 +1,37 @@
-"""What every metered operation shares inside its transaction: the refusal
+"""What every unit of work shares: the retry of a transient conflict, the refusal
 signal, idempotency (replay a stored result, claim a key), and the key's lock.
 """
 
 from __future__ import annotations
 
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
-from keycap._db import metering as m
-from keycap._db.engine import Database
-from keycap._db.queries import AnyRow
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from keycap._db import keys, operations
+from keycap._db.build import AnyRow, KeyRef
+from keycap._db.engine import Database, is_transient
+from keycap._errors import DatabaseError
+
+T = TypeVar("T")
+ATTEMPTS = 8
+
+
+async def retrying(unit: Callable[[], Awaitable[T]]) -> T:
+    """Run ``unit`` (one whole transaction) again after a transient conflict
+    (deadlock, serialization failure, busy SQLite), a bounded number of times."""
+    for attempt in range(ATTEMPTS):
+        try:
+            return await unit()
+        except DatabaseError as error:
+            if attempt == ATTEMPTS - 1 or not is_transient(error):
+                raise
+            await asyncio.sleep(random.uniform(0, 0.01 * 2**attempt))  # noqa: S311 - jitter
+    raise AssertionError("unreachable")
 
 
 class Refused(Exception):
@@ -17,7 +39,7 @@ class Refused(Exception):
     """Raised inside a transaction to roll it back; says which row refused (a rate
     limit), or for which key (a budget: which one is found after the rollback)."""
 
-    def __init__(self, what: str, row: AnyRow | None = None, key: m.KeyRef | None = None) -> None:
+    def __init__(self, what: str, row: AnyRow | None = None, key: KeyRef | None = None) -> None:
         self.what = what
         self.row = row
         self.key = key
@@ -29,22 +51,29 @@ async def stored_replay(
     """The stored result of an earlier call with this idempotency key, marked replayed."""
     if idempotency_key is None:
         return None
-    stored = await m.stored_result(db, scope=scope, kind=kind, idempotency_key=idempotency_key)
+    stored = await db.run(
+        operations.stored_result, scope=scope, kind=kind, idempotency_key=idempotency_key
+    )
     return None if stored is None else model.model_validate({**stored, "replayed": True})
 
 
 async def claim(
-    conn: Any, org_id: str, scope: str, kind: str, idempotency_key: str | None, now: datetime
+    conn: AsyncConnection,
+    org_id: str,
+    scope: str,
+    kind: str,
+    idempotency_key: str | None,
+    now: datetime,
 ) -> str | None:
     if idempotency_key is None:
         return None
-    return await m.claim_operation(
+    return await operations.claim_operation(
         conn, org_id=org_id, scope=scope, kind=kind, idempotency_key=idempotency_key, now=now
     )
 
 
-async def live_key(conn: Any, key_id: str, now: datetime) -> m.KeyRef:
-    key = await m.lock_live_key(conn, key_id, now)
+async def live_key(conn: AsyncConnection, key_id: str, now: datetime) -> KeyRef:
+    key = await keys.lock_live_key(conn, key_id, now)
     if key is None:
         raise Refused("key")
     return key

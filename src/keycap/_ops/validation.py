@@ -7,21 +7,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import datetime
 
-from keycap._db import metering as m
+from keycap._db import keys, rate_limits
+from keycap._db.build import AnyRow, KeyRef
 from keycap._db.engine import Database
-from keycap._db.queries import AnyRow
-from keycap._errors import (
-    DatabaseError,
-)
-from keycap._models import (
-    BudgetAlert,
-    Charge,
-    RateLimitStatus,
-)
+from keycap._errors import DatabaseError
+from keycap._models import BudgetAlert, Charge, RateLimitStatus
 from keycap._ops.charges import charge_in
 from keycap._ops.refusals import rate_refusal, refusal
 from keycap._ops.results import AlertHandler, deliver, epoch_ms, rate_limit_status, rate_order
-from keycap._ops.units import Refused
+from keycap._ops.units import Refused, retrying
 from keycap._rules.policy import Requirement
 
 
@@ -46,13 +40,11 @@ async def validate(
         AnyRow, RateLimitStatus | None, Charge | None, tuple[BudgetAlert, ...]
     ]:
         async with db.begin() as conn:
-            key_row = await m.record_metered_use(
-                conn, key_id, digests, req, now, db.dialect, track=track
-            )
+            key_row = await keys.record_metered_use(conn, key_id, digests, req, now, track=track)
             if key_row is None:
                 raise Refused("key")
-            key = m.KeyRef(key_id, key_row.org_id, key_row.project_id)
-            limits = await m.consume_rates(
+            key = KeyRef(key_id, key_row.org_id, key_row.project_id)
+            limits = await rate_limits.consume_rates(
                 conn, key, amounts, epoch_ms(now), key_row.rate_limit_count
             )
             if limits is None:
@@ -65,7 +57,7 @@ async def validate(
 
     for _ in range(3):
         try:
-            key_row, tightest, charge_result, alerts = await m.retrying(unit)
+            key_row, tightest, charge_result, alerts = await retrying(unit)
         except Refused as refused:
             if refused.what == "key":
                 return None

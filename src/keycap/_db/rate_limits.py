@@ -1,5 +1,5 @@
-"""Rate-limit statements: administration, and every applicable limit consumed
-in one UPDATE.
+"""The rate_limits table: administration, and every limit that applies to a key
+consumed in one UPDATE.
 """
 
 from __future__ import annotations
@@ -9,36 +9,22 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import (
-    bindparam,
-    case,
-    func,
-    insert,
-    or_,
-    select,
-    update,
-)
+from sqlalchemy import bindparam, case, delete, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from keycap._db.engine import Conflict, Database
-from keycap._db.metering.core import (
+from keycap._db.build import (
+    AnyRow,
     Changing,
     KeyRef,
-    Subject,
-    applies_to_key,
     big,
     changed_rows,
     changing,
     int_param,
     key_params,
 )
-from keycap._db.queries import (
-    AnyRow,
-)
-from keycap._db.schema import (
-    keys,
-    rate_limits,
-)
+from keycap._db.grant import applies_to_key
+from keycap._db.schema import rate_limits
+from keycap._db.tenancy import Subject
 from keycap._rules import ids
 from keycap._rules import rate_limits as ratelimit
 
@@ -61,56 +47,63 @@ def new_rate_limit_row(
     }
 
 
-async def upsert_rate_limit(
-    db: Database, subject: Subject, limit: ratelimit.RateLimit, now: datetime
-) -> AnyRow:
-    """Create or change a limit. Changing the window starts counting afresh."""
+async def insert_rate_limits(conn: AsyncConnection, rows: Sequence[Mapping[str, Any]]) -> None:
+    """A second limit of the same name on the same subject is a Conflict."""
+    if rows:
+        await conn.execute(insert(rate_limits), list(rows))
+
+
+async def change_rate_limit(conn: AsyncConnection, row: Mapping[str, Any]) -> None:
+    """Give the limit named ``row["name"]`` on ``row["subject_id"]`` the meter, limit
+    and window of ``row``. Changing the window starts counting afresh."""
     rl = rate_limits.c
-    row = new_rate_limit_row(subject, limit, now)
-    name, window_ms = row["name"], row["window_ms"]
-    try:
-        async with db.begin() as conn:
-            await conn.execute(insert(rate_limits).values(**row))
-    except Conflict:
-        same = rl.window_ms == window_ms
-        async with db.begin() as conn:
-            await conn.execute(
-                update(rate_limits)
-                .where(rl.subject_id == subject.subject_id, rl.name == name)
-                .ordered_values(  # window_ms last: the CASEs read the old one on MySQL too
-                    (rl.window_start, case((same, rl.window_start), else_=0)),
-                    (rl.current_units, case((same, rl.current_units), else_=0)),
-                    (rl.previous_units, case((same, rl.previous_units), else_=0)),
-                    (rl.meter, row["meter"]),
-                    (rl.limit_units, row["limit_units"]),
-                    (rl.window_ms, window_ms),
-                )
-            )
-    async with db.autocommit() as conn:
-        return (
-            await conn.execute(
-                select(rate_limits).where(rl.subject_id == subject.subject_id, rl.name == name)
-            )
-        ).one()
+    same = rl.window_ms == row["window_ms"]
+    await conn.execute(
+        update(rate_limits)
+        .where(rl.subject_id == row["subject_id"], rl.name == row["name"])
+        .ordered_values(  # window_ms last: the CASEs read the old one on MySQL too
+            (rl.window_start, case((same, rl.window_start), else_=0)),
+            (rl.current_units, case((same, rl.current_units), else_=0)),
+            (rl.previous_units, case((same, rl.previous_units), else_=0)),
+            (rl.meter, row["meter"]),
+            (rl.limit_units, row["limit_units"]),
+            (rl.window_ms, row["window_ms"]),
+        )
+    )
+
+
+async def get_rate_limit(conn: AsyncConnection, subject_id: str, name: str) -> AnyRow | None:
+    rl = rate_limits.c
+    stmt = select(rate_limits).where(rl.subject_id == subject_id, rl.name == name)
+    return (await conn.execute(stmt)).first()
+
+
+async def rate_limits_of(conn: AsyncConnection, subject_id: str) -> Sequence[AnyRow]:
+    """The limits attached directly to a key, project or organization, in id order."""
+    rl = rate_limits.c
+    stmt = select(rate_limits).where(rl.subject_id == subject_id).order_by(rl.id)
+    return (await conn.execute(stmt)).all()
+
+
+async def delete_rate_limit(conn: AsyncConnection, subject_id: str, name: str) -> bool:
+    rl = rate_limits.c
+    result = await conn.execute(
+        delete(rate_limits).where(rl.subject_id == subject_id, rl.name == name)
+    )
+    return bool(result.rowcount)
 
 
 # --- rate limits ----------------------------------------------------------------------
 
 
-async def applicable_rate_limits(db: Database, key: KeyRef) -> Sequence[AnyRow]:
+async def applicable_rate_limits(conn: AsyncConnection, key: KeyRef) -> Sequence[AnyRow]:
     """The rate limits that apply to the key, in id order (to explain a refusal)."""
-    async with db.autocommit() as conn:
-        return (await conn.execute(_rate_limits_of(), key_params(key))).all()
+    return (await conn.execute(_rate_limits_of(), key_params(key))).all()
 
 
 @lru_cache(maxsize=1)
 def _rate_limits_of() -> Any:
     return select(rate_limits).where(applies_to_key(rate_limits)).order_by(rate_limits.c.id)
-
-
-def rate_units(row: AnyRow, amounts: Mapping[str, int]) -> int:
-    """What one call consumes of this limit: one call, or the call's cost on its meter."""
-    return 1 if row.meter is None else amounts.get(row.meter, 0)
 
 
 async def consume_rates(
@@ -181,25 +174,3 @@ def _consume_rates(meter_count: int) -> Changing:
     )
     reread = select(rate_limits).where(applies_to_key(rate_limits)).order_by(c.id)
     return changing(stmt, reread)
-
-
-def rate_limit_count(key_id: Any) -> Any:
-    """How many rate limits apply to the key ``key_id`` (a bind parameter): a column
-    for the RETURNING of the key's UPDATE, so :func:`consume_rates` can tell a
-    refusal (fewer rows changed) from a key with fewer limits.
-
-    SQLite renders RETURNING columns unqualified, even inside a subquery, so each
-    innermost SELECT here reads one table only and nothing is ambiguous."""
-    counted = keys.alias("counted_key")
-
-    def of_key(column: Any) -> Any:
-        return select(column).where(counted.c.id == key_id).scalar_subquery()
-
-    subjects = [key_id, of_key(counted.c.org_id), of_key(counted.c.project_id)]
-    return (
-        select(func.count())
-        .select_from(rate_limits)
-        .where(rate_limits.c.subject_id.in_(subjects))
-        .scalar_subquery()
-        .label("rate_limit_count")
-    )

@@ -1,4 +1,5 @@
-"""The append-only ledger: its rows, their insert, and usage reports from it."""
+"""The append-only ledger: its entries' insert (``keycap._rules.movements`` builds
+them), and usage reports from it."""
 
 from __future__ import annotations
 
@@ -15,56 +16,15 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from keycap._db.engine import Database
-from keycap._db.queries import (
-    AnyRow,
-)
+from keycap._db.build import AnyRow
 from keycap._db.schema import (
     ledger,
 )
 
-# --- ledger ---------------------------------------------------------------------------
 
-
-def ledger_row(
-    budget: AnyRow | None,
-    kind: str,
-    amount: int,
-    delta_used: int,
-    delta_held: int,
-    primary: bool,
-    now: datetime,
-    *,
-    key_id: str | None,
-    meter: str | None = None,
-    org_id: str | None = None,
-    project_id: str | None = None,
-    hold_id: str | None = None,
-    idempotency_key: str | None = None,
-    metadata: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    return {
-        "org_id": budget.org_id if budget is not None else org_id,
-        "project_id": project_id,
-        "key_id": key_id,
-        "budget_id": budget.id if budget is not None else None,
-        "hold_id": hold_id,
-        "meter": budget.meter if budget is not None else meter,
-        "kind": kind,
-        "amount_micros": amount,
-        "delta_used": delta_used,
-        "delta_held": delta_held,
-        "period_start": budget.period_start if budget is not None else None,
-        "is_primary": primary,
-        "idempotency_key": idempotency_key,
-        "metadata": dict(metadata) if (metadata and primary) else None,
-        "created_at": now,
-    }
-
-
-async def insert_ledger(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+async def insert_ledger(conn: AsyncConnection, rows: Sequence[Mapping[str, Any]]) -> None:
     if rows:
-        await conn.execute(INSERT_LEDGER, rows)
+        await conn.execute(INSERT_LEDGER, list(rows))
 
 
 INSERT_LEDGER = insert(ledger)
@@ -74,7 +34,7 @@ INSERT_LEDGER = insert(ledger)
 
 
 async def usage(
-    db: Database,
+    conn: AsyncConnection,
     *,
     key_id: str | None,
     project_id: str | None,
@@ -86,7 +46,7 @@ async def usage(
     """Totals of what was charged, per day or month and meter, from primary ledger rows."""
     lg = ledger.c
     width = 7 if monthly else 10
-    if db.dialect == "postgresql":
+    if conn.dialect.name == "postgresql":
         bucket: Any = func.to_char(
             func.timezone("UTC", lg.created_at), "YYYY-MM" if monthly else "YYYY-MM-DD"
         )
@@ -112,5 +72,4 @@ async def usage(
     for column, value in ((lg.key_id, key_id), (lg.project_id, project_id), (lg.org_id, org_id)):
         if value is not None:
             stmt = stmt.where(column == value)
-    async with db.autocommit() as conn:
-        return (await conn.execute(stmt)).all()
+    return (await conn.execute(stmt)).all()

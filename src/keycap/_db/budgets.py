@@ -1,4 +1,4 @@
-"""Budget statements: administration, top-ups, and debits (every applicable
+"""The budgets table: administration, top-ups, and debits (every applicable
 budget in one UPDATE, or one budget at a time for holds).
 """
 
@@ -9,42 +9,26 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import (
-    bindparam,
-    case,
-    insert,
-    select,
-    update,
-)
+from sqlalchemy import bindparam, case, delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from keycap._db.engine import Conflict, Database
-from keycap._db.metering.core import (
+from keycap._db.build import (
     BUDGET_ID,
     KEY_ID,
     NOW,
+    AnyRow,
     Changing,
     KeyRef,
-    Subject,
-    applies_to_key,
     big,
     changed,
     changed_rows,
     changing,
     int_param,
-    key_is_live,
     key_params,
-    retrying,
 )
-from keycap._db.metering.ledger import ledger_row
-from keycap._db.queries import (
-    AnyRow,
-)
-from keycap._db.schema import (
-    budgets,
-    ledger,
-)
-from keycap._errors import NotFoundError
+from keycap._db.grant import applies_to_key, key_is_live
+from keycap._db.schema import budgets
+from keycap._db.tenancy import Subject
 from keycap._rules import budgets as budget_rules
 from keycap._rules import ids, periods
 
@@ -70,31 +54,52 @@ def new_budget_row(
     }
 
 
-async def upsert_budget(
-    db: Database, subject: Subject, spec: budget_rules.BudgetSpec, now: datetime
-) -> AnyRow:
-    """Create or change a budget (one per subject, meter and period). Changing the
-    limit keeps what was used and held."""
+async def insert_budgets(conn: AsyncConnection, rows: Sequence[Mapping[str, Any]]) -> None:
+    """A second budget of the same meter and period on one subject is a Conflict."""
+    if rows:
+        await conn.execute(insert(budgets), list(rows))
+
+
+async def change_budget(conn: AsyncConnection, row: Mapping[str, Any], now: datetime) -> None:
+    """Give the budget of ``row``'s subject, meter and period ``row``'s limit, anchor
+    and thresholds, keeping what was used and held."""
+    await conn.execute(
+        update(budgets)
+        .where(*_same_budget(row))
+        .values(
+            limit_micros=row["limit_micros"],
+            anchor_day=row["anchor_day"],
+            thresholds=row["thresholds"],
+            updated_at=now,
+        )
+    )
+
+
+async def find_budget(conn: AsyncConnection, row: Mapping[str, Any]) -> AnyRow | None:
+    """The budget of ``row``'s subject, meter and period."""
+    return (await conn.execute(select(budgets).where(*_same_budget(row)))).first()
+
+
+def _same_budget(row: Mapping[str, Any]) -> tuple[Any, ...]:
     b = budgets.c
-    row = new_budget_row(subject, spec, now)
-    where = (b.subject_id == subject.subject_id, b.meter == spec.meter, b.period == spec.period)
-    try:
-        async with db.begin() as conn:
-            await conn.execute(insert(budgets).values(**row))
-    except Conflict:
-        async with db.begin() as conn:
-            await conn.execute(
-                update(budgets)
-                .where(*where)
-                .values(
-                    limit_micros=spec.limit_micros,
-                    anchor_day=spec.anchor_day,
-                    thresholds=row["thresholds"],
-                    updated_at=now,
-                )
-            )
-    async with db.autocommit() as conn:
-        return (await conn.execute(select(budgets).where(*where))).one()
+    return (b.subject_id == row["subject_id"], b.meter == row["meter"], b.period == row["period"])
+
+
+async def get_budget(conn: AsyncConnection, budget_id: str) -> AnyRow | None:
+    return (await conn.execute(select(budgets).where(budgets.c.id == budget_id))).first()
+
+
+async def budgets_of(conn: AsyncConnection, subject_id: str) -> Sequence[AnyRow]:
+    """The budgets attached directly to a key, project or organization, in id order."""
+    b = budgets.c
+    return (
+        await conn.execute(select(budgets).where(b.subject_id == subject_id).order_by(b.id))
+    ).all()
+
+
+async def delete_budget(conn: AsyncConnection, budget_id: str) -> bool:
+    result = await conn.execute(delete(budgets).where(budgets.c.id == budget_id))
+    return bool(result.rowcount)
 
 
 def _rollover(start: Any) -> tuple[Any, Any, Any]:
@@ -112,36 +117,22 @@ def _current_start(row: AnyRow, now: datetime) -> datetime:
     return periods.start(periods.Period(row.period), now, row.anchor_day)
 
 
-async def grant_credit(db: Database, budget_id: str, micros: int, now: datetime) -> AnyRow:
-    """Top up a budget for its current period, and record it in the ledger."""
+async def add_credit(conn: AsyncConnection, row: AnyRow, micros: int, now: datetime) -> AnyRow:
+    """Top the budget ``row`` up by ``micros`` for its current period (rolling the
+    period over first if it has passed); the row after it."""
     b = budgets.c
-
-    async def unit() -> AnyRow:
-        async with db.begin() as conn:
-            row = (await conn.execute(select(budgets).where(b.id == budget_id))).first()
-            if row is None:
-                raise NotFoundError("budget", budget_id)
-            start = _current_start(row, now)
-            used, credit, period_start = _rollover(start)
-            await conn.execute(
-                update(budgets)
-                .where(b.id == budget_id)
-                .ordered_values(
-                    (b.used_micros, used),
-                    (b.credit_micros, credit + big(micros)),
-                    (b.period_start, period_start),
-                    (b.updated_at, now),
-                )
-            )
-            after = (await conn.execute(select(budgets).where(b.id == budget_id))).one()
-            await conn.execute(
-                insert(ledger).values(
-                    ledger_row(after, "topup", micros, 0, 0, True, now, key_id=None)
-                )
-            )
-            return after
-
-    return await retrying(unit)
+    used, credit, period_start = _rollover(_current_start(row, now))
+    await conn.execute(
+        update(budgets)
+        .where(b.id == row.id)
+        .ordered_values(
+            (b.used_micros, used),
+            (b.credit_micros, credit + big(micros)),
+            (b.period_start, period_start),
+            (b.updated_at, now),
+        )
+    )
+    return (await conn.execute(select(budgets).where(b.id == row.id))).one()
 
 
 # --- budgets --------------------------------------------------------------------------

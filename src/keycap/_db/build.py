@@ -1,0 +1,157 @@
+"""What every statement module shares: the row type, integer and id binds, and the
+runners of a cached UPDATE that must report the rows it changed.
+
+Hot statements are built once per shape and cached (``lru_cache``): building
+and cache-keying a CASE-heavy UPDATE costs several times more than executing
+it. Every per-call value (ids, amounts, times, the window arithmetic) is then a
+bind parameter, named ``m_...`` (metering) or ``hot_...`` (the key's own
+validation), filled in by the function that runs the statement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeAlias
+
+from sqlalchemy import BigInteger, ColumnElement, Row, bindparam, func, literal, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from keycap._db.schema import budgets, holds, keys
+
+#: A result row of any width.
+AnyRow: TypeAlias = Row[*tuple[Any, ...]]
+
+#: How many shapes of each hot statement are kept built.
+HOT_CACHE = 512
+
+
+def big(value: int) -> Any:
+    """An integer bound as BIGINT. PostgreSQL types a bind by its context: in
+    ``CASE ... THEN 0 ... END + :amount`` the literal 0 would make ``:amount`` an
+    int32 and 6e10 micro-units would not fit. Every integer entering a metering
+    statement goes through here."""
+    return literal(value, BigInteger())
+
+
+def int_param(name: str) -> Any:
+    """A per-call integer, bound as BIGINT (see :func:`big`)."""
+    return bindparam(name, type_=BigInteger())
+
+
+# --- the bind parameters of the cached metering statements ----------------------------
+
+KEY_ID = bindparam("m_key_id", type_=keys.c.id.type)
+ORG_ID = bindparam("m_org_id", type_=keys.c.org_id.type)
+PROJECT_ID = bindparam("m_project_id", type_=keys.c.project_id.type)
+NOW = bindparam("m_now", type_=keys.c.last_used_at.type)
+BUDGET_ID = bindparam("m_budget_id", type_=budgets.c.id.type)
+HOLD_ID = bindparam("m_hold_id", type_=holds.c.id.type)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRef:
+    """A key inside a metered transaction: the ids its limits and budgets hang on."""
+
+    id: str
+    org_id: str
+    project_id: str | None
+
+
+def key_params(key: KeyRef) -> dict[str, Any]:
+    """The values of ``KEY_ID``, ``ORG_ID`` and ``PROJECT_ID`` for ``key``."""
+    return {"m_key_id": key.id, "m_org_id": key.org_id, "m_project_id": key.project_id}
+
+
+# --- the bind parameters of the key's own validation statements -----------------------
+
+
+def hot_params(key_id: str, now: datetime, digests: Mapping[str, str]) -> dict[str, Any]:
+    params: dict[str, Any] = {"hot_key_id": key_id, "hot_now": now}
+    for i, digest in enumerate(digests.values()):
+        params[f"hot_digest_{i}"] = digest
+    return params
+
+
+def hot_binds(peppers: tuple[str, ...]) -> tuple[Any, dict[str, Any], Any]:
+    """Bind parameters for the key id, ``now`` and one digest per pepper id."""
+    now = bindparam("hot_now", type_=keys.c.last_used_at.type)
+    digests = {
+        pid: bindparam(f"hot_digest_{i}", type_=keys.c.digest.type) for i, pid in enumerate(peppers)
+    }
+    return bindparam("hot_key_id", type_=keys.c.id.type), digests, now
+
+
+def contains(column: Any, needle: str, dialect: str) -> ColumnElement[bool]:
+    """A plain, case-sensitive substring test. LIKE would need escaping of ``_`` and
+    is case-insensitive on SQLite; strpos/instr are neither."""
+    if dialect == "postgresql":
+        return func.strpos(column, needle) > 0
+    return func.instr(column, needle) > 0
+
+
+# --- UPDATEs that report what they changed --------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Changing:
+    """A cached UPDATE in both forms :func:`changed_rows` may run: with ``RETURNING``,
+    and plain followed by ``reread`` (a SELECT of the same columns and rows)."""
+
+    returning: Any
+    plain: Any
+    reread: Any
+
+
+def changing(stmt: Any, reread: Any) -> Changing:
+    return Changing(stmt.returning(*reread.selected_columns), stmt, reread)
+
+
+async def changed(
+    conn: AsyncConnection, stmt: Changing, params: Mapping[str, Any]
+) -> AnyRow | None:
+    """Run a single-row UPDATE; the row after it, or None if it changed nothing
+    (:func:`changed_rows` for several rows; this one's columns need not include
+    ``id``). Without RETURNING (MySQL) the row is read after it, under its lock."""
+    if conn.dialect.update_returning:
+        return (await conn.execute(stmt.returning, params)).first()
+    if (await conn.execute(stmt.plain, params)).rowcount != 1:
+        return None
+    return (await conn.execute(stmt.reread, params)).one()
+
+
+async def changed_rows(
+    conn: AsyncConnection, stmt: Changing, params: Mapping[str, Any], count: int
+) -> list[AnyRow] | None:
+    """Run a multi-row UPDATE that must change exactly ``count`` rows; the rows after
+    it in id order, or None when it changed fewer (one refused: the caller rolls
+    back). PostgreSQL and SQLite return them from the UPDATE itself
+    (``RETURNING``); MySQL/MariaDB cannot, so the SELECT runs after it, with the
+    same parameters, under the row locks the UPDATE took until commit: both read
+    what was written."""
+    if conn.dialect.update_returning:
+        after = sorted((await conn.execute(stmt.returning, params)).all(), key=_by_id)
+    elif (await conn.execute(stmt.plain, params)).rowcount == count:
+        after = list((await conn.execute(stmt.reread, params)).all())
+    else:
+        return None
+    return after if len(after) == count else None
+
+
+def _by_id(row: AnyRow) -> str:
+    return str(row.id)
+
+
+# --- generic statements ---------------------------------------------------------------
+
+
+async def select_where(conn: AsyncConnection, table: Any, *conditions: Any) -> Sequence[AnyRow]:
+    """Whole rows of ``table`` matching ``conditions``, in id order."""
+    return (await conn.execute(select(table).where(*conditions).order_by(table.c.id))).all()
+
+
+async def delete_where(conn: AsyncConnection, table: Any, *conditions: Any) -> int:
+    """Delete the rows matching ``conditions``; how many went."""
+    result = await conn.execute(table.delete().where(*conditions))
+    return int(result.rowcount)

@@ -1,0 +1,373 @@
+"""The keys table: the key's row, its administration, and the statements of
+validation (the hot path) that decide the grant rule in SQL and count a use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    case,
+    exists,
+    false,
+    insert,
+    literal,
+    null,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from keycap._db.build import (
+    HOT_CACHE,
+    KEY_ID,
+    NOW,
+    AnyRow,
+    Changing,
+    KeyRef,
+    changed,
+    changing,
+    hot_binds,
+    hot_params,
+)
+from keycap._db.grant import (
+    asked_product,
+    grant_predicate,
+    has_rate_limits,
+    key_is_live,
+    key_is_live_now,
+    rate_limit_count,
+    status_filter,
+)
+from keycap._db.schema import keys, products, project_products, projects
+from keycap._rules.policy import Requirement
+
+#: The columns of a key that callers see (no digest, no pepper id).
+KEY_COLUMNS = (
+    keys.c.id,
+    keys.c.org_id,
+    keys.c.project_id,
+    keys.c.product_id,
+    keys.c.name,
+    keys.c.start,
+    keys.c.scopes,
+    keys.c.metadata,
+    keys.c.delegated_by,
+    keys.c.created_at,
+    keys.c.updated_at,
+    keys.c.expires_at,
+    keys.c.revoked_at,
+    keys.c.disabled_at,
+    keys.c.last_used_at,
+    keys.c.use_count,
+    keys.c.max_uses,
+)
+_AUTH_COLUMNS = (*KEY_COLUMNS, keys.c.digest, keys.c.pepper_id)
+
+
+def new_key_row(
+    *,
+    key_id: str,
+    org_id: str,
+    project_id: str | None,
+    product_id: str | None,
+    name: str,
+    start: str,
+    digest: str,
+    pepper_id: str,
+    scopes: str,
+    metadata: Mapping[str, Any],
+    delegated_by: str | None,
+    expires_at: datetime | None,
+    max_uses: int | None,
+    now: datetime,
+) -> dict[str, Any]:
+    """A key's row as created: never used, not revoked, not disabled."""
+    return {
+        "id": key_id,
+        "org_id": org_id,
+        "project_id": project_id,
+        "product_id": product_id,
+        "name": name,
+        "start": start,
+        "digest": digest,
+        "pepper_id": pepper_id,
+        "scopes": scopes,
+        "metadata": metadata,
+        "delegated_by": delegated_by,
+        "created_at": now,
+        "updated_at": now,
+        "expires_at": expires_at,
+        "revoked_at": None,
+        "disabled_at": None,
+        "last_used_at": None,
+        "use_count": 0,
+        "max_uses": max_uses,
+    }
+
+
+# --- administration -------------------------------------------------------------------
+
+
+async def insert_key(conn: AsyncConnection, values: Mapping[str, Any]) -> None:
+    """The composite foreign keys repeat the tenancy check at commit, so a project
+    deleted or moved meanwhile cannot leave a key pointing across organizations."""
+    await conn.execute(insert(keys).values(**values))
+
+
+async def get_key(conn: AsyncConnection, key_id: str) -> AnyRow | None:
+    return (await conn.execute(select(*KEY_COLUMNS).where(keys.c.id == key_id))).first()
+
+
+async def list_keys(
+    conn: AsyncConnection,
+    *,
+    org_id: str | None,
+    project_id: str | None,
+    product_id: str | None,
+    status: str | None,
+    now: datetime,
+    limit: int,
+    offset: int,
+) -> Sequence[AnyRow]:
+    stmt = select(*KEY_COLUMNS).order_by(keys.c.created_at, keys.c.id).limit(limit).offset(offset)
+    if org_id is not None:
+        stmt = stmt.where(keys.c.org_id == org_id)
+    if project_id is not None:
+        stmt = stmt.where(keys.c.project_id == project_id)
+    if product_id is not None:
+        stmt = stmt.where(keys.c.product_id == product_id)
+    if status is not None:
+        stmt = stmt.where(status_filter(status, now))
+    return (await conn.execute(stmt)).all()
+
+
+async def update_key(
+    conn: AsyncConnection,
+    key_id: str,
+    values: Mapping[str, Any],
+    *,
+    only_if: ColumnElement[bool] | None = None,
+) -> AnyRow | None:
+    """Apply ``values`` (when ``only_if`` holds) and return the key as it now is, or None
+    if there is no such key. Run in a transaction, the returned row is the written one.
+
+    Each assignment names only its own column, so MySQL's left-to-right SET order
+    cannot change the result.
+    """
+    stmt = update(keys).where(keys.c.id == key_id).values(**values)
+    if only_if is not None:
+        stmt = stmt.where(only_if)
+    await conn.execute(stmt)
+    return await get_key(conn, key_id)
+
+
+async def revoke_key(conn: AsyncConnection, key_id: str, now: datetime) -> AnyRow | None:
+    """Revoke; idempotent, and the first ``revoked_at`` is kept (the WHERE skips a revoked key)."""
+    return await update_key(
+        conn, key_id, {"revoked_at": now, "updated_at": now}, only_if=keys.c.revoked_at.is_(None)
+    )
+
+
+async def set_disabled(
+    conn: AsyncConnection, key_id: str, now: datetime, disabled: bool
+) -> AnyRow | None:
+    """Disable (keeping the first ``disabled_at``) or enable; both idempotent."""
+    values: dict[str, datetime | None] = {
+        "disabled_at": now if disabled else None,
+        "updated_at": now,
+    }
+    cond = keys.c.disabled_at.is_(None) if disabled else keys.c.disabled_at.is_not(None)
+    return await update_key(conn, key_id, values, only_if=cond)
+
+
+async def revoke_keys_where(conn: AsyncConnection, column: str, value: str, now: datetime) -> None:
+    """Revoke every unrevoked key whose ``column`` (id, project_id, product_id) is ``value``."""
+    await conn.execute(
+        update(keys)
+        .where(keys.c[column] == value, keys.c.revoked_at.is_(None))
+        .values(revoked_at=now, updated_at=now)
+    )
+
+
+async def upgrade_digest(
+    conn: AsyncConnection, key_id: str, old_pepper: str, new_pepper: str, new_digest: str
+) -> None:
+    """Re-digest a key under the newest pepper. Conditional on the old pepper, so two
+    processes upgrading at once both leave the same, valid digest."""
+    await conn.execute(
+        update(keys)
+        .where(keys.c.id == key_id, keys.c.pepper_id == old_pepper)
+        .values(digest=new_digest, pepper_id=new_pepper)
+    )
+
+
+# --- validation: the read path --------------------------------------------------------
+
+
+async def lookup_for_validation(
+    conn: AsyncConnection, key_id: str, req: Requirement
+) -> AnyRow | None:
+    """The key's row and the facts about the asked-for project/product, in one SELECT.
+
+    Read-only: this is the whole read path when use tracking is off, and the
+    diagnosis of a refusal otherwise.
+    """
+    return (await conn.execute(_lookup_stmt(req), {"hot_key_id": key_id})).first()
+
+
+@lru_cache(maxsize=HOT_CACHE)
+def _lookup_stmt(req: Requirement) -> Any:
+    k = keys.c
+    key_id, _, _ = hot_binds(())
+    project_org: Any = null()
+    product_org: Any = null()
+    product_linked: Any = false()
+    if req.project_id is not None:
+        project_org = (
+            select(projects.c.org_id).where(projects.c.id == req.project_id).scalar_subquery()
+        )
+    asked_id: Any = null()
+    if (asked := asked_product(req)) is not None:
+        asked_id = literal(asked) if isinstance(asked, str) else asked
+        product_org = select(products.c.org_id).where(products.c.id == asked).scalar_subquery()
+        product_linked = exists().where(
+            project_products.c.org_id == k.org_id,
+            project_products.c.project_id == k.project_id,
+            project_products.c.product_id == asked,
+        )
+    return select(
+        *_AUTH_COLUMNS,
+        has_rate_limits().label("has_rate_limits"),
+        project_org.label("asked_project_org_id"),
+        product_org.label("asked_product_org_id"),
+        product_linked.label("asked_product_linked"),
+        asked_id.label("asked_product_id"),
+    ).where(k.id == key_id)
+
+
+# --- validation: recording a use ------------------------------------------------------
+
+
+async def record_use_returning(
+    conn: AsyncConnection, key_id: str, digests: Mapping[str, str], req: Requirement, now: datetime
+) -> AnyRow | None:
+    """PostgreSQL and SQLite: decide, record the use and return the key, in one
+    statement (``UPDATE ... RETURNING``). None: the rule did not hold; nothing written."""
+    stmt = _record_use_stmt(req, tuple(digests), conn.dialect.name, True)
+    return (await conn.execute(stmt, hot_params(key_id, now, digests))).first()
+
+
+async def record_use(
+    conn: AsyncConnection, key_id: str, digests: Mapping[str, str], req: Requirement, now: datetime
+) -> bool:
+    """MySQL/MariaDB (no ``UPDATE ... RETURNING``): record the use if the rule still
+    holds; the caller read the row just before. False: nothing written."""
+    stmt = _record_use_stmt(req, tuple(digests), conn.dialect.name, False)
+    result = await conn.execute(stmt, hot_params(key_id, now, digests))
+    return bool(result.rowcount == 1)
+
+
+@lru_cache(maxsize=HOT_CACHE)
+def _record_use_stmt(
+    req: Requirement, peppers: tuple[str, ...], dialect: str, returning: bool
+) -> Any:
+    # use_count = use_count + 1 is computed by the database under the row lock the
+    # UPDATE takes, so concurrent validations from any number of processes never
+    # lose a count; the WHERE re-decides the grant rule at the moment of writing.
+    # Only for keys no rate limit applies to (those go through a metered
+    # transaction); the usage cap lives on this row, so it is checked here too.
+    key_id, digests, now = hot_binds(peppers)
+    stmt = (
+        update(keys)
+        .where(
+            keys.c.id == key_id,
+            grant_predicate(digests, req, now, dialect),
+            or_(keys.c.max_uses.is_(None), keys.c.use_count < keys.c.max_uses),
+            ~has_rate_limits(),
+        )
+        .values(use_count=keys.c.use_count + 1, last_used_at=now)
+    )
+    return stmt.returning(*_AUTH_COLUMNS) if returning else stmt
+
+
+# --- the key inside a metered transaction ---------------------------------------------
+
+
+async def lock_live_key(conn: AsyncConnection, key_id: str, now: datetime) -> KeyRef | None:
+    """Take the key's row lock for this transaction, if the key is live.
+
+    A charge is a use of the key, so it sets ``last_used_at``; the UPDATE both
+    checks the key's state and makes a concurrent revoke wait for this
+    transaction, which is also what starts SQLite's write transaction before
+    anything is read.
+    """
+    row = await changed(conn, _lock_key(), {"m_key_id": key_id, "m_now": now})
+    return None if row is None else KeyRef(key_id, row.org_id, row.project_id)
+
+
+@lru_cache(maxsize=1)
+def _lock_key() -> Changing:
+    k = keys.c
+    stmt = update(keys).where(k.id == KEY_ID, *key_is_live_now(NOW)).values(last_used_at=NOW)
+    return changing(stmt, select(k.org_id, k.project_id).where(k.id == KEY_ID))
+
+
+async def is_live(conn: AsyncConnection, key_id: str | None, now: datetime) -> bool:
+    if key_id is None:
+        return False
+    return bool(await conn.scalar(_IS_LIVE, {"m_key_id": key_id, "m_now": now}))
+
+
+_IS_LIVE = select(key_is_live(KEY_ID, NOW))
+
+
+async def record_metered_use(
+    conn: AsyncConnection,
+    key_id: str,
+    digests: Mapping[str, str],
+    req: Requirement,
+    now: datetime,
+    *,
+    track: bool,
+) -> AnyRow | None:
+    """In a metered validation: the whole grant rule and the usage cap
+    (``use_count < max_uses``) in the WHERE, with the use counted unless tracking
+    is off and the key has no cap. Returns the key's row after it (with
+    ``pepper_id`` and ``rate_limit_count``), or None: refused, nothing written."""
+    stmt = _metered_use(req, tuple(digests), conn.dialect.name, track)
+    return await changed(conn, stmt, hot_params(key_id, now, digests))
+
+
+@lru_cache(maxsize=HOT_CACHE)
+def _metered_use(req: Requirement, peppers: tuple[str, ...], dialect: str, track: bool) -> Changing:
+    k = keys.c
+    key_id, digests, now = hot_binds(peppers)
+    capped = k.max_uses.is_not(None)
+    if track:
+        values: Any = ((k.use_count, k.use_count + 1), (k.last_used_at, now))
+    else:
+        # A capped key is counted all the same. An uncapped one is written to
+        # itself: the UPDATE is what takes the key's lock and re-decides the rule,
+        # but it records nothing. (use_count first: last_used_at's CASE reads
+        # only max_uses, so MySQL's left-to-right SET gives the same result.)
+        values = (
+            (k.use_count, case((capped, k.use_count + 1), else_=k.use_count)),
+            (k.last_used_at, case((capped, now), else_=k.last_used_at)),
+        )
+    stmt = (
+        update(keys)
+        .where(
+            k.id == key_id,
+            grant_predicate(digests, req, now, dialect),
+            or_(k.max_uses.is_(None), k.use_count < k.max_uses),
+        )
+        .ordered_values(*values)
+    )
+    returned = (*KEY_COLUMNS, k.pepper_id, rate_limit_count(key_id))
+    return changing(stmt, select(*returned).where(k.id == key_id))

@@ -1,0 +1,154 @@
+"""Organizations, projects, products, their links, and the subjects (key, project,
+organization) that rate limits and budgets belong to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Table, delete, insert, literal, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from keycap._db.build import AnyRow
+from keycap._db.schema import keys, organizations, products, project_products, projects
+from keycap._rules import ids
+
+#: The table of each kind of named resource.
+TABLES: Mapping[str, Table] = {
+    ids.ORG: organizations,
+    ids.PROJECT: projects,
+    ids.PRODUCT: products,
+}
+
+_SCOPES = {ids.KEY: "key", ids.PROJECT: "project", ids.ORG: "organization"}
+
+
+def scope_of(subject_id: str) -> str:
+    """``"key"``, ``"project"`` or ``"organization"``: what a subject id names."""
+    return _SCOPES[subject_id.split("_", 1)[0]]
+
+
+# --- organizations, projects, products ------------------------------------------------
+
+
+async def insert_named(conn: AsyncConnection, table: Table, values: Mapping[str, Any]) -> None:
+    """Insert an organization, project or product. The unique constraint on
+    (parent, name) decides a race between two creators (Conflict for the loser)."""
+    await conn.execute(insert(table).values(**values))
+
+
+async def find_named(
+    conn: AsyncConnection, table: Table, name: str, org_id: str | None
+) -> AnyRow | None:
+    stmt = select(table).where(table.c.name == name)
+    if org_id is not None:
+        stmt = stmt.where(table.c.org_id == org_id)
+    return (await conn.execute(stmt)).first()
+
+
+async def get_by_id(conn: AsyncConnection, table: Table, id_: str) -> AnyRow | None:
+    return (await conn.execute(select(table).where(table.c.id == id_))).first()
+
+
+async def list_rows(
+    conn: AsyncConnection, table: Table, org_id: str | None, limit: int, offset: int
+) -> Sequence[AnyRow]:
+    stmt = select(table).order_by(table.c.created_at, table.c.id).limit(limit).offset(offset)
+    if org_id is not None:
+        stmt = stmt.where(table.c.org_id == org_id)
+    return (await conn.execute(stmt)).all()
+
+
+async def delete_by_id(conn: AsyncConnection, table: Table, id_: str) -> bool:
+    """Delete one row; ON DELETE CASCADE removes what hangs under it on every database."""
+    result = await conn.execute(delete(table).where(table.c.id == id_))
+    return bool(result.rowcount == 1)
+
+
+async def owned_by(conn: AsyncConnection, table: Table, id_: str, org_id: str) -> bool:
+    """The project or product ``id_`` exists in organization ``org_id``."""
+    found = await conn.scalar(select(table.c.id).where(table.c.id == id_, table.c.org_id == org_id))
+    return found is not None
+
+
+# --- project-product links ------------------------------------------------------------
+
+
+async def insert_link(
+    conn: AsyncConnection, org_id: str, project_id: str, product_id: str, now: datetime
+) -> None:
+    """Link a product to a project. The composite foreign keys (org_id, project_id)
+    and (org_id, product_id) make a cross-organization link impossible even if the
+    caller is wrong; a second link of the same pair is a Conflict."""
+    await conn.execute(
+        insert(project_products).values(
+            org_id=org_id, project_id=project_id, product_id=product_id, created_at=now
+        )
+    )
+
+
+async def is_linked(conn: AsyncConnection, org_id: str, project_id: str, product_id: str) -> bool:
+    found = await conn.scalar(
+        select(literal(1)).where(
+            project_products.c.org_id == org_id,
+            project_products.c.project_id == project_id,
+            project_products.c.product_id == product_id,
+        )
+    )
+    return found is not None
+
+
+async def delete_link(conn: AsyncConnection, project_id: str, product_id: str) -> bool:
+    result = await conn.execute(
+        delete(project_products).where(
+            project_products.c.project_id == project_id,
+            project_products.c.product_id == product_id,
+        )
+    )
+    return bool(result.rowcount == 1)
+
+
+# --- subjects -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Subject:
+    """Who a limit or budget belongs to, with the ids its row carries."""
+
+    subject_id: str
+    org_id: str
+    project_id: str | None
+    key_id: str | None
+
+    @property
+    def columns(self) -> dict[str, Any]:
+        return {
+            "subject_id": self.subject_id,
+            "org_id": self.org_id,
+            "project_id": self.project_id,
+            "key_id": self.key_id,
+        }
+
+
+async def find_subject(conn: AsyncConnection, subject_id: str) -> Subject | None:
+    """The key, project or organization ``subject_id`` with its parents' ids; None if
+    there is none."""
+    kind = subject_id.split("_", 1)[0]
+    if kind == ids.KEY:
+        row = (
+            await conn.execute(
+                select(keys.c.org_id, keys.c.project_id).where(keys.c.id == subject_id)
+            )
+        ).first()
+        if row is not None:
+            return Subject(subject_id, row.org_id, row.project_id, subject_id)
+    elif kind == ids.PROJECT:
+        org = await conn.scalar(select(projects.c.org_id).where(projects.c.id == subject_id))
+        if org is not None:
+            return Subject(subject_id, org, subject_id, None)
+    elif await conn.scalar(select(organizations.c.id).where(organizations.c.id == subject_id)):
+        return Subject(subject_id, subject_id, None, None)
+    return None

@@ -1,0 +1,224 @@
+"""Administration as units of work: organizations, projects and products, keys,
+rate limits and budgets. Each function opens its own transaction (or runs one
+self-contained statement) and turns constraint conflicts into the error that
+names what clashed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from keycap._db import budgets, holds, keys, ledger, rate_limits, tenancy
+from keycap._db.build import AnyRow
+from keycap._db.engine import Conflict, Database
+from keycap._db.schema import keys as keys_table
+from keycap._db.schema import products, projects
+from keycap._errors import AlreadyExistsError, HoldClosedError, InvalidArgumentError, NotFoundError
+from keycap._ops.release import release, sweep
+from keycap._ops.units import retrying
+from keycap._rules import ids, movements
+from keycap._rules.budgets import BudgetSpec
+from keycap._rules.rate_limits import RateLimit
+
+# --- organizations, projects, products ------------------------------------------------
+
+
+async def create_named(
+    db: Database, kind: str, org_id: str | None, name: str, now: datetime
+) -> dict[str, Any]:
+    """Create an organization, project or product; its row.
+
+    The unique constraint on (parent, name) decides a race between two creators;
+    the loser gets AlreadyExistsError naming the winner, never a duplicate.
+    """
+    table = tenancy.TABLES[kind]
+    values: dict[str, Any] = {"id": ids.new_id(kind), "name": name}
+    if kind != ids.ORG:
+        values["org_id"] = org_id
+    values["created_at"] = now
+    try:
+        await db.run_in_transaction(tenancy.insert_named, table, values)
+    except Conflict:
+        existing = await db.run(tenancy.find_named, table, name, org_id)
+        if existing is not None:
+            raise AlreadyExistsError(ids.resource_name(kind), existing.id) from None
+        # No name clash, so the parent organization vanished (foreign key).
+        raise NotFoundError("organization", org_id or "") from None
+    return values
+
+
+async def get_or_create_named(
+    db: Database, kind: str, org_id: str | None, name: str, now: datetime
+) -> tuple[AnyRow | Mapping[str, Any], bool]:
+    """The organization, project or product of that name, created if missing. Safe
+    to call concurrently: exactly one caller creates it."""
+    table = tenancy.TABLES[kind]
+    existing = await db.run(tenancy.find_named, table, name, org_id)
+    if existing is not None:
+        return existing, False
+    try:
+        return await create_named(db, kind, org_id, name, now), True
+    except AlreadyExistsError:
+        # Lost a race with another creator: theirs is the one.
+        winner = await db.run(tenancy.find_named, table, name, org_id)
+        if winner is None:  # created and deleted meanwhile
+            raise
+        return winner, False
+
+
+async def get_named(db: Database, kind: str, id_: str) -> AnyRow:
+    """Raises: NotFoundError."""
+    row = await db.run(tenancy.get_by_id, tenancy.TABLES[kind], id_)
+    if row is None:
+        raise NotFoundError(ids.resource_name(kind), id_)
+    return row
+
+
+async def delete_named(db: Database, kind: str, id_: str) -> None:
+    """Delete an organization, project, product or key with what hangs under it.
+
+    Raises: NotFoundError.
+    """
+    table = keys_table if kind == ids.KEY else tenancy.TABLES[kind]
+    if not await db.run_in_transaction(tenancy.delete_by_id, table, id_):
+        raise NotFoundError(ids.resource_name(kind), id_)
+
+
+async def link_product(
+    db: Database, org_id: str, project_id: str, product_id: str, now: datetime
+) -> bool:
+    """Link a product to a project of the same organization. False if already linked."""
+    try:
+        await db.run_in_transaction(tenancy.insert_link, org_id, project_id, product_id, now)
+    except Conflict:
+        if not await db.run(tenancy.is_linked, org_id, project_id, product_id):
+            raise
+        return False
+    return True
+
+
+# --- keys ---------------------------------------------------------------------------------
+
+
+async def create_key(
+    db: Database,
+    row: Mapping[str, Any],
+    limits: Sequence[RateLimit],
+    budget_specs: Sequence[BudgetSpec],
+) -> None:
+    """Insert a key with its own rate limits and budgets, in one transaction, after
+    checking in that transaction that its project and product belong to its
+    organization (and are linked, when both are given): never a key without its caps.
+
+    Raises:
+        NotFoundError: the organization, project or product.
+        InvalidArgumentError: a product not linked to the key's project.
+    """
+    org_id, project_id, product_id = row["org_id"], row["project_id"], row["product_id"]
+    own = tenancy.Subject(row["id"], org_id, project_id, row["id"])
+    now = row["created_at"]
+    try:
+        async with db.begin() as conn:
+            for table, resource, id_ in (
+                (projects, "project", project_id),
+                (products, "product", product_id),
+            ):
+                if id_ is not None and not await tenancy.owned_by(conn, table, id_, org_id):
+                    raise NotFoundError(resource, id_)
+            if (
+                project_id is not None
+                and product_id is not None
+                and not await tenancy.is_linked(conn, org_id, project_id, product_id)
+            ):
+                raise InvalidArgumentError(
+                    "product_id",
+                    "is not linked to the key's project (add_product_to_project first)",
+                )
+            await keys.insert_key(conn, row)
+            await rate_limits.insert_rate_limits(
+                conn, [rate_limits.new_rate_limit_row(own, limit, now) for limit in limits]
+            )
+            await budgets.insert_budgets(
+                conn, [budgets.new_budget_row(own, spec, now) for spec in budget_specs]
+            )
+    except Conflict:
+        if await db.run(tenancy.get_by_id, tenancy.TABLES[ids.ORG], org_id) is None:
+            raise NotFoundError("organization", org_id) from None
+        raise
+
+
+async def retire_keys(db: Database, column: str, value: str, now: datetime) -> None:
+    """Before keys are deleted: revoke them, so no new hold can start, then release
+    their open holds, so none is left holding a project's or organization's budget."""
+    await db.run_in_transaction(keys.revoke_keys_where, column, value, now)
+    for hold_id in await db.run(holds.open_hold_ids, column, value):
+        with contextlib.suppress(HoldClosedError):  # settled or expired meanwhile
+            await release(db, hold_id=hold_id, idempotency_key=None, now=now)
+
+
+# --- rate limits and budgets ------------------------------------------------------------
+
+
+async def subject(db: Database, subject_id: str) -> tenancy.Subject:
+    """Raises: NotFoundError."""
+    found = await db.run(tenancy.find_subject, subject_id)
+    if found is None:
+        raise NotFoundError(tenancy.scope_of(subject_id), subject_id)
+    return found
+
+
+async def set_rate_limit(db: Database, subject_id: str, limit: RateLimit, now: datetime) -> AnyRow:
+    """Create or change (by name) a limit. Changing the window starts counting afresh."""
+    row = rate_limits.new_rate_limit_row(await subject(db, subject_id), limit, now)
+    try:
+        await db.run_in_transaction(rate_limits.insert_rate_limits, [row])
+    except Conflict:
+        await db.run_in_transaction(rate_limits.change_rate_limit, row)
+    found = await db.run(rate_limits.get_rate_limit, row["subject_id"], row["name"])
+    assert found is not None
+    return found
+
+
+async def remove_rate_limit(db: Database, subject_id: str, name: str) -> bool:
+    return await db.run_in_transaction(rate_limits.delete_rate_limit, subject_id, name)
+
+
+async def set_budget(db: Database, subject_id: str, spec: BudgetSpec, now: datetime) -> AnyRow:
+    """Create or change a budget (one per subject, meter and period). Changing the
+    limit keeps what was used and held."""
+    row = budgets.new_budget_row(await subject(db, subject_id), spec, now)
+    try:
+        await db.run_in_transaction(budgets.insert_budgets, [row])
+    except Conflict:
+        await db.run_in_transaction(budgets.change_budget, row, now)
+    found = await db.run(budgets.find_budget, row)
+    assert found is not None
+    return found
+
+
+async def swept_budgets(db: Database, subject_id: str, now: datetime) -> Sequence[AnyRow]:
+    """The budgets attached to a subject, holds past their ttl returned to them first."""
+    for budget in await db.run(budgets.budgets_of, subject_id):
+        await sweep(db, now, budget_id=budget.id)
+    return await db.run(budgets.budgets_of, subject_id)
+
+
+async def grant_credit(db: Database, budget_id: str, micros: int, now: datetime) -> AnyRow:
+    """Top up a budget for its current period, and record it in the ledger.
+
+    Raises: NotFoundError.
+    """
+
+    async def unit() -> AnyRow:
+        async with db.begin() as conn:
+            row = await budgets.get_budget(conn, budget_id)
+            if row is None:
+                raise NotFoundError("budget", budget_id)
+            after = await budgets.add_credit(conn, row, micros, now)
+            await ledger.insert_ledger(conn, [movements.topup(after, micros, now)])
+            return after
+
+    return await retrying(unit)
