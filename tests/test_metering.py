@@ -512,23 +512,40 @@ async def test_bad_amounts_change_nothing(client: APIKeyClient, amount: object) 
     assert (await client.get_key(issued.id)).use_count == 0
 
 
-async def test_bad_limits_and_budgets(client: APIKeyClient) -> None:
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        pytest.param({"limit": 0.5}, id="float-limit"),
+        pytest.param({"limit": 1, "period": "year"}, id="unknown-period"),
+        pytest.param({"limit": 1, "period": "day", "anchor_day": 3}, id="anchor-on-a-day-budget"),
+        pytest.param({"limit": 1, "alert_thresholds": [0]}, id="threshold-of-zero"),
+    ],
+)
+def test_a_bad_budget_is_refused_when_built(kwargs: dict[str, object]) -> None:
+    with pytest.raises(InvalidArgumentError):
+        Budget(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param({"budgets": ["not a budget"]}, id="budgets-not-budgets"),
+        pytest.param({"rate_limits": ["100/minute"]}, id="rate-limits-not-rate-limits"),
+        pytest.param({"max_uses": -1}, id="negative-max-uses"),
+        pytest.param({"max_uses": 1.0}, id="float-max-uses"),
+    ],
+)
+async def test_a_bad_key_argument_creates_nothing(
+    client: APIKeyClient, bad: dict[str, object]
+) -> None:
     org = await _org(client)
-    for bad in (
-        {"budgets": [Budget(0.5)]},
-        {"budgets": [Budget(1, "year")]},
-        {"budgets": [Budget(1, "day", anchor_day=3)]},
-        {"budgets": [Budget(1, alert_thresholds=[0])]},
-        {"budgets": ["not a budget"]},
-        {"rate_limits": [RateLimit(1.5)]},
-        {"rate_limits": [RateLimit(5, "fortnight")]},
-        {"max_uses": -1},
-        {"max_uses": 1.0},
-    ):
-        with pytest.raises(InvalidArgumentError):
-            await client.create_key(org, **bad)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError):
+        await client.create_key(org, **bad)  # type: ignore[arg-type]
     assert await client.list_keys() == []
-    issued = await client.create_key(org)
+
+
+async def test_a_bad_ttl_or_idempotency_key_is_refused(client: APIKeyClient) -> None:
+    issued = await client.create_key(await _org(client))
     with pytest.raises(InvalidArgumentError):
         await client.reserve(issued.id, D("1"), ttl="31d")
     with pytest.raises(InvalidArgumentError):

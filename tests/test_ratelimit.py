@@ -10,21 +10,29 @@ from keycap._rules.rate_limits import RateLimit, admits, remaining, retry_after_
 MIN = 60_000
 
 
-def test_rate_limit_value_object() -> None:
+def test_a_rate_limit_knows_its_units_window_and_name() -> None:
     rl = RateLimit(100, "minute")
     assert (rl.units, rl.window_ms, rl.key) == (100, MIN, "100/minute")
     assert RateLimit(Decimal("1000"), "minute", meter="tokens").units == 10**9
     assert RateLimit(5, timedelta(seconds=90), name="burst").key == "burst"
-    for bad in (
-        RateLimit(1.5),
-        RateLimit(-1),
-        RateLimit(1, "fortnight"),
-        RateLimit(1, timedelta(days=31)),
-        RateLimit(1, timedelta(microseconds=1500)),
-        RateLimit(1, name="bad name"),
-    ):
-        with pytest.raises(InvalidArgumentError):
-            _ = (bad.units, bad.window_ms, bad.key)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        pytest.param({"limit": 1.5}, id="float-limit"),
+        pytest.param({"limit": -1}, id="negative-limit"),
+        pytest.param({"limit": 1, "window": "fortnight"}, id="unknown-window"),
+        pytest.param({"limit": 1, "window": timedelta(days=31)}, id="window-over-30-days"),
+        pytest.param(
+            {"limit": 1, "window": timedelta(microseconds=1500)}, id="fractional-ms"
+        ),
+        pytest.param({"limit": 1, "name": "bad name"}, id="name-with-a-space"),
+    ],
+)
+def test_a_bad_rate_limit_is_refused_when_built(kwargs: dict[str, object]) -> None:
+    with pytest.raises(InvalidArgumentError):
+        RateLimit(**kwargs)  # type: ignore[arg-type]
 
 
 def test_a_fresh_burst_is_capped_at_exactly_the_limit() -> None:

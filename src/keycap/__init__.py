@@ -3,7 +3,7 @@
 Start with :class:`APIKeyClient`; every error is a :class:`KeycapError`.
 """
 
-from keycap._client import APIKeyClient
+from keycap._client import UNSET, APIKeyClient
 from keycap._errors import (
     AlreadyExistsError,
     BudgetExceededError,
@@ -40,20 +40,28 @@ from keycap._models import (
     Settlement,
     UsageRow,
 )
+from keycap._ops.results import AlertHandler
 from keycap._rules.budgets import Budget
+from keycap._rules.money import Amount
 from keycap._rules.rate_limits import RateLimit
+from keycap._rules.timeutil import Clock
 
+#: The one place the version is written; pyproject.toml reads it from here.
 __version__ = "0.1.0"
 
 __all__ = [
+    "UNSET",
     "APIKey",
     "APIKeyClient",
+    "AlertHandler",
     "AlreadyExistsError",
+    "Amount",
     "Budget",
     "BudgetAlert",
     "BudgetExceededError",
     "BudgetStatus",
     "Charge",
+    "Clock",
     "ConfigurationError",
     "DatabaseError",
     "DatabaseUnavailableError",

@@ -57,19 +57,35 @@ __all__ = [
 ]
 
 
+#: Fields left out of ``data()`` while they are None.
+_OPTIONAL = frozenset({"key_id"})
+
+
 class KeycapError(Exception):
     """Root of every keycap error. Never raised directly."""
 
     code: ClassVar[str] = "keycap_error"
     default_message: ClassVar[str] = "keycap error"
+    #: The names of the data this class adds (attributes of the error), declared once:
+    #: ``data()``, ``to_dict()`` and ``repr()`` are derived from them.
+    fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, message: str | None = None) -> None:
         self.message = message or self.default_message
         super().__init__(self.message)
 
     def data(self) -> dict[str, Any]:
-        """The machine-readable fields of this error, besides ``code`` and ``message``."""
-        return {}
+        """The machine-readable fields of this error, besides ``code`` and ``message``:
+        the ``fields`` each class of its tree declares, base classes' first. An
+        optional field (``key_id``) is left out while it is None."""
+        out: dict[str, Any] = {}
+        for cls in reversed(type(self).__mro__):
+            for name in vars(cls).get("fields", ()):
+                value = getattr(self, name)
+                if value is None and name in _OPTIONAL:
+                    continue
+                out[name] = list(value) if isinstance(value, tuple) else value
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """``code``, ``message`` and the error's data, JSON-ready (datetimes as ISO 8601)."""
@@ -91,15 +107,13 @@ class KeyRejectedError(KeycapError):
     """``validate_key`` refused the key. Subclasses say why."""
 
     code = "key_rejected"
+    fields: ClassVar[tuple[str, ...]] = ("key_id",)
     default_message = "API key rejected"
 
     def __init__(self, message: str | None = None, *, key_id: str | None = None) -> None:
         super().__init__(message)
         #: The id of the key, when the key was identified (never for InvalidKeyError).
         self.key_id = key_id
-
-    def data(self) -> dict[str, Any]:
-        return {"key_id": self.key_id} if self.key_id else {}
 
 
 class MissingKeyError(KeyRejectedError):
@@ -130,48 +144,43 @@ class ExpiredKeyError(KeyRejectedError):
     """The key's expiry has passed."""
 
     code = "expired_key"
+    fields = ("expired_at",)
     default_message = "API key expired"
 
     def __init__(self, expired_at: datetime, *, key_id: str | None = None) -> None:
         super().__init__(f"API key expired at {expired_at.isoformat()}", key_id=key_id)
         self.expired_at = expired_at
 
-    def data(self) -> dict[str, Any]:
-        return {**super().data(), "expired_at": self.expired_at}
-
 
 class RevokedKeyError(KeyRejectedError):
     """The key was revoked; revocation is permanent."""
 
     code = "revoked_key"
+    fields = ("revoked_at",)
     default_message = "API key revoked"
 
     def __init__(self, revoked_at: datetime, *, key_id: str | None = None) -> None:
         super().__init__(f"API key revoked at {revoked_at.isoformat()}", key_id=key_id)
         self.revoked_at = revoked_at
 
-    def data(self) -> dict[str, Any]:
-        return {**super().data(), "revoked_at": self.revoked_at}
-
 
 class DisabledKeyError(KeyRejectedError):
     """The key is suspended; ``enable_key`` reverses this."""
 
     code = "disabled_key"
+    fields = ("disabled_at",)
     default_message = "API key disabled"
 
     def __init__(self, disabled_at: datetime, *, key_id: str | None = None) -> None:
         super().__init__(key_id=key_id)
         self.disabled_at = disabled_at
 
-    def data(self) -> dict[str, Any]:
-        return {**super().data(), "disabled_at": self.disabled_at}
-
 
 class ForbiddenError(KeyRejectedError):
     """The key is valid but not for the organization, project or product asked for."""
 
     code = "forbidden"
+    fields = ("reason",)
     default_message = "API key not valid for this resource"
 
     def __init__(self, reason: str, *, key_id: str | None = None) -> None:
@@ -179,14 +188,12 @@ class ForbiddenError(KeyRejectedError):
         #: One of ``"organization"``, ``"project"``, ``"product"``.
         self.reason = reason
 
-    def data(self) -> dict[str, Any]:
-        return {**super().data(), "reason": self.reason}
-
 
 class InsufficientScopeError(KeyRejectedError):
     """The key lacks one or more required scopes."""
 
     code = "insufficient_scope"
+    fields = ("missing_scopes",)
     default_message = "API key lacks required scopes"
 
     def __init__(self, missing_scopes: Sequence[str], *, key_id: str | None = None) -> None:
@@ -195,14 +202,12 @@ class InsufficientScopeError(KeyRejectedError):
         )
         self.missing_scopes = tuple(missing_scopes)
 
-    def data(self) -> dict[str, Any]:
-        return {**super().data(), "missing_scopes": list(self.missing_scopes)}
-
 
 class RateLimitedError(KeyRejectedError):
     """A rate limit of the key, its project or its organization is used up for now."""
 
     code = "rate_limited"
+    fields = ("name", "scope", "limit", "remaining", "retry_after", "reset_at")
 
     def __init__(
         self,
@@ -230,35 +235,36 @@ class RateLimitedError(KeyRejectedError):
         self.retry_after = retry_after
         self.reset_at = reset_at
 
-    def data(self) -> dict[str, Any]:
-        return {
-            **super().data(),
-            "name": self.name,
-            "scope": self.scope,
-            "limit": self.limit,
-            "remaining": self.remaining,
-            "retry_after": self.retry_after,
-            "reset_at": self.reset_at,
-        }
-
 
 class UsageExhaustedError(KeyRejectedError):
     """The key reached ``max_uses`` accepted validations."""
 
     code = "usage_exhausted"
+    fields = ("max_uses",)
 
     def __init__(self, max_uses: int, *, key_id: str | None = None) -> None:
         super().__init__(f"API key used up its {max_uses} uses", key_id=key_id)
         self.max_uses = max_uses
-
-    def data(self) -> dict[str, Any]:
-        return {**super().data(), "max_uses": self.max_uses}
 
 
 class BudgetExceededError(KeycapError):
     """A budget of the key, its project or its organization cannot take the amount."""
 
     code = "budget_exceeded"
+    fields = (
+        "budget_id",
+        "scope",
+        "subject_id",
+        "meter",
+        "period",
+        "limit",
+        "used",
+        "held",
+        "remaining",
+        "requested",
+        "reset_at",
+        "key_id",
+    )
 
     def __init__(
         self,
@@ -295,77 +301,53 @@ class BudgetExceededError(KeycapError):
         self.reset_at = reset_at
         self.key_id = key_id
 
-    def data(self) -> dict[str, Any]:
-        return {
-            "budget_id": self.budget_id,
-            "scope": self.scope,
-            "subject_id": self.subject_id,
-            "meter": self.meter,
-            "period": self.period,
-            "limit": self.limit,
-            "used": self.used,
-            "held": self.held,
-            "remaining": self.remaining,
-            "requested": self.requested,
-            "reset_at": self.reset_at,
-            **({"key_id": self.key_id} if self.key_id else {}),
-        }
-
 
 class HoldClosedError(KeycapError):
     """The hold was already settled, released or expired (and this is no replay)."""
 
     code = "hold_closed"
+    fields = ("hold_id", "status")
 
     def __init__(self, hold_id: str, status: str) -> None:
         super().__init__(f"hold {hold_id} is already {status}")
         self.hold_id = hold_id
         self.status = status
 
-    def data(self) -> dict[str, Any]:
-        return {"hold_id": self.hold_id, "status": self.status}
-
 
 class NotFoundError(KeycapError):
     """No entity with that id (a malformed id is also not found)."""
 
     code = "not_found"
+    fields = ("resource", "id")
 
     def __init__(self, resource: str, id: str) -> None:
         super().__init__(f"{resource} not found: {id}")
         self.resource = resource
         self.id = id
 
-    def data(self) -> dict[str, Any]:
-        return {"resource": self.resource, "id": self.id}
-
 
 class AlreadyExistsError(KeycapError):
     """An entity with that name already exists in the same parent."""
 
     code = "already_exists"
+    fields = ("resource", "existing_id")
 
     def __init__(self, resource: str, existing_id: str) -> None:
         super().__init__(f"{resource} already exists: {existing_id}")
         self.resource = resource
         self.existing_id = existing_id
 
-    def data(self) -> dict[str, Any]:
-        return {"resource": self.resource, "existing_id": self.existing_id}
-
 
 class InvalidArgumentError(KeycapError, ValueError):
     """An argument is of the wrong type or out of bounds. Nothing was changed."""
 
     code = "invalid_argument"
+    fields = ("field",)
 
     def __init__(self, field: str, problem: str) -> None:
         super().__init__(f"invalid {field}: {problem}")
         self.field = field
         self.problem = problem
-
-    def data(self) -> dict[str, Any]:
-        return {"field": self.field}
 
 
 class ConfigurationError(KeycapError):

@@ -11,7 +11,7 @@ crossed.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -36,6 +36,9 @@ class Budget:
         alert_thresholds: percentages of the limit (e.g. ``(50, 80, 100)``); the
             charge that crosses one reports it, and the client's
             ``on_budget_alert`` callback is awaited once for it.
+
+    Raises:
+        InvalidArgumentError: a bad limit, period, meter, anchor day or threshold.
     """
 
     limit: Amount
@@ -43,11 +46,16 @@ class Budget:
     meter: str = DEFAULT_METER
     anchor_day: int | None = None
     alert_thresholds: Sequence[int] = ()
+    #: The budget validated, in stored units.
+    spec: BudgetSpec = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "spec", BudgetSpec.of(self))
 
 
 @dataclass(frozen=True, slots=True)
 class BudgetSpec:
-    """A validated Budget, in stored units."""
+    """A validated Budget, in stored units (``Budget.spec``)."""
 
     limit_micros: int
     period: Period
@@ -56,9 +64,7 @@ class BudgetSpec:
     thresholds: tuple[int, ...]
 
     @classmethod
-    def of(cls, budget: object) -> BudgetSpec:
-        if not isinstance(budget, Budget):
-            raise InvalidArgumentError("budget", "must be a keycap.Budget")
+    def of(cls, budget: Budget) -> BudgetSpec:
         period, anchor = periods.parse(budget.period, budget.anchor_day)
         raw = budget.alert_thresholds
         if isinstance(raw, str | bytes) or not isinstance(raw, Sequence):

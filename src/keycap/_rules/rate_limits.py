@@ -22,7 +22,7 @@ twice.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Final
 
@@ -44,7 +44,7 @@ _NAME = re.compile(r"[A-Za-z0-9_.:\-/]{1,64}")
 
 @dataclass(frozen=True, slots=True)
 class RateLimit:
-    """At most ``limit`` per sliding ``window``.
+    """At most ``limit`` per sliding ``window``; checked when built.
 
     Args:
         limit: calls per window; with ``meter``, units of that meter per window
@@ -54,37 +54,46 @@ class RateLimit:
             whole milliseconds.
         name: unique per key/project/organization; defaults to ``"{limit}/{window}"``.
         meter: count the call's cost on this meter instead of counting calls.
+
+    Raises:
+        InvalidArgumentError: a bad limit, window, name or meter.
     """
 
     limit: Amount
     window: str | timedelta = "minute"
     name: str | None = None
     meter: str | None = None
+    #: The limit in stored units: calls, or micro-units of the meter.
+    units: int = field(init=False, repr=False, compare=False)
+    #: The window's length in milliseconds.
+    window_ms: int = field(init=False, repr=False, compare=False)
+    #: The limit's name: ``name``, or ``"{limit}/{window}"`` (``:meter`` appended).
+    key: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def window_ms(self) -> int:
-        return window_ms(self.window)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "units", _units(self.limit, self.meter))
+        object.__setattr__(self, "window_ms", window_ms(self.window))
+        object.__setattr__(self, "key", _key(self))
 
-    @property
-    def units(self) -> int:
-        """The limit in stored units: calls, or micro-units of the meter."""
-        if self.meter is None:
-            if isinstance(self.limit, bool) or not isinstance(self.limit, int):
-                raise InvalidArgumentError("limit", "must be an int (calls per window)")
-            if not 0 <= self.limit <= MAX_UNITS:
-                raise InvalidArgumentError("limit", f"must be from 0 to {MAX_UNITS}")
-            return self.limit
-        meter_name(self.meter)
-        return to_micros(self.limit, "limit")
 
-    @property
-    def key(self) -> str:
-        if self.name is not None:
-            if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
-                raise InvalidArgumentError("name", "must be 1-64 of A-Z a-z 0-9 _ . : - /")
-            return self.name
-        window = self.window if isinstance(self.window, str) else f"{self.window_ms}ms"
-        return f"{self.limit}/{window}" + (f":{self.meter}" if self.meter else "")
+def _units(limit: object, meter: object) -> int:
+    if meter is None:
+        if isinstance(limit, bool) or not isinstance(limit, int):
+            raise InvalidArgumentError("limit", "must be an int (calls per window)")
+        if not 0 <= limit <= MAX_UNITS:
+            raise InvalidArgumentError("limit", f"must be from 0 to {MAX_UNITS}")
+        return limit
+    meter_name(meter)
+    return to_micros(limit, "limit")
+
+
+def _key(rl: RateLimit) -> str:
+    if rl.name is not None:
+        if not isinstance(rl.name, str) or not _NAME.fullmatch(rl.name):
+            raise InvalidArgumentError("name", "must be 1-64 of A-Z a-z 0-9 _ . : - /")
+        return rl.name
+    window = rl.window if isinstance(rl.window, str) else f"{rl.window_ms}ms"
+    return f"{rl.limit}/{window}" + (f":{rl.meter}" if rl.meter else "")
 
 
 def window_ms(window: object) -> int:
