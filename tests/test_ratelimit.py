@@ -24,9 +24,7 @@ def test_a_rate_limit_knows_its_units_window_and_name() -> None:
         pytest.param({"limit": -1}, id="negative-limit"),
         pytest.param({"limit": 1, "window": "fortnight"}, id="unknown-window"),
         pytest.param({"limit": 1, "window": timedelta(days=31)}, id="window-over-30-days"),
-        pytest.param(
-            {"limit": 1, "window": timedelta(microseconds=1500)}, id="fractional-ms"
-        ),
+        pytest.param({"limit": 1, "window": timedelta(microseconds=1500)}, id="fractional-ms"),
         pytest.param({"limit": 1, "name": "bad name"}, id="name-with-a-space"),
     ],
 )
