@@ -48,21 +48,29 @@ async def test_validate_key_garbage_is_an_invalid_key(client: APIKeyClient, valu
 @pytest.mark.parametrize(
     "value", [None, b"x", "\ud800", "a" * 201, "", "tab\there", "\x00"], ids=repr
 )
-async def test_bad_names(client: APIKeyClient, value: object) -> None:
+async def test_a_bad_name_is_refused(client: APIKeyClient, value: object) -> None:
     with pytest.raises(InvalidArgumentError):
         await client.create_organization(value)  # type: ignore[arg-type]
     with pytest.raises(InvalidArgumentError):
         await client.get_or_create_organization(value)  # type: ignore[arg-type]
 
 
-async def test_non_ascii_names_round_trip(client: APIKeyClient) -> None:
-    for name in ["Ünïcødé GmbH", "株式会社", "emoji 🚀", "a" * 200]:
-        org = await client.create_organization(name)
-        assert (await client.get_organization(org.id)).name == name
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param("Ünïcødé GmbH", id="accents"),
+        pytest.param("株式会社", id="cjk"),
+        pytest.param("emoji 🚀", id="emoji"),
+        pytest.param("a" * 200, id="200-characters"),
+    ],
+)
+async def test_a_non_ascii_or_long_name_round_trips(client: APIKeyClient, name: str) -> None:
+    org = await client.create_organization(name)
+    assert (await client.get_organization(org.id)).name == name
 
 
 @pytest.mark.parametrize("value", BAD_IDS, ids=repr)
-async def test_bad_ids_everywhere(client: APIKeyClient, value: object) -> None:
+async def test_a_malformed_id_is_refused_everywhere(client: APIKeyClient, value: object) -> None:
     # (None is not here: for optional filters it means "no filter".)
     calls = [
         lambda: client.get_organization(value),  # type: ignore[arg-type]
@@ -156,7 +164,9 @@ async def test_naive_datetime_message_is_clear(client: APIKeyClient) -> None:
         {"track_usage": "yes"},
     ],
 )
-async def test_bad_validate_arguments(client: APIKeyClient, kwargs: dict[str, object]) -> None:
+async def test_bad_validate_arguments_are_refused(
+    client: APIKeyClient, kwargs: dict[str, object]
+) -> None:
     issued = await client.create_key((await client.create_organization("A")).id)
     with pytest.raises(InvalidArgumentError):
         await client.validate_key(issued.plaintext, **kwargs)  # type: ignore[arg-type]
@@ -165,7 +175,7 @@ async def test_bad_validate_arguments(client: APIKeyClient, kwargs: dict[str, ob
 @pytest.mark.parametrize(
     "kwargs", [{"limit": 0}, {"limit": 1001}, {"limit": "10"}, {"offset": -1}, {"limit": True}]
 )
-async def test_bad_pagination(client: APIKeyClient, kwargs: dict[str, object]) -> None:
+async def test_bad_paging_is_refused(client: APIKeyClient, kwargs: dict[str, object]) -> None:
     with pytest.raises(InvalidArgumentError):
         await client.list_keys(**kwargs)  # type: ignore[arg-type]
     with pytest.raises(InvalidArgumentError):

@@ -50,7 +50,9 @@ def one_line_error(result: subprocess.CompletedProcess[str], code: int, text: st
     assert text in lines[0] and "Traceback" not in result.stderr
 
 
-async def test_round_trip(client: APIKeyClient, db_url: str) -> None:
+async def test_a_key_created_by_the_cli_validates_until_revoked(
+    client: APIKeyClient, db_url: str
+) -> None:
     """create key → validate from Python → revoke → validation fails."""
     org = ok(keycap("org", "create", "Acme", url=db_url)).strip()
     assert org.startswith("org_")

@@ -5,7 +5,7 @@ import pytest
 from keycap import AlreadyExistsError, APIKeyClient, InvalidArgumentError, NotFoundError
 
 
-async def test_organization_lifecycle(client: APIKeyClient) -> None:
+async def test_an_organization_is_created_found_listed_and_deleted(client: APIKeyClient) -> None:
     org = await client.create_organization("Acme")
     assert org.id.startswith("org_") and org.name == "Acme"
     assert await client.get_organization(org.id) == org
@@ -48,7 +48,9 @@ async def test_children_need_an_existing_organization(client: APIKeyClient) -> N
         await client.get_or_create_product("org_AAAAAAAAAAAAAAAA", "p")
 
 
-async def test_product_links(client: APIKeyClient) -> None:
+async def test_linking_a_product_is_idempotent_and_within_one_organization(
+    client: APIKeyClient,
+) -> None:
     a = await client.create_organization("A")
     b = await client.create_organization("B")
     project = await client.create_project(a.id, "agents")

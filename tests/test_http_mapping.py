@@ -75,7 +75,7 @@ def test_every_error_class_has_a_status() -> None:
 
 
 @pytest.mark.parametrize(("error", "status"), STATUSES, ids=lambda x: type(x).__name__)
-def test_status_and_problem_body(error: errors.KeycapError, status: int) -> None:
+def test_each_error_has_a_status_and_a_problem_body(error: errors.KeycapError, status: int) -> None:
     found = problem(error, HTTPOptions(), NOW)
     assert found.status == status
     assert found.body["status"] == status and found.body["code"] == error.code
@@ -84,7 +84,7 @@ def test_status_and_problem_body(error: errors.KeycapError, status: int) -> None
         assert found.body["keycap_status"] == "settled"
 
 
-def test_headers_of_refusals() -> None:
+def test_refusals_carry_their_headers() -> None:
     options = HTTPOptions()
     assert problem(rate_error(45.6), options, NOW).headers == {
         "RateLimit-Limit": "100",
@@ -114,7 +114,9 @@ def test_headers_of_refusals() -> None:
         ({"x-api-key": ""}, None),
     ],
 )
-def test_credential(headers: dict[str, str], expected: str | None) -> None:
+def test_the_credential_is_read_from_bearer_or_key_headers(
+    headers: dict[str, str], expected: str | None
+) -> None:
     assert credential(Headers(headers), HTTPOptions().headers) == expected
 
 
@@ -123,7 +125,7 @@ def test_an_absurd_header_is_cut_but_stays_invalid() -> None:
     assert found is not None and 512 < len(found) < 1000
 
 
-def test_options_are_checked() -> None:
+def test_bad_http_options_are_refused() -> None:
     for bad in (
         {"budget_status": 400},
         {"usage_exhausted_status": 402},

@@ -128,7 +128,9 @@ async def test_list_keys_filters_in_sql_and_paginates(
         await client.list_keys(status="bogus")
 
 
-async def test_update_key(client: APIKeyClient, clock: FakeClock) -> None:
+async def test_update_key_changes_only_what_is_given(
+    client: APIKeyClient, clock: FakeClock
+) -> None:
     org = await _org(client)
     issued = await client.create_key(
         org, name="a", scopes=["x"], expires_in="1h", metadata={"a": 1}
@@ -159,7 +161,9 @@ async def test_revoke_is_idempotent_and_keeps_the_first_time(
     assert (await client.enable_key(issued.id)).revoked_at == first.revoked_at  # still revoked
 
 
-async def test_disable_and_enable(client: APIKeyClient, clock: FakeClock) -> None:
+async def test_a_disabled_key_is_refused_until_enabled(
+    client: APIKeyClient, clock: FakeClock
+) -> None:
     issued = await client.create_key(await _org(client))
     disabled = await client.disable_key(issued.id)
     clock.advance(minutes=1)
@@ -169,7 +173,7 @@ async def test_disable_and_enable(client: APIKeyClient, clock: FakeClock) -> Non
     assert (await client.validate_key(issued.plaintext)).id == issued.id
 
 
-async def test_delete_key(client: APIKeyClient) -> None:
+async def test_a_deleted_key_is_gone(client: APIKeyClient) -> None:
     issued = await client.create_key(await _org(client))
     await client.validate_key(issued.plaintext)
     await client.delete_key(issued.id)

@@ -145,7 +145,9 @@ async def test_a_lagging_clock_does_not_reset_a_period_twice(
     await assert_balances_match_ledger(client)
 
 
-async def test_week_and_lifetime_periods(client: APIKeyClient, clock: FakeClock) -> None:
+async def test_week_periods_reset_and_lifetime_periods_never_do(
+    client: APIKeyClient, clock: FakeClock
+) -> None:
     issued = await client.create_key(
         await _org(client),
         budgets=[Budget(D("1"), "week"), Budget(D("2"), "lifetime", meter="credits")],
@@ -252,7 +254,7 @@ async def test_dead_keys_cannot_be_charged_or_reserve(
     assert await client.usage(org_id=org, since=clock.now - timedelta(days=1)) == []
 
 
-async def test_idempotent_charge(client: APIKeyClient) -> None:
+async def test_a_repeated_idempotency_key_replays_the_charge(client: APIKeyClient) -> None:
     issued = await client.create_key(await _org(client), budgets=[Budget(D("1"))])
     first = await client.charge(
         issued.id, D("0.4"), idempotency_key="req-1", metadata={"model": "x"}
@@ -329,7 +331,9 @@ async def test_the_documented_agent_example(client: APIKeyClient) -> None:
     assert completions == 38
 
 
-async def test_release_and_expiry(client: APIKeyClient, clock: FakeClock) -> None:
+async def test_release_and_expiry_return_the_hold_to_every_budget(
+    client: APIKeyClient, clock: FakeClock
+) -> None:
     org = await _org(client)
     issued = await client.create_key(org)
     org_budget = await client.set_budget(org, Budget(D("1")))
@@ -353,7 +357,7 @@ async def test_release_and_expiry(client: APIKeyClient, clock: FakeClock) -> Non
     await assert_balances_match_ledger(client)
 
 
-async def test_idempotent_reserve_settle_release(client: APIKeyClient) -> None:
+async def test_reserve_settle_and_release_replay_by_idempotency_key(client: APIKeyClient) -> None:
     issued = await client.create_key(await _org(client), budgets=[Budget(D("1"))])
     hold = await client.reserve(issued.id, D("0.5"), idempotency_key="r1")
     assert (await client.reserve(issued.id, D("0.5"), idempotency_key="r1")).id == hold.id
@@ -446,7 +450,7 @@ async def test_validation_is_all_or_nothing(client: APIKeyClient) -> None:
     await assert_balances_match_ledger(client)
 
 
-async def test_usage_cap(client: APIKeyClient) -> None:
+async def test_a_key_is_refused_after_max_uses_accepted_validations(client: APIKeyClient) -> None:
     org = await _org(client)
     issued = await client.create_key(org, max_uses=2)
     await client.validate_key(issued.plaintext)
@@ -464,7 +468,9 @@ async def test_usage_cap(client: APIKeyClient) -> None:
         await client.validate_key(metered.plaintext)
 
 
-async def test_usage_report(client: APIKeyClient, clock: FakeClock) -> None:
+async def test_usage_totals_what_was_charged_per_day_and_meter(
+    client: APIKeyClient, clock: FakeClock
+) -> None:
     org = await _org(client)
     project = (await client.create_project(org, "p")).id
     a = await client.create_key(org, project_id=project, budgets=[Budget(D("100"))])

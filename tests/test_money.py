@@ -19,7 +19,7 @@ from keycap._rules.money import costs, from_micros, to_micros
         (Decimal("1000000000000"), 10**18),
     ],
 )
-def test_exact_conversion(value: Decimal, micros: int) -> None:
+def test_amounts_convert_to_micro_units_exactly(value: Decimal, micros: int) -> None:
     assert to_micros(value, "x") == micros
     assert from_micros(micros) == Decimal(value)
 
@@ -46,7 +46,7 @@ def test_exact_conversion(value: Decimal, micros: int) -> None:
         [1],
     ],
 )
-def test_bad_amounts(bad: object) -> None:
+def test_an_inexact_or_out_of_range_amount_is_refused(bad: object) -> None:
     with pytest.raises(InvalidArgumentError):
         to_micros(bad, "amount")
 
@@ -61,15 +61,26 @@ def test_from_micros_is_a_decimal_with_six_places() -> None:
     assert isinstance(value, Decimal) and str(value) == "0.990000"
 
 
-def test_costs() -> None:
+def test_a_cost_is_an_amount_or_a_map_of_meters() -> None:
     assert costs(Decimal("0.5")) == {"spend": 500_000}
     assert costs({"spend": Decimal("1"), "tokens": 1500}) == {
         "spend": 1_000_000,
         "tokens": 1_500_000_000,
     }
-    for bad in ({}, {"Bad": 1}, {"spend": 0.5}, {"x" * 33: 1}):
-        with pytest.raises(InvalidArgumentError):
-            costs(bad)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param({}, id="no-meter"),
+        pytest.param({"Bad": 1}, id="uppercase-meter"),
+        pytest.param({"spend": 0.5}, id="float-amount"),
+        pytest.param({"x" * 33: 1}, id="meter-name-too-long"),
+    ],
+)
+def test_a_bad_cost_is_refused(bad: object) -> None:
+    with pytest.raises(InvalidArgumentError):
+        costs(bad)  # type: ignore[arg-type]
 
 
 def test_ten_thousand_micro_charges_sum_exactly() -> None:

@@ -11,7 +11,7 @@ def dt(*args: int) -> datetime:
     return datetime(*args, tzinfo=UTC)
 
 
-def test_day_and_week() -> None:
+def test_day_and_week_periods_start_at_utc_midnight_and_monday() -> None:
     now = dt(2026, 1, 15, 13, 45)  # a Thursday
     assert periods.start(Period.DAY, now) == dt(2026, 1, 15)
     assert periods.end(Period.DAY, dt(2026, 1, 15)) == dt(2026, 1, 16)
@@ -25,7 +25,7 @@ def test_lifetime_never_resets() -> None:
     assert periods.end(Period.LIFETIME, periods.EPOCH) is None
 
 
-def test_calendar_month() -> None:
+def test_a_calendar_month_period_starts_on_the_first() -> None:
     assert periods.start(Period.MONTH, dt(2026, 3, 31, 23, 59)) == dt(2026, 3, 1)
     assert periods.end(Period.MONTH, dt(2026, 12, 1)) == dt(2027, 1, 1)
 
@@ -80,6 +80,6 @@ def test_start_and_end_agree_everywhere() -> None:
         (None, None),
     ],
 )
-def test_bad_periods(period: object, anchor: object) -> None:
+def test_an_unknown_period_or_anchor_is_refused(period: object, anchor: object) -> None:
     with pytest.raises(InvalidArgumentError):
         periods.parse(period, anchor)

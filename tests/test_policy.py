@@ -60,7 +60,7 @@ def test_expiry_boundary_is_exclusive() -> None:
     check(replace(GOOD, expires_at=NOW + timedelta(microseconds=1)), Requirement(), NOW)
 
 
-def test_organization() -> None:
+def test_a_key_is_valid_only_for_its_organization() -> None:
     check(GOOD, Requirement(org_id=ORG), NOW)
     with pytest.raises(ForbiddenError) as info:
         check(GOOD, Requirement(org_id=OTHER_ORG), NOW)

@@ -26,7 +26,9 @@ from keycap._rules import scopes
         (["billing:*", "chat:write"], "chat:write", True),
     ],
 )
-def test_matching_rule(granted: list[str], required: str, ok: bool) -> None:
+def test_a_grant_covers_itself_and_what_its_wildcard_names(
+    granted: list[str], required: str, ok: bool
+) -> None:
     assert (scopes.missing(granted, [required]) == ()) is ok
 
 
@@ -66,7 +68,7 @@ def test_normalize_sorts_and_dedupes() -> None:
         ["\x00"],
     ],
 )
-def test_invalid_scopes(bad: object) -> None:
+def test_a_malformed_scope_is_refused(bad: object) -> None:
     with pytest.raises(InvalidArgumentError):
         scopes.normalize(bad)
 

@@ -36,7 +36,9 @@ def make_app(client: APIKeyClient) -> Starlette:
     )
 
 
-async def test_backend(client: APIKeyClient) -> None:
+async def test_the_backend_authenticates_keys_and_exposes_their_scopes(
+    client: APIKeyClient,
+) -> None:
     org = (await client.create_organization("Acme")).id
     await client.create_product(org, "chat-api")
     issued = await client.create_key(org, scopes=["chat:*"], rate_limits=[RateLimit(2, "minute")])

@@ -20,7 +20,7 @@ NOW = datetime(2026, 1, 15, 12, 0, tzinfo=UTC)
         (timedelta(hours=1), timedelta(hours=1)),
     ],
 )
-def test_duration_grammar(text: object, delta: timedelta) -> None:
+def test_durations_parse_from_the_documented_grammar(text: object, delta: timedelta) -> None:
     assert parse_duration(text, "d") == delta
 
 
@@ -54,7 +54,7 @@ def test_duration_grammar(text: object, delta: timedelta) -> None:
         "\uff17d",  # a full-width digit seven
     ],
 )
-def test_bad_durations(bad: object) -> None:
+def test_a_malformed_duration_is_refused(bad: object) -> None:
     with pytest.raises(InvalidArgumentError):
         parse_duration(bad, "expires_in")
 
@@ -77,7 +77,7 @@ def test_absurd_datetimes_are_rejected() -> None:
         aware_utc("2030-01-01", "x")
 
 
-def test_resolve_expiry() -> None:
+def test_expiry_comes_from_a_duration_or_an_aware_datetime() -> None:
     assert resolve_expiry(None, None, NOW) is None
     assert resolve_expiry("1h", None, NOW) == NOW + timedelta(hours=1)
     assert resolve_expiry(None, NOW + timedelta(days=1), NOW) == NOW + timedelta(days=1)

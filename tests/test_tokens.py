@@ -104,7 +104,7 @@ def test_bad_prefix_or_environment_is_a_configuration_error(prefix: str, env: st
         KeyFormat(prefix, env)
 
 
-def test_base62_fixed_width() -> None:
+def test_base62_encodes_to_a_fixed_width() -> None:
     assert _base62.encode_fixed(0, 6) == "000000"
     assert _base62.encode_fixed(2**32 - 1, 6) != _base62.encode_fixed(2**32 - 2, 6)
     with pytest.raises(ValueError):

@@ -216,31 +216,32 @@ async def test_product_asked_by_name_is_looked_up_in_the_keys_organization(
         await client.validate_key(a_key.plaintext, product_name="")
 
 
-async def test_scope_rules_agree_in_sql_and_in_python(client: APIKeyClient) -> None:
+@pytest.mark.parametrize("track", [True, False], ids=["in-sql", "in-python"])
+@pytest.mark.parametrize(
+    ("required", "ok"),
+    [
+        pytest.param(["chat:write"], True, id="wildcard-covers"),
+        pytest.param(["chat:admin:read", "billing:read"], True, id="deeper-and-exact"),
+        pytest.param(["x_y.z-w:a"], True, id="punctuation-exact"),
+        pytest.param(["xayazbw:a"], False, id="underscore-and-dot-are-not-wildcards"),
+        pytest.param(["billing:*"], False, id="wildcard-asked-not-granted"),
+        pytest.param(["billing"], False, id="parent-of-a-grant"),
+        pytest.param(["chat"], False, id="parent-of-a-wildcard"),
+        pytest.param(["Chat:write"], False, id="case-sensitive"),
+        pytest.param(["*"], False, id="star-asked"),
+    ],
+)
+async def test_scope_rules_agree_in_sql_and_in_python(
+    client: APIKeyClient, required: list[str], ok: bool, track: bool
+) -> None:
+    # Tracked validations decide in SQL (grant_predicate), untracked ones in Python.
     org = (await client.create_organization("A")).id
-    granted = ["chat:*", "billing:read", "x_y.z-w:a"]
-    issued = await client.create_key(org, scopes=granted)
-    for required, ok in [
-        (["chat:write"], True),
-        (["chat:admin:read", "billing:read"], True),
-        (["x_y.z-w:a"], True),
-        (["xayazbw:a"], False),  # "_" and "." are not wildcards in SQL either
-        (["billing:*"], False),
-        (["billing"], False),
-        (["chat"], False),
-        (["Chat:write"], False),
-        (["*"], False),
-    ]:
-        for track in (True, False):
-            if ok:
-                await client.validate_key(
-                    issued.plaintext, required_scopes=required, track_usage=track
-                )
-            else:
-                with pytest.raises(InsufficientScopeError):
-                    await client.validate_key(
-                        issued.plaintext, required_scopes=required, track_usage=track
-                    )
+    issued = await client.create_key(org, scopes=["chat:*", "billing:read", "x_y.z-w:a"])
+    if ok:
+        await client.validate_key(issued.plaintext, required_scopes=required, track_usage=track)
+    else:
+        with pytest.raises(InsufficientScopeError):
+            await client.validate_key(issued.plaintext, required_scopes=required, track_usage=track)
 
 
 async def test_a_rejected_call_writes_nothing(client: APIKeyClient, clock: FakeClock) -> None:
@@ -262,7 +263,9 @@ async def test_a_rejected_call_writes_nothing(client: APIKeyClient, clock: FakeC
     assert await row_of(client, issued.id) == before
 
 
-async def test_use_count_and_last_used(client: APIKeyClient, clock: FakeClock) -> None:
+async def test_an_accepted_validation_counts_a_use_and_its_time(
+    client: APIKeyClient, clock: FakeClock
+) -> None:
     issued = await client.create_key((await client.create_organization("A")).id)
     for n in range(1, 6):
         clock.advance(seconds=1)
@@ -285,7 +288,9 @@ async def test_usage_tracking_can_be_switched_off_per_call_and_per_client(
     assert (await client.get_key(issued.id)).use_count == 1
 
 
-async def test_statements_per_validation(client: APIKeyClient, backend: str) -> None:
+async def test_a_validation_costs_its_pinned_number_of_statements(
+    client: APIKeyClient, backend: str
+) -> None:
     issued = await client.create_key((await client.create_organization("A")).id, scopes=["a"])
     with count_statements(client) as seen:
         await client.validate_key(issued.plaintext, required_scopes=["a"])
@@ -309,7 +314,9 @@ async def test_statements_per_validation(client: APIKeyClient, backend: str) -> 
     assert len(seen) <= 2
 
 
-async def test_pepper_rotation(client: APIKeyClient, clock: FakeClock) -> None:
+async def test_a_rotated_secret_still_verifies_and_upgrades_the_digest(
+    client: APIKeyClient, clock: FakeClock
+) -> None:
     old, new = "old-secret-" + "o" * 32, "new-secret-" + "n" * 32
     engine = client.engine
     before = APIKeyClient(engine, signing_secret=old, clock=clock)
@@ -343,7 +350,9 @@ async def test_a_key_of_another_prefix_or_environment_is_invalid(
         await client.validate_key(issued.plaintext)
 
 
-async def test_statements_per_metered_call(client: APIKeyClient, backend: str) -> None:
+async def test_a_metered_call_costs_its_pinned_number_of_statements(
+    client: APIKeyClient, backend: str
+) -> None:
     """Statements per call (BEGIN and COMMIT come on top). PostgreSQL and SQLite
     read each changed row back from its UPDATE (RETURNING); MariaDB has no UPDATE
     ... RETURNING and reads it with a SELECT after each UPDATE, under the row lock."""
