@@ -3,7 +3,7 @@
 A budget caps how much of one meter (``spend`` by default) may be used per
 period. Every budget of the meter on the key, on its project and on its
 organization must take a charge, or none does. The database decides each
-debit in one conditional UPDATE (``db.metering``); this module turns stored
+debit in one conditional UPDATE (``keycap._db.budgets``); this module turns stored
 rows into what callers see and computes which alert thresholds a charge
 crossed.
 """

@@ -16,7 +16,7 @@ Access is granted if and only if, in this order:
    product, and a project key passes only if the product is linked to its project;
 10. every required scope is covered (``scopes``).
 
-The first failing step decides the error. ``db.queries.grant_predicate`` is the
+The first failing step decides the error. ``keycap._db.grant.grant_predicate`` is the
 same rule in SQL; a test holds the two together.
 """
 
