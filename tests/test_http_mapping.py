@@ -55,10 +55,11 @@ STATUSES = [
     (errors.UsageExhaustedError(10), 403),
     (budget_error(), 402),
     (errors.DatabaseUnavailableError(), 503),
-    (errors.DatabaseError(), 503),
+    (errors.DatabaseError(), 500),
     (errors.NotFoundError("key", "key_AAAAAAAAAAAA"), 404),
     (errors.AlreadyExistsError("organization", "org_AAAAAAAAAAAAAAAA"), 409),
     (errors.HoldClosedError("hold_AAAAAAAAAAAAAAAA", "settled"), 409),
+    (errors.IdempotencyConflictError("pay-7", "charge"), 409),
     (errors.InvalidArgumentError("name", "must not be empty"), 400),
     (errors.ConfigurationError("no client"), 500),
 ]
@@ -79,9 +80,41 @@ def test_each_error_has_a_status_and_a_problem_body(error: errors.KeycapError, s
     found = problem(error, HTTPOptions(), NOW)
     assert found.status == status
     assert found.body["status"] == status and found.body["code"] == error.code
-    assert found.body["detail"] == error.message and "message" not in found.body
+    assert "message" not in found.body
+    if not isinstance(error, errors.DatabaseError):
+        assert found.body["detail"] == error.message
     if isinstance(error, errors.HoldClosedError):
         assert found.body["keycap_status"] == "settled"
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        pytest.param(
+            errors.DatabaseUnavailableError(
+                "database unavailable: ConnectionRefusedError: connect to db.internal:5432"
+            ),
+            503,
+            id="unavailable",
+        ),
+        pytest.param(
+            errors.DatabaseError("database error: NumericValueOutOfRange: bigint out of range"),
+            500,
+            id="statement-failed",
+        ),
+    ],
+)
+def test_a_database_failure_keeps_the_drivers_words_out_of_the_body(
+    error: errors.DatabaseError, status: int
+) -> None:
+    found = problem(error, HTTPOptions(), NOW)
+    assert found.status == status
+    assert found.body["code"] == error.code
+    text = repr(found.body) + repr(found.headers)
+    assert "db.internal" not in text and "bigint" not in text and "Error:" not in text
+    if status == 503:
+        assert found.body["detail"] == "the service is temporarily unavailable"
+        assert found.headers == {"Retry-After": "1"}
 
 
 def test_refusals_carry_their_headers() -> None:

@@ -29,6 +29,7 @@ PUBLIC = {
     "ForbiddenError",
     "Hold",
     "HoldClosedError",
+    "IdempotencyConflictError",
     "InsufficientScopeError",
     "InvalidArgumentError",
     "InvalidKeyError",

@@ -207,10 +207,14 @@ class APIKeyClient:
         return [rows.to_organization(r) for r in found]
 
     async def delete_organization(self, org_id: str) -> None:
-        """Delete an organization with its projects, products and keys.
+        """Delete an organization with its projects, products, keys, limits and
+        budgets. Its keys are revoked and their open holds released first, as
+        :meth:`delete_project` does; its ledger rows stay, as financial history.
 
         Raises: NotFoundError.
         """
+        org_id = ids.check(ids.ORG, org_id)
+        await self._retire_keys("org_id", org_id)
         await self._delete(ids.ORG, org_id)
 
     async def create_project(self, org_id: str, name: str) -> Project:

@@ -15,6 +15,7 @@
     │   └── UsageExhaustedError      .max_uses
     ├── BudgetExceededError          .scope, .meter, .limit, .used, .remaining, .reset_at
     ├── HoldClosedError              .hold_id, .status
+    ├── IdempotencyConflictError     .idempotency_key, .kind: reused with other parameters
     ├── NotFoundError                .resource, .id
     ├── AlreadyExistsError           .resource, .existing_id
     ├── InvalidArgumentError         .field (also a ValueError)
@@ -44,6 +45,7 @@ __all__ = [
     "ExpiredKeyError",
     "ForbiddenError",
     "HoldClosedError",
+    "IdempotencyConflictError",
     "InsufficientScopeError",
     "InvalidArgumentError",
     "InvalidKeyError",
@@ -312,6 +314,23 @@ class HoldClosedError(KeycapError):
         super().__init__(f"hold {hold_id} is already {status}")
         self.hold_id = hold_id
         self.status = status
+
+
+class IdempotencyConflictError(KeycapError):
+    """An idempotency key was sent again with different parameters. A retry must
+    repeat the call exactly; nothing was done, and the first call's result stands."""
+
+    code = "idempotency_conflict"
+    fields = ("idempotency_key", "kind")
+
+    def __init__(self, idempotency_key: str, kind: str) -> None:
+        super().__init__(
+            f"idempotency key {idempotency_key!r} was already used for a {kind} "
+            "with other parameters"
+        )
+        self.idempotency_key = idempotency_key
+        #: The operation it was used for: charge, reserve, settle or release.
+        self.kind = kind
 
 
 class NotFoundError(KeycapError):

@@ -31,6 +31,7 @@ from keycap._db.schema import budgets
 from keycap._db.tenancy import Subject
 from keycap._rules import budgets as budget_rules
 from keycap._rules import ids, periods
+from keycap._rules.money import MAX_MICROS
 
 
 def new_budget_row(
@@ -60,12 +61,14 @@ async def insert_budgets(conn: AsyncConnection, rows: Sequence[Mapping[str, Any]
         await conn.execute(insert(budgets), list(rows))
 
 
-async def change_budget(conn: AsyncConnection, row: Mapping[str, Any], now: datetime) -> None:
+async def change_budget(conn: AsyncConnection, row: Mapping[str, Any], now: datetime) -> bool:
     """Give the budget of ``row``'s subject, meter and period ``row``'s limit, anchor
-    and thresholds, keeping what was used and held."""
-    await conn.execute(
+    and thresholds, keeping what was used and held. False, and nothing written, when
+    the new limit plus the budget's credit would pass ``MAX_MICROS``."""
+    b = budgets.c
+    result = await conn.execute(
         update(budgets)
-        .where(*_same_budget(row))
+        .where(*_same_budget(row), big(row["limit_micros"]) + b.credit_micros <= big(MAX_MICROS))
         .values(
             limit_micros=row["limit_micros"],
             anchor_day=row["anchor_day"],
@@ -73,6 +76,7 @@ async def change_budget(conn: AsyncConnection, row: Mapping[str, Any], now: date
             updated_at=now,
         )
     )
+    return bool(result.rowcount == 1)
 
 
 async def find_budget(conn: AsyncConnection, row: Mapping[str, Any]) -> AnyRow | None:
@@ -117,14 +121,18 @@ def _current_start(row: AnyRow, now: datetime) -> datetime:
     return periods.start(periods.Period(row.period), now, row.anchor_day)
 
 
-async def add_credit(conn: AsyncConnection, row: AnyRow, micros: int, now: datetime) -> AnyRow:
+async def add_credit(
+    conn: AsyncConnection, row: AnyRow, micros: int, now: datetime
+) -> AnyRow | None:
     """Top the budget ``row`` up by ``micros`` for its current period (rolling the
-    period over first if it has passed); the row after it."""
+    period over first if it has passed); the row after it. None, and nothing
+    written, when its limit plus credit would pass ``keycap._rules.money.MAX_MICROS``:
+    credits add up, and every sum keycap computes must stay inside 64 bits."""
     b = budgets.c
     used, credit, period_start = _rollover(_current_start(row, now))
-    await conn.execute(
+    result = await conn.execute(
         update(budgets)
-        .where(b.id == row.id)
+        .where(b.id == row.id, b.limit_micros + credit + big(micros) <= big(MAX_MICROS))
         .ordered_values(
             (b.used_micros, used),
             (b.credit_micros, credit + big(micros)),
@@ -132,6 +140,8 @@ async def add_credit(conn: AsyncConnection, row: AnyRow, micros: int, now: datet
             (b.updated_at, now),
         )
     )
+    if result.rowcount != 1:
+        return None
     return (await conn.execute(select(budgets).where(b.id == row.id))).one()
 
 

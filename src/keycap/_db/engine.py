@@ -113,7 +113,21 @@ class Conflict(DatabaseError):
     code = "database_conflict"
 
 
-_SQLITE_NOT_UNAVAILABLE = ("no such table", "no such column", "syntax error")
+# SQLite raises OperationalError for schema mistakes and bad values too (no such
+# table, integer overflow); only these mean the database file cannot be used now.
+_SQLITE_UNAVAILABLE = (
+    "unable to open database",
+    "database is locked",
+    "disk i/o error",
+    "database or disk is full",
+)
+# MySQL/MariaDB: the drivers raise OperationalError for every server error they do
+# not map (an out-of-range BIGINT is one), so the error number decides. Client errors
+# (2000-2999: cannot connect, server gone, lost connection) and these server errors
+# mean "the server cannot take this now": too many connections (1040, 1203),
+# shutdown in progress (1053), a killed connection (1927), read-only or offline mode
+# (1290 is not here: it is the user's configuration), resources exhausted (1041).
+_MYSQL_UNAVAILABLE = frozenset({1040, 1041, 1053, 1203, 1927, 3032, 4031})
 # PostgreSQL SQLSTATE classes that mean "the server cannot take this now", whatever
 # exception class the driver maps them to: connection exceptions (08), insufficient
 # resources (53: too many clients, out of memory, disk full), and the server shutting
@@ -134,15 +148,15 @@ def translate(error: BaseException) -> KeycapError:
             or sqlstate.startswith(_UNAVAILABLE_SQLSTATES)
         ):
             return DatabaseUnavailableError(f"database unavailable: {detail}")
-        # SQLite reports schema mistakes as OperationalError too; those are not outages.
-        message = str(error.orig).strip().lower()
-        if isinstance(error, exc.OperationalError) and not message.startswith(
-            _SQLITE_NOT_UNAVAILABLE
-        ):
+        if isinstance(error, exc.OperationalError) and _unavailable(error):
             return DatabaseUnavailableError(f"database unavailable: {detail}")
         return DatabaseError(f"database error: {detail}")
     if isinstance(error, OSError | TimeoutError):
         return DatabaseUnavailableError(f"database unavailable: {type(error).__name__}")
+    if isinstance(error, exc.TimeoutError):
+        # The pool had no connection to give within its timeout: the database is
+        # too busy to take this call now.
+        return DatabaseUnavailableError("database unavailable: no free connection in the pool")
     if isinstance(error, exc.SQLAlchemyError):
         return DatabaseError(f"database error: {type(error).__name__}")
     # asyncpg raises its own errors at connect time (bad password, server starting).
@@ -150,6 +164,18 @@ def translate(error: BaseException) -> KeycapError:
     if module.startswith(("asyncpg", "pymysql", "aiomysql", "sqlite3", "aiosqlite")):
         return DatabaseUnavailableError(f"database unavailable: {type(error).__name__}")
     raise error
+
+
+def _unavailable(error: exc.OperationalError) -> bool:
+    """An OperationalError that means the server cannot be used now, not that this
+    statement was wrong."""
+    args = getattr(error.orig, "args", ())
+    if args and isinstance(args[0], int):  # MySQL/MariaDB error number
+        code = args[0]
+        return 2000 <= code < 3000 or code in _MYSQL_UNAVAILABLE
+    if type(error.orig).__module__.startswith(("sqlite3", "aiosqlite")):
+        return str(error.orig).strip().lower().startswith(_SQLITE_UNAVAILABLE)
+    return True  # PostgreSQL's drivers raise it for connection failures
 
 
 def is_transient(error: BaseException) -> bool:

@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from keycap._db.build import AnyRow
 from keycap._db.schema import operations
 from keycap._rules import ids
 
@@ -21,6 +22,7 @@ async def claim_operation(
     scope: str,
     kind: str,
     idempotency_key: str,
+    request_hash: str,
     now: datetime,
 ) -> str:
     """Insert the operation's row first thing in its transaction. A duplicate waits on
@@ -33,6 +35,7 @@ async def claim_operation(
         "scope": scope,
         "kind": kind,
         "idempotency_key": idempotency_key,
+        "request_hash": request_hash,
         "result": None,
         "created_at": now,
     }
@@ -54,13 +57,13 @@ _STORE_RESULT = update(operations).where(
 
 async def stored_result(
     conn: AsyncConnection, *, scope: str, kind: str, idempotency_key: str
-) -> dict[str, Any] | None:
+) -> AnyRow | None:
+    """The operation's ``result`` and ``request_hash``, if it was committed."""
     params = {"m_scope": scope, "m_kind": kind, "m_idempotency_key": idempotency_key}
-    row = (await conn.execute(_STORED_RESULT, params)).first()
-    return None if row is None else row.result
+    return (await conn.execute(_STORED_RESULT, params)).first()
 
 
-_STORED_RESULT = select(operations.c.result).where(
+_STORED_RESULT = select(operations.c.result, operations.c.request_hash).where(
     operations.c.scope == bindparam("m_scope", type_=operations.c.scope.type),
     operations.c.kind == bindparam("m_kind", type_=operations.c.kind.type),
     operations.c.idempotency_key

@@ -9,7 +9,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import bindparam, case, delete, insert, or_, select, update
+from sqlalchemy import bindparam, case, delete, false, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from keycap._db.build import (
@@ -155,7 +155,13 @@ def _consume_rates(meter_count: int) -> Changing:
         else_=big(0),
     )
     current = case((c.window_start >= at, c.current_units), else_=big(0))
-    fits = weighted_previous + (current + cost) * r <= c.limit_units * r
+    # The cheap test first, in a CASE (evaluated in order on every database): past it,
+    # current + cost <= limit, so no product below can leave 64 bits
+    # (keycap._rules.rate_limits.MAX_LIMIT_UNITS).
+    fits = case(
+        (current + cost > c.limit_units, false()),
+        else_=weighted_previous + (current + cost) * r <= c.limit_units * r,
+    )
     stmt = (
         update(rate_limits)
         .where(applies_to_key(rate_limits), or_(cost == big(0), fits))

@@ -294,7 +294,8 @@ ledger = Table(
     Column("metadata", JSONText(), nullable=True),
     Column("created_at", UTCDateTime(), nullable=False),
     PrimaryKeyConstraint("id"),
-    ForeignKeyConstraint(["org_id"], [organizations.c.id], ondelete="CASCADE"),
+    # No foreign key, not even to the organization: the ledger is the financial
+    # record, and it outlives everything it describes (organizations included).
     CheckConstraint(
         "kind IN (" + ", ".join(f"'{k}'" for k in LEDGER_KINDS) + ")", name="kind_known"
     ),
@@ -316,6 +317,9 @@ operations = Table(
     Column("scope", String(ID), nullable=False),
     Column("kind", String(16), nullable=False),
     Column("idempotency_key", String(200), nullable=False),
+    # SHA-256 (hex) of the call's parameters: the same key sent with other
+    # parameters is a conflict, not a replay. NULL on rows from before 0003.
+    Column("request_hash", String(64), nullable=True),
     Column("result", JSONText(), nullable=True),
     Column("created_at", UTCDateTime(), nullable=False),
     PrimaryKeyConstraint("id"),

@@ -21,6 +21,7 @@ from keycap._ops.release import release, sweep
 from keycap._ops.units import retrying
 from keycap._rules import ids, movements
 from keycap._rules.budgets import BudgetSpec
+from keycap._rules.money import MAX_UNITS
 from keycap._rules.rate_limits import RateLimit
 
 # --- organizations, projects, products ------------------------------------------------
@@ -193,7 +194,12 @@ async def set_budget(db: Database, subject_id: str, spec: BudgetSpec, now: datet
     try:
         await db.run_in_transaction(budgets.insert_budgets, [row])
     except Conflict:
-        await db.run_in_transaction(budgets.change_budget, row, now)
+        if not await db.run_in_transaction(budgets.change_budget, row, now):
+            if await db.run(budgets.find_budget, row) is not None:
+                raise InvalidArgumentError(
+                    "limit", f"plus the budget's credit must be at most {MAX_UNITS}"
+                ) from None
+            raise  # removed meanwhile: the conflict stands as it is
     found = await db.run(budgets.find_budget, row)
     assert found is not None
     return found
@@ -218,6 +224,10 @@ async def grant_credit(db: Database, budget_id: str, micros: int, now: datetime)
             if row is None:
                 raise NotFoundError("budget", budget_id)
             after = await budgets.add_credit(conn, row, micros, now)
+            if after is None:
+                raise InvalidArgumentError(
+                    "amount", f"would take the budget's limit plus credit above {MAX_UNITS}"
+                )
             await ledger.insert_ledger(conn, [movements.topup(after, micros, now)])
             return after
 

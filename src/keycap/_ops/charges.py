@@ -16,7 +16,7 @@ from keycap._db.engine import Database
 from keycap._models import BudgetAlert, Charge
 from keycap._ops.refusals import run
 from keycap._ops.results import AlertHandler, budget_status, by_remaining, crossed_alerts, deliver
-from keycap._ops.units import Refused, claim, live_key, stored_replay
+from keycap._ops.units import Idempotency, Refused, claim, live_key, stored_replay
 from keycap._rules import movements
 from keycap._rules.money import from_micros
 
@@ -32,13 +32,16 @@ async def charge(
     on_alert: AlertHandler | None,
 ) -> Charge:
     """Debit every budget of each meter on the key, its project and its org, or none."""
-    if (replay := await stored_replay(db, Charge, key_id, "charge", idempotency_key)) is not None:
+    # What the charge moves decides a conflict; metadata is a label, and a retry
+    # may leave it out (docs/limits-and-budgets.md).
+    idem = Idempotency.of("charge", key_id, idempotency_key, amounts=dict(amounts))
+    if (replay := await stored_replay(db, Charge, idem)) is not None:
         return replay  # type: ignore[no-any-return]
 
     async def unit() -> tuple[Charge, tuple[BudgetAlert, ...]]:
         async with db.begin() as conn:
             key = await live_key(conn, key_id, now)
-            op_id = await claim(conn, key.org_id, key_id, "charge", idempotency_key, now)
+            op_id = await claim(conn, key.org_id, idem, now)
             result = await charge_in(conn, key, amounts, now, idempotency_key, metadata)
             if op_id is not None:
                 await operations.store_result(conn, op_id, result.model_dump(mode="json"))
@@ -50,7 +53,7 @@ async def charge(
         key_id=key_id,
         amounts=amounts,
         now=now,
-        idempotency=("charge", key_id, idempotency_key),
+        idem=idem,
         model=Charge,
     )
     await deliver(alerts, on_alert)

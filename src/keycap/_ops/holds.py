@@ -10,12 +10,12 @@ from types import SimpleNamespace
 from keycap._db import budgets, holds, keys, ledger, operations
 from keycap._db.build import AnyRow
 from keycap._db.engine import Database
-from keycap._errors import DatabaseError
+from keycap._errors import DatabaseError, HoldClosedError
 from keycap._models import BudgetAlert, Hold, Settlement
 from keycap._ops.refusals import run
 from keycap._ops.release import hold_model, open_hold, origin_of, return_hold, run_hold
 from keycap._ops.results import AlertHandler, budget_status, by_remaining, crossed_alerts, deliver
-from keycap._ops.units import Refused, claim, live_key, stored_replay
+from keycap._ops.units import Idempotency, Refused, claim, live_key, stored_replay
 from keycap._rules import budgets as budget_rules
 from keycap._rules import ids, movements
 from keycap._rules.money import from_micros
@@ -32,13 +32,21 @@ async def reserve(
     now: datetime,
 ) -> Hold:
     """Hold ``amount`` on every budget of the meter (key, project, org), or none."""
-    if (replay := await stored_replay(db, Hold, key_id, "reserve", idempotency_key)) is not None:
+    idem = Idempotency.of(
+        "reserve",
+        key_id,
+        idempotency_key,
+        meter=meter,
+        amount=amount,
+        ttl_us=ttl // timedelta(microseconds=1),
+    )
+    if (replay := await stored_replay(db, Hold, idem)) is not None:
         return replay  # type: ignore[no-any-return]
 
     async def unit() -> tuple[Hold, tuple[()]]:
         async with db.begin() as conn:
             key = await live_key(conn, key_id, now)
-            op_id = await claim(conn, key.org_id, key_id, "reserve", idempotency_key, now)
+            op_id = await claim(conn, key.org_id, idem, now)
             applicable = await budgets.applicable_budgets(conn, key, [meter])
             held = await budgets.debit_all(
                 conn, applicable, {meter: amount}, now, key_id=key_id, hold=True
@@ -75,7 +83,7 @@ async def reserve(
         key_id=key_id,
         amounts={meter: amount},
         now=now,
-        idempotency=("reserve", key_id, idempotency_key),
+        idem=idem,
         model=Hold,
     )
     return result  # type: ignore[no-any-return]
@@ -97,15 +105,20 @@ async def settle(
     key is live); what does not fit is written to the ledger as a shortfall
     and reported, never dropped (``keycap._rules.movements.split_settlement``).
     """
-    if (
-        replay := await stored_replay(db, Settlement, hold_id, "settle", idempotency_key)
-    ) is not None:
+    idem = Idempotency.of("settle", hold_id, idempotency_key, actual=actual)
+    if (replay := await stored_replay(db, Settlement, idem)) is not None:
         return replay  # type: ignore[no-any-return]
-    hold = await open_hold(db, hold_id)
+    try:
+        hold = await open_hold(db, hold_id)
+    except HoldClosedError:
+        # A concurrent duplicate may have settled it first: then its result stands.
+        if (replay := await stored_replay(db, Settlement, idem)) is not None:
+            return replay  # type: ignore[no-any-return]
+        raise
 
     async def unit() -> tuple[Settlement, tuple[BudgetAlert, ...]]:
         async with db.begin() as conn:
-            op_id = await claim(conn, hold.org_id, hold_id, "settle", idempotency_key, now)
+            op_id = await claim(conn, hold.org_id, idem, now)
             if not await holds.close_hold(conn, hold_id, "settled", now, settled_micros=actual):
                 raise Refused("hold")
             within = min(actual, hold.amount_micros)
@@ -149,6 +162,6 @@ async def settle(
                 await operations.store_result(conn, op_id, result.model_dump(mode="json"))
             return result, alerts
 
-    result, alerts = await run_hold(db, unit, hold_id, ("settle", idempotency_key), Settlement)
+    result, alerts = await run_hold(db, unit, hold_id, idem, Settlement)
     await deliver(alerts, on_alert)
     return result  # type: ignore[no-any-return]

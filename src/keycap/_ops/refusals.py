@@ -15,7 +15,7 @@ from keycap._db.engine import Conflict, Database
 from keycap._errors import DatabaseError, KeycapError, NotFoundError, RateLimitedError
 from keycap._ops.release import sweep
 from keycap._ops.results import budget_exceeded, epoch_ms, rate_limited_error
-from keycap._ops.units import Refused, retrying, stored_replay
+from keycap._ops.units import Idempotency, Refused, retrying, stored_replay
 from keycap._rules import budgets as budget_rules
 from keycap._rules import policy
 from keycap._rules import rate_limits as ratelimit
@@ -83,17 +83,16 @@ async def run(
     key_id: str | None,
     amounts: Mapping[str, int],
     now: datetime,
-    idempotency: tuple[str, str, str | None],
+    idem: Idempotency,
     model: Any,
 ) -> Any:
     """Run a unit, turning refusals into errors and a lost idempotency race into a replay."""
-    kind, scope, idempotency_key = idempotency
     for _ in range(3):
         try:
             return await retrying(unit)
         except Conflict:
             # Lost the race to a duplicate with the same idempotency key: its result.
-            if (replay := await stored_replay(db, model, scope, kind, idempotency_key)) is None:
+            if (replay := await stored_replay(db, model, idem)) is None:
                 raise
             return replay, ()
         except Refused as refused:

@@ -18,7 +18,7 @@ from keycap._db.engine import Conflict, Database
 from keycap._errors import HoldClosedError, NotFoundError
 from keycap._models import BudgetStatus, Hold
 from keycap._ops.results import budget_status, by_remaining
-from keycap._ops.units import Refused, claim, retrying, stored_replay
+from keycap._ops.units import Idempotency, Refused, claim, retrying, stored_replay
 from keycap._rules import movements
 from keycap._rules.money import from_micros
 
@@ -78,17 +78,20 @@ async def run_hold(
     db: Database,
     unit: Callable[[], Awaitable[Any]],
     hold_id: str,
-    idempotency: tuple[str, str | None],
+    idem: Idempotency,
     model: Any,
 ) -> Any:
-    kind, idempotency_key = idempotency
+    """Run a settle or release unit. A concurrent duplicate that got there first
+    (its claim won, or it closed the hold) means its result is the answer."""
     try:
         return await retrying(unit)
     except Conflict:
-        if (replay := await stored_replay(db, model, hold_id, kind, idempotency_key)) is None:
+        if (replay := await stored_replay(db, model, idem)) is None:
             raise
         return replay, ()
     except Refused:
+        if (replay := await stored_replay(db, model, idem)) is not None:
+            return replay, ()
         row = await db.run(holds.get_hold, hold_id)
         raise HoldClosedError(hold_id, row.status if row is not None else "gone") from None
 
@@ -102,13 +105,20 @@ async def release(
     status: str = "released",
 ) -> Hold:
     """Return a hold to its budgets (``status="expired"``: the same, by expiry)."""
-    if (replay := await stored_replay(db, Hold, hold_id, "release", idempotency_key)) is not None:
+    idem = Idempotency.of("release", hold_id, idempotency_key)
+    if (replay := await stored_replay(db, Hold, idem)) is not None:
         return replay  # type: ignore[no-any-return]
-    hold = await open_hold(db, hold_id)
+    try:
+        hold = await open_hold(db, hold_id)
+    except HoldClosedError:
+        # A concurrent duplicate may have released it first: then its result stands.
+        if (replay := await stored_replay(db, Hold, idem)) is not None:
+            return replay  # type: ignore[no-any-return]
+        raise
 
     async def unit() -> tuple[Hold, tuple[()]]:
         async with db.begin() as conn:
-            op_id = await claim(conn, hold.org_id, hold_id, "release", idempotency_key, now)
+            op_id = await claim(conn, hold.org_id, idem, now)
             if not await holds.close_hold(conn, hold_id, status, now):
                 raise Refused("hold")
             afters = await return_hold(conn, hold, now, used=0)
@@ -125,7 +135,7 @@ async def release(
                 await operations.store_result(conn, op_id, result.model_dump(mode="json"))
             return result, ()
 
-    result, _ = await run_hold(db, unit, hold_id, ("release", idempotency_key), Hold)
+    result, _ = await run_hold(db, unit, hold_id, idem, Hold)
     return result  # type: ignore[no-any-return]
 
 

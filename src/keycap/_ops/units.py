@@ -5,8 +5,11 @@ signal, idempotency (replay a stored result, claim a key), and the key's lock.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import random
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -15,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from keycap._db import keys, operations
 from keycap._db.build import AnyRow, KeyRef
 from keycap._db.engine import Database, is_transient
-from keycap._errors import DatabaseError
+from keycap._errors import DatabaseError, IdempotencyConflictError
 
 T = TypeVar("T")
 ATTEMPTS = 8
@@ -45,30 +48,56 @@ class Refused(Exception):
         self.key = key
 
 
-async def stored_replay(
-    db: Database, model: Any, scope: str, kind: str, idempotency_key: str | None
-) -> Any | None:
-    """The stored result of an earlier call with this idempotency key, marked replayed."""
-    if idempotency_key is None:
+@dataclass(frozen=True, slots=True)
+class Idempotency:
+    """One call's idempotency: its kind, the key or hold it is scoped to, the
+    caller's key (None: not idempotent), and a fingerprint of its parameters."""
+
+    kind: str
+    scope: str
+    key: str | None
+    request_hash: str
+
+    @classmethod
+    def of(cls, kind: str, scope: str, key: str | None, **request: Any) -> Idempotency:
+        """``request`` is every parameter that decides what the call does: the same
+        key sent with other parameters is a conflict, never a replay (as Stripe's)."""
+        canonical = json.dumps(request, sort_keys=True, separators=(",", ":"), default=str)
+        return cls(kind, scope, key, hashlib.sha256(canonical.encode()).hexdigest())
+
+
+async def stored_replay(db: Database, model: Any, idem: Idempotency) -> Any | None:
+    """The stored result of an earlier call with this idempotency key, marked
+    replayed; None if there is none (yet).
+
+    Raises:
+        IdempotencyConflictError: the earlier call had other parameters.
+    """
+    if idem.key is None:
         return None
     stored = await db.run(
-        operations.stored_result, scope=scope, kind=kind, idempotency_key=idempotency_key
+        operations.stored_result, scope=idem.scope, kind=idem.kind, idempotency_key=idem.key
     )
-    return None if stored is None else model.model_validate({**stored, "replayed": True})
+    if stored is None or stored.result is None:
+        return None
+    if stored.request_hash is not None and stored.request_hash != idem.request_hash:
+        raise IdempotencyConflictError(idem.key, idem.kind)
+    return model.model_validate({**stored.result, "replayed": True})
 
 
-async def claim(
-    conn: AsyncConnection,
-    org_id: str,
-    scope: str,
-    kind: str,
-    idempotency_key: str | None,
-    now: datetime,
-) -> str | None:
-    if idempotency_key is None:
+async def claim(conn: AsyncConnection, org_id: str, idem: Idempotency, now: datetime) -> str | None:
+    """Insert the call's operation row first thing in its transaction (a duplicate
+    waits on the unique index, then fails with Conflict: see the callers)."""
+    if idem.key is None:
         return None
     return await operations.claim_operation(
-        conn, org_id=org_id, scope=scope, kind=kind, idempotency_key=idempotency_key, now=now
+        conn,
+        org_id=org_id,
+        scope=idem.scope,
+        kind=idem.kind,
+        idempotency_key=idem.key,
+        request_hash=idem.request_hash,
+        now=now,
     )
 
 

@@ -14,10 +14,17 @@ MAX_PAGE: Final = 1000
 
 
 def text(value: object, field: str, *, allow_empty: bool = False) -> str:
-    """A name-like string: 0/1-200 characters, valid Unicode, no control characters.
+    """A name-like string: 0/1-200 characters, valid Unicode, no control characters,
+    no whitespace at either end.
+
+    Whitespace at the ends is refused because MariaDB's collations pad: there,
+    ``"pay-7 "`` equals ``"pay-7"``, so an idempotency key, a name or a product
+    name would match a different string than on PostgreSQL and SQLite. Refusing
+    it makes every database compare these strings exactly alike.
 
     Raises:
-        InvalidArgumentError: anything else (None, bytes, NUL, lone surrogates, too long).
+        InvalidArgumentError: anything else (None, bytes, NUL, lone surrogates, too
+            long, whitespace at an end).
     """
     if not isinstance(value, str):
         raise InvalidArgumentError(field, "must be a string")
@@ -31,6 +38,8 @@ def text(value: object, field: str, *, allow_empty: bool = False) -> str:
         raise InvalidArgumentError(field, "must be valid Unicode (no lone surrogates)") from None
     if any(unicodedata.category(c) == "Cc" for c in value):
         raise InvalidArgumentError(field, "must not contain control characters")
+    if value != value.strip():
+        raise InvalidArgumentError(field, "must not begin or end with whitespace")
     return value
 
 
@@ -40,6 +49,9 @@ def metadata(value: object, field: str = "metadata") -> dict[str, Any]:
         return {}
     if not isinstance(value, dict):
         raise InvalidArgumentError(field, "must be a dict (a JSON object)")
+    if not _string_keys(value):
+        # json.dumps would turn 1 into "1" silently, and {1: "a", "1": "b"} into one key.
+        raise InvalidArgumentError(field, "must have str keys only, at every level")
     try:
         encoded = json.dumps(value, ensure_ascii=False, allow_nan=False)
         size = len(encoded.encode("utf-8"))
@@ -51,6 +63,23 @@ def metadata(value: object, field: str = "metadata") -> dict[str, Any]:
         raise InvalidArgumentError(field, f"must encode to at most {MAX_METADATA_BYTES} bytes")
     result: dict[str, Any] = json.loads(encoded)
     return result
+
+
+def _string_keys(value: object) -> bool:
+    """Every dict inside ``value`` (itself included) has only str keys."""
+    stack, seen = [value], 0
+    while stack:
+        item = stack.pop()
+        seen += 1
+        if seen > 100_000:  # far more than 16 KiB of JSON can hold; the size check refuses it
+            return True
+        if isinstance(item, dict):
+            if not all(isinstance(k, str) for k in item):
+                return False
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return True
 
 
 def page(limit: object, offset: object) -> tuple[int, int]:

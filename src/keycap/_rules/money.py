@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from decimal import Decimal, localcontext
+from decimal import Decimal
 from typing import Final
 
 from keycap._errors import InvalidArgumentError
@@ -20,6 +20,9 @@ PLACES: Final = 6
 SCALE: Final = 10**PLACES
 MAX_UNITS: Final = 10**12
 MAX_MICROS: Final = MAX_UNITS * SCALE
+#: The most significant digits an amount may be written with (its value is bounded
+#: anyway; this bounds the work of checking it).
+MAX_DIGITS: Final = 1000
 DEFAULT_METER: Final = "spend"
 
 Amount = Decimal | int
@@ -46,14 +49,32 @@ def to_micros(value: object, field: str, *, allow_zero: bool = True) -> int:
         raise InvalidArgumentError(field, "must be greater than zero")
     if amount > MAX_UNITS:
         raise InvalidArgumentError(field, f"must be at most {MAX_UNITS}")
-    with localcontext() as ctx:
-        ctx.prec = 60  # wide enough that scaling never rounds
-        micros = amount.scaleb(PLACES)
-        if micros != micros.to_integral_value():
-            raise InvalidArgumentError(
-                field, f"has more than {PLACES} decimal places (keycap never rounds money)"
-            )
-        return int(micros)
+    return _scaled(amount, field)
+
+
+def _scaled(amount: Decimal, field: str) -> int:
+    """A finite, non-negative ``amount`` in micro-units, exactly: integer arithmetic on
+    its digits, so no Decimal context can round it (a context of 60 digits would
+    turn 0.03 followed by 60 zeros and a 1 into 0.03)."""
+    _, digit_tuple, exponent = amount.as_tuple()
+    assert isinstance(exponent, int)  # finite
+    if len(digit_tuple) > MAX_DIGITS:
+        raise InvalidArgumentError(field, f"has more than {MAX_DIGITS} digits")
+    digits = int("".join(map(str, digit_tuple)))
+    if digits == 0:
+        return 0
+    shift = exponent + PLACES
+    if shift >= 0:
+        up: int = 10**shift
+        return digits * up  # at most 10**18: amount <= MAX_UNITS was checked
+    # Below a micro-unit: the digits past the sixth decimal place must all be zero.
+    # More places than digits means a nonzero digit past the sixth place.
+    down: int = 10 ** min(-shift, len(digit_tuple) + 1)
+    if -shift > len(digit_tuple) or digits % down:
+        raise InvalidArgumentError(
+            field, f"has more than {PLACES} decimal places (keycap never rounds money)"
+        )
+    return digits // down
 
 
 def from_micros(micros: int) -> Decimal:

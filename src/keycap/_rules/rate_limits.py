@@ -39,6 +39,16 @@ WINDOWS_MS: Final = {
     "month": 2_592_000_000,  # 30 days: a rate window needs a fixed length
 }
 MAX_WINDOW_MS: Final = WINDOWS_MS["month"]
+#: The largest limit, in stored units (calls, or micro-units of a meter). The SQL
+#: compares ``previous * weight + (current + cost) * RESOLUTION`` with
+#: ``limit * RESOLUTION`` once ``current + cost <= limit`` holds: every term is then
+#: at most ``limit * RESOLUTION``, and two of them stay inside a signed 64-bit
+#: integer (and SQLite's integers) for any limit up to this.
+MAX_LIMIT_UNITS: Final = 4 * 10**15
+#: So: at most 1,000,000,000,000 calls, or 4,000,000,000 units of a meter, per window.
+MAX_CALLS: Final = MAX_UNITS
+MAX_METERED: Final = MAX_LIMIT_UNITS // 10**6
+MAX_NAME: Final = 64
 _NAME = re.compile(r"[A-Za-z0-9_.:\-/]{1,64}")
 
 
@@ -80,11 +90,16 @@ def _units(limit: object, meter: object) -> int:
     if meter is None:
         if isinstance(limit, bool) or not isinstance(limit, int):
             raise InvalidArgumentError("limit", "must be an int (calls per window)")
-        if not 0 <= limit <= MAX_UNITS:
-            raise InvalidArgumentError("limit", f"must be from 0 to {MAX_UNITS}")
+        if not 0 <= limit <= MAX_CALLS:
+            raise InvalidArgumentError("limit", f"must be from 0 to {MAX_CALLS}")
         return limit
     meter_name(meter)
-    return to_micros(limit, "limit")
+    units = to_micros(limit, "limit")
+    if units > MAX_LIMIT_UNITS:
+        raise InvalidArgumentError(
+            "limit", f"must be at most {MAX_METERED} (units of the meter per window)"
+        )
+    return units
 
 
 def _key(rl: RateLimit) -> str:
@@ -93,7 +108,12 @@ def _key(rl: RateLimit) -> str:
             raise InvalidArgumentError("name", "must be 1-64 of A-Z a-z 0-9 _ . : - /")
         return rl.name
     window = rl.window if isinstance(rl.window, str) else f"{rl.window_ms}ms"
-    return f"{rl.limit}/{window}" + (f":{rl.meter}" if rl.meter else "")
+    default = f"{rl.limit}/{window}" + (f":{rl.meter}" if rl.meter else "")
+    if len(default) > MAX_NAME:
+        raise InvalidArgumentError(
+            "name", f"the default name {default[:20]}… is over {MAX_NAME} characters: give one"
+        )
+    return default
 
 
 def window_ms(window: object) -> int:

@@ -19,7 +19,7 @@ validation decide and record a use in one statement.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Final
 
 from keycap._errors import InvalidArgumentError
@@ -37,7 +37,8 @@ def normalize(scopes: object, field: str = "scopes") -> tuple[str, ...]:
     Raises:
         InvalidArgumentError: not a list/tuple/set of valid scope strings, or too many.
     """
-    if isinstance(scopes, str | bytes) or not isinstance(scopes, Iterable):
+    if isinstance(scopes, str | bytes | Mapping) or not isinstance(scopes, Iterable):
+        # A dict iterates over its keys: {"chat:write": False} would grant chat:write.
         raise InvalidArgumentError(field, "must be a list of scope strings")
     items = list(scopes)
     if len(items) > MAX_SCOPES:

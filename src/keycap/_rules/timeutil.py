@@ -43,7 +43,10 @@ def aware_utc(value: object, field: str) -> datetime:
         raise InvalidArgumentError(
             field, "must be timezone-aware (e.g. datetime.now(UTC)); naive datetimes are ambiguous"
         )
-    result = value.astimezone(UTC)
+    try:
+        result = value.astimezone(UTC)
+    except OverflowError:  # datetime.min or .max with an offset: not a UTC instant
+        raise InvalidArgumentError(field, "is out of range") from None
     if result >= MAX_DATETIME:
         raise InvalidArgumentError(field, "is too far in the future")
     return result

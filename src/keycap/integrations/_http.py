@@ -20,8 +20,10 @@ from keycap._errors import (
     BudgetExceededError,
     ConfigurationError,
     DatabaseError,
+    DatabaseUnavailableError,
     ExpiredKeyError,
     HoldClosedError,
+    IdempotencyConflictError,
     InsufficientScopeError,
     InvalidArgumentError,
     InvalidKeyError,
@@ -103,13 +105,17 @@ class Problem:
 
 def problem(error: KeycapError, options: HTTPOptions, now: datetime) -> Problem:
     """Map any keycap error to its response. Nothing here is ever a bare 500:
-    a database failure is 503 (fail closed), a misconfiguration 500 with a body."""
+    an unreachable database is 503 (fail closed), any other failure 500 with a body."""
     status, headers = _status(error, options, now)
     body: dict[str, Any] = {
         "type": "about:blank",
         "title": HTTPStatus(status).phrase,
         "status": status,
-        "detail": error.message,
+        # A database error's message carries the driver's words (host names, SQL
+        # fragments): they go to the logs, never to the caller.
+        "detail": _DATABASE_DETAIL.get(error.code, "database error")
+        if isinstance(error, DatabaseError)
+        else error.message,
     }
     for name, value in error.to_dict().items():
         if name == "message":
@@ -118,6 +124,11 @@ def problem(error: KeycapError, options: HTTPOptions, now: datetime) -> Problem:
         # renamed rather than allowed to change what the member means.
         body[f"keycap_{name}" if name in _PROBLEM_MEMBERS else name] = value
     return Problem(status, headers, body)
+
+
+#: Seconds a caller is told to wait after a 503 (``Retry-After``).
+UNAVAILABLE_RETRY_AFTER = 1
+_DATABASE_DETAIL = {"database_unavailable": "the service is temporarily unavailable"}
 
 
 def _status(error: KeycapError, options: HTTPOptions, now: datetime) -> tuple[int, dict[str, str]]:
@@ -147,11 +158,13 @@ def _status(error: KeycapError, options: HTTPOptions, now: datetime) -> tuple[in
         if options.budget_status == 429 and error.reset_at is not None:
             headers["Retry-After"] = str(_seconds_until(error.reset_at, now))
         return options.budget_status, headers
+    if isinstance(error, DatabaseUnavailableError):
+        return 503, {"Retry-After": str(UNAVAILABLE_RETRY_AFTER)}
     if isinstance(error, DatabaseError):
-        return 503, {}
+        return 500, {}  # a statement failed (a bug or a schema mismatch), not an outage
     if isinstance(error, NotFoundError):
         return 404, {}
-    if isinstance(error, AlreadyExistsError | HoldClosedError):
+    if isinstance(error, AlreadyExistsError | HoldClosedError | IdempotencyConflictError):
         return 409, {}
     if isinstance(error, InvalidArgumentError):
         return 400, {}
