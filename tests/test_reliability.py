@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from keycap import (
     APIKeyClient,
     Budget,
+    BudgetExceededError,
     DatabaseError,
     DatabaseUnavailableError,
     IdempotencyConflictError,
@@ -178,6 +179,38 @@ async def test_concurrent_settles_with_one_key_all_return_the_one_result(
     assert {(r.charged, r.returned) for r in results} == {(D("0.4"), D("0.6"))}
     (budget,) = await client.get_budgets(issued.id)
     assert (budget.used, budget.held) == (D("0.4"), 0)
+    await assert_balances_match_ledger(client)
+
+
+# --- 5. a budget created while a hold is open ---------------------------------------------
+
+
+async def test_beyond_its_hold_a_settlement_meets_the_budgets_that_apply_at_settle_time(
+    client: APIKeyClient,
+) -> None:
+    org = await _org(client)
+    issued = await client.create_key(org)
+    hold = await client.reserve(issued.id, D(1))  # no budget applies yet
+    await client.set_budget(org, Budget(D("0.10")))  # created while the hold is open
+    settled = await client.settle(hold.id, D(50))
+    assert (settled.charged, settled.shortfall) == (D("1.10"), D("48.90"))
+    (budget,) = await client.get_budgets(org)
+    assert (budget.used, budget.remaining) == (D("0.10"), 0)
+    with pytest.raises(BudgetExceededError):
+        await client.charge(issued.id, D("0.10"))
+    await assert_balances_match_ledger(client)
+
+
+async def test_a_budget_lowered_while_a_hold_is_open_limits_only_the_excess(
+    client: APIKeyClient,
+) -> None:
+    issued = await client.create_key(await _org(client), budgets=[Budget(D(10))])
+    hold = await client.reserve(issued.id, D(4))
+    await client.set_budget(issued.id, Budget(D(5)))  # lowered: 1 left beside the hold
+    settled = await client.settle(hold.id, D(7))
+    assert (settled.charged, settled.shortfall) == (D(5), D(2))
+    (budget,) = await client.get_budgets(issued.id)
+    assert (budget.used, budget.held) == (D(5), 0)
     await assert_balances_match_ledger(client)
 
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from types import SimpleNamespace
 
+from sqlalchemy.ext.asyncio import AsyncConnection
+
 from keycap._db import budgets, holds, keys, ledger, operations
-from keycap._db.build import AnyRow
+from keycap._db.build import AnyRow, KeyRef
 from keycap._db.engine import Database
 from keycap._errors import DatabaseError, HoldClosedError
 from keycap._models import BudgetAlert, Hold, Settlement
@@ -121,23 +123,28 @@ async def settle(
             op_id = await claim(conn, hold.org_id, idem, now)
             if not await holds.close_hold(conn, hold_id, "settled", now, settled_micros=actual):
                 raise Refused("hold")
+            # Beyond the hold, the key must be live: lock it first (the lock order of
+            # every metered call: key, then budgets), so it cannot die half-way.
+            key = None
+            if actual > hold.amount_micros and hold.key_id is not None:
+                key = await keys.lock_live_key(conn, hold.key_id, now)
             within = min(actual, hold.amount_micros)
             afters = await return_hold(conn, hold, now, used=within)
-            room = min(budget_rules.state_at(a, now).remaining for a in afters) if afters else None
+            targets = await _excess_targets(conn, key, hold.meter, afters, now)
+            room = (
+                min(budget_rules.state_at(t, now).remaining for t in targets) if targets else None
+            )
             split = movements.split_settlement(hold.amount_micros, actual, room)
-            if split.excess and not afters and not await keys.is_live(conn, hold.key_id, now):
-                split = split.nothing_beyond_the_hold()  # no budget limits it, but the key is dead
+            if split.excess and key is None:
+                split = split.nothing_beyond_the_hold()  # the key is dead (or deleted)
             charged_excess: list[AnyRow] = []
             if split.fits:
-                for after in afters:
+                for target in targets:
                     again = await budgets.debit(
-                        conn, after, used=split.fits, held=0, now=now, key_id=hold.key_id
+                        conn, target, used=split.fits, held=0, now=now, key_id=hold.key_id
                     )
-                    if again is None:  # the key is no longer live: nothing beyond the hold
-                        if charged_excess:
-                            raise DatabaseError("inconsistent budgets during settle")
-                        split = split.nothing_beyond_the_hold()
-                        break
+                    if again is None:  # locked, live and with room: cannot happen
+                        raise DatabaseError("inconsistent budgets during settle")
                     charged_excess.append(again)
             entries = movements.settlement(
                 origin_of(hold, now, idempotency_key), hold.meter, split, afters, charged_excess
@@ -165,3 +172,28 @@ async def settle(
     result, alerts = await run_hold(db, unit, hold_id, idem, Settlement)
     await deliver(alerts, on_alert)
     return result  # type: ignore[no-any-return]
+
+
+async def _excess_targets(
+    conn: AsyncConnection, key: KeyRef | None, meter: str, afters: list[AnyRow], now: datetime
+) -> list[AnyRow]:
+    """The budgets that take what a settlement charges beyond its hold: every budget
+    of the meter that applies to the key now (its own, its project's, its
+    organization's), including one created or changed while the hold was open,
+    each locked and in id order. None without a live key."""
+    if key is None:
+        return []
+    held = {a.id: a for a in afters}
+    out = []
+    for row in await budgets.applicable_budgets(conn, key, [meter]):
+        if row.id not in held:
+            # Not touched by returning the hold: lock it (a change of nothing).
+            locked = await budgets.debit(
+                conn, row, used=0, held=0, now=now, key_id=None, must_fit=False
+            )
+            assert locked is not None
+            row = locked
+        else:
+            row = held[row.id]
+        out.append(row)
+    return out
