@@ -35,7 +35,7 @@ from typing import Any
 from sqlalchemy import insert, select, text
 from sqlalchemy.engine import make_url
 
-from keycap import APIKeyClient, Budget, BudgetExceededError, RateLimit
+from keycap import APIKeyClient, Budget, BudgetExceededError, KeycapError, RateLimit
 from keycap._db.schema import keys as keys_table
 from keycap._db.schema import ledger as ledger_table
 from keycap._db.schema import metadata
@@ -314,7 +314,75 @@ async def contention(db: str, url: str, client: APIKeyClient, org: str) -> Row:
         floor_p50_ms=0.0,
         ratio=0.0,
         note=f"admitted {admitted} of {total}, budget allows {allowed}: "
-        + ("exact" if exact else "WRONG"),
+        + ("exact" if exact else "WRONG")
+        + f"; worst {max(latencies) * 1000:.0f} ms",
+    )
+
+
+def _mixer(url: str, keys: list[tuple[str, str]], coroutines: int, calls: int) -> dict[str, Any]:
+    """Mixed traffic on keys that share one organization budget: charge, metered
+    validation, and reserve then settle, in turn."""
+
+    async def run() -> dict[str, Any]:
+        outcomes: dict[str, int] = {}
+        latencies: list[float] = []
+        async with APIKeyClient(url, signing_secret=SECRET) as client:
+
+            async def one(n: int) -> None:
+                for i in range(calls):
+                    key_id, plaintext = keys[(n + i) % len(keys)]
+                    t0 = time.perf_counter()
+                    try:
+                        if i % 3 == 0:
+                            await client.charge(key_id, Decimal("0.01"))
+                        elif i % 3 == 1:
+                            await client.validate_key(plaintext, cost=Decimal("0.01"))
+                        else:
+                            hold = await client.reserve(key_id, Decimal("0.02"))
+                            await client.settle(hold.id, Decimal("0.01"))
+                        code = "ok"
+                    except KeycapError as error:
+                        code = error.code
+                    outcomes[code] = outcomes.get(code, 0) + 1
+                    latencies.append(time.perf_counter() - t0)
+
+            await asyncio.gather(*(one(n) for n in range(coroutines)))
+        return {"outcomes": outcomes, "latencies": latencies}
+
+    return asyncio.run(run())
+
+
+async def mixed_tail(db: str, url: str, client: APIKeyClient) -> Row:
+    """The tail under contention: p99 and the worst call of mixed traffic on one
+    organization budget, against the lock-wait bound every call must stay within."""
+    processes, coroutines, calls = 4, 16, 15
+    total = processes * coroutines * calls
+    org = (await client.create_organization(f"tail-{time.time_ns()}")).id
+    await client.set_budget(org, Budget(Decimal("0.01") * (total // 2), period="month"))
+    keys = [await client.create_key(org) for _ in range(8)]
+    pairs = [(k.id, k.plaintext) for k in keys]
+    ctx = multiprocessing.get_context("spawn")
+    t0 = time.perf_counter()
+    with ctx.Pool(processes) as pool:
+        results = pool.starmap(_mixer, [(url, pairs, coroutines, calls)] * processes)
+    wall = time.perf_counter() - t0
+    latencies = [x for r in results for x in r["latencies"]]
+    outcomes: dict[str, int] = {}
+    for r in results:
+        for code, n in r["outcomes"].items():
+            outcomes[code] = outcomes.get(code, 0) + n
+    worst = max(latencies)
+    return Row(
+        database=db,
+        operation="mixed charge/validate/hold, 64 callers x 4 procs",
+        p50_ms=statistics.median(latencies) * 1000,
+        p99_ms=pct(latencies, 0.99) * 1000,
+        ops_per_s=total / wall,
+        floor="-",
+        floor_p50_ms=0.0,
+        ratio=0.0,
+        note=f"worst {worst * 1000:.0f} ms (bound: timeout 10 s, lock_timeout 5 s); "
+        + ", ".join(f"{code} {n}" for code, n in sorted(outcomes.items())),
     )
 
 
@@ -403,6 +471,8 @@ async def bench(db: str, url: str, args: argparse.Namespace) -> list[Row]:
         if db != "sqlite":
             print(f"{db}: contention", file=sys.stderr)
             say(await contention(db, url, client, w.org))
+            print(f"{db}: the tail of mixed traffic", file=sys.stderr)
+            say(await mixed_tail(db, url, client))
 
         print(f"{db}: scale to 1,000 keys", file=sys.stderr)
         await fill_keys(client, 1000)

@@ -102,6 +102,7 @@ def _mysql_error(code: int, message: str) -> exc.OperationalError:
         pytest.param(2013, True, id="lost-connection"),
         pytest.param(1040, True, id="too-many-connections"),
         pytest.param(1053, True, id="shutdown"),
+        pytest.param(1205, True, id="lock-wait-timeout"),
     ],
 )
 def test_only_mysql_connection_failures_are_unavailable(code: int, unavailable: bool) -> None:

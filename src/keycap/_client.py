@@ -11,7 +11,7 @@ from typing import Any, Final, Self
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from keycap._db import budgets, holds, keys, ledger, rate_limits, rows, tenancy
-from keycap._db.engine import Database, create_engine
+from keycap._db.engine import Database, Waits, create_engine
 from keycap._db.schema import metadata as schema_metadata
 from keycap._errors import (
     ConfigurationError,
@@ -87,6 +87,14 @@ class APIKeyClient:
             rate limit or use cap are served from it; changes made through this
             client clear it, changes by other processes show within the TTL
             (docs/performance.md).
+        timeout: the most seconds a call waits for the database (10 by default):
+            past it, DatabaseUnavailableError, while the call's own transaction still
+            finishes and returns its connection. On an engine keycap creates it also
+            bounds the wait for a pooled or new connection.
+        lock_timeout: the most seconds a statement waits for a row lock (SQLite: the
+            write lock), 5 by default; set on engines keycap creates (pass None to
+            keep the server's setting). For an engine you pass in, set it there
+            (docs/deployment.md).
 
     Raises:
         ConfigurationError: a bad URL, a missing driver, or bad secrets/prefixes.
@@ -103,6 +111,8 @@ class APIKeyClient:
         clock: Clock | None = None,
         on_budget_alert: results.AlertHandler | None = None,
         auth_cache_ttl: float | None = None,
+        timeout: float = 10.0,
+        lock_timeout: float | None = 5.0,
     ) -> None:
         self._format = tokens.KeyFormat(key_prefix, environment)
         self._ring = PepperRing(signing_secret)
@@ -115,10 +125,14 @@ class APIKeyClient:
         self._on_alert = on_budget_alert
         self._rate_limited: dict[str, None] = {}  # insertion-ordered: oldest first
         self._cache = _auth_cache(auth_cache_ttl)
+        waits = Waits(
+            call=_seconds(timeout, "timeout"),
+            lock=None if lock_timeout is None else _seconds(lock_timeout, "lock_timeout"),
+        )
         if isinstance(database, AsyncEngine):
-            self._db = Database(database, owned=False)
+            self._db = Database(database, owned=False, call_timeout=waits.call)
         else:
-            self._db = Database(create_engine(database), owned=True)
+            self._db = Database(create_engine(database, waits), owned=True, call_timeout=waits.call)
 
     def __repr__(self) -> str:
         url = self._db.engine.url.render_as_string(hide_password=True)
@@ -137,7 +151,8 @@ class APIKeyClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Dispose the engine if keycap created it."""
+        """Let calls whose callers gave up finish, then dispose the engine if keycap
+        created it."""
         await self._db.dispose()
 
     @property
@@ -203,7 +218,7 @@ class APIKeyClient:
 
     async def list_organizations(self, *, limit: int = 100, offset: int = 0) -> list[Organization]:
         limit, offset = inputs.page(limit, offset)
-        found = await self._db.run(tenancy.list_rows, tenancy.TABLES[ids.ORG], None, limit, offset)
+        found = await self._db.read(tenancy.list_rows, tenancy.TABLES[ids.ORG], None, limit, offset)
         return [rows.to_organization(r) for r in found]
 
     async def delete_organization(self, org_id: str) -> None:
@@ -234,7 +249,7 @@ class APIKeyClient:
     ) -> list[Project]:
         org_id = ids.check(ids.ORG, org_id)
         limit, offset = inputs.page(limit, offset)
-        found = await self._db.run(
+        found = await self._db.read(
             tenancy.list_rows, tenancy.TABLES[ids.PROJECT], org_id, limit, offset
         )
         return [rows.to_project(r) for r in found]
@@ -263,7 +278,7 @@ class APIKeyClient:
     ) -> list[Product]:
         org_id = ids.check(ids.ORG, org_id)
         limit, offset = inputs.page(limit, offset)
-        found = await self._db.run(
+        found = await self._db.read(
             tenancy.list_rows, tenancy.TABLES[ids.PRODUCT], org_id, limit, offset
         )
         return [rows.to_product(r) for r in found]
@@ -409,7 +424,7 @@ class APIKeyClient:
     async def get_key(self, key_id: str) -> APIKey:
         """Raises: NotFoundError."""
         key_id = ids.check(ids.KEY, key_id)
-        row = await self._db.run(keys.get_key, key_id)
+        row = await self._db.read(keys.get_key, key_id)
         if row is None:
             raise NotFoundError("key", key_id)
         return rows.to_key(row)
@@ -439,7 +454,7 @@ class APIKeyClient:
                     "status", "must be one of " + ", ".join(s.value for s in KeyStatus)
                 ) from None
         limit, offset = inputs.page(limit, offset)
-        found = await self._db.run(
+        found = await self._db.read(
             keys.list_keys,
             org_id=org_id,
             project_id=project_id,
@@ -632,7 +647,7 @@ class APIKeyClient:
                     return rows.to_key(row)
             # Refused, untracked, not yet known to be rate-limited, or MySQL: read
             # the row; the policy says why.
-            looked = await self._db.run(keys.lookup_for_validation, key_id, req)
+            looked = await self._db.read(keys.lookup_for_validation, key_id, req)
             if looked is None:
                 raise InvalidKeyError()
             digest_ok = self._ring.verify(plaintext, looked.pepper_id, looked.digest)
@@ -692,7 +707,7 @@ class APIKeyClient:
         """The rate limits attached directly to a key, project or organization."""
         subject_id = ids.check_subject(subject_id)
         now = self._now()
-        found = await self._db.run(rate_limits.rate_limits_of, subject_id)
+        found = await self._db.read(rate_limits.rate_limits_of, subject_id)
         return [results.rate_limit_status(r, now) for r in found]
 
     async def set_budget(self, subject_id: str, budget: Budget) -> BudgetStatus:
@@ -826,7 +841,7 @@ class APIKeyClient:
     async def get_hold(self, hold_id: str) -> Hold:
         """Raises: NotFoundError."""
         hold_id = ids.check(ids.HOLD, hold_id)
-        row = await self._db.run(holds.get_hold, hold_id)
+        row = await self._db.read(holds.get_hold, hold_id)
         if row is None:
             raise NotFoundError("hold", hold_id)
         return release_ops.hold_model(row)
@@ -855,7 +870,7 @@ class APIKeyClient:
             raise InvalidArgumentError("per", "must be 'day' or 'month'")
         start = now - timedelta(days=30) if since is None else timeutil.aware_utc(since, "since")
         end = timeutil.MAX_DATETIME if until is None else timeutil.aware_utc(until, "until")
-        found = await self._db.run(
+        found = await self._db.read(
             ledger.usage,
             key_id=ids.check_optional(ids.KEY, key_id, field="key_id"),
             project_id=ids.check_optional(ids.PROJECT, project_id, field="project_id"),
@@ -944,6 +959,12 @@ def _sequence(value: object, kind: type[Any], field: str) -> list[Any]:
 
 def _idempotency(value: object) -> str | None:
     return None if value is None else inputs.text(value, "idempotency_key")
+
+
+def _seconds(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 3600:
+        raise ConfigurationError(f"{name} must be a number of seconds, above 0, at most 3600")
+    return float(value)
 
 
 def _auth_cache(ttl: object) -> AuthCache | None:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from sqlalchemy import event, exc
@@ -11,6 +15,8 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from keycap._errors import ConfigurationError, DatabaseError, DatabaseUnavailableError, KeycapError
+
+log = logging.getLogger("keycap")
 
 # Plain scheme -> the async driver keycap installs for it (extras sqlite/postgresql/mysql).
 _DEFAULT_DRIVER = {
@@ -69,16 +75,50 @@ def _extra_for(url: URL) -> str:
     return _DEFAULT_DRIVER[url.get_backend_name()][2]
 
 
-def create_engine(raw: object) -> AsyncEngine:
-    """An AsyncEngine for a URL, set up for keycap's concurrency rules.
+@dataclass(frozen=True, slots=True)
+class Waits:
+    """How long keycap waits for the database, in seconds.
+
+    ``call``: one database call (a statement, or a unit of work: checkout, its
+    statements and commit) from the caller's side; past it the caller gets
+    DatabaseUnavailableError, and the call still finishes (commits or rolls back)
+    and returns its connection on its own. It also bounds the wait for a pooled
+    connection and for a new one, and (asyncpg) each statement.
+    ``lock``: a statement's wait for a row lock (PostgreSQL ``lock_timeout``,
+    InnoDB ``innodb_lock_wait_timeout``, whole seconds, at least 1) or for
+    SQLite's write lock (``busy_timeout``); None leaves the server's setting.
+    """
+
+    call: float = 10.0
+    lock: float | None = 5.0
+
+
+def create_engine(raw: object, waits: Waits | None = None) -> AsyncEngine:
+    """An AsyncEngine for a URL, set up for keycap's concurrency rules and ``waits``.
 
     Raises:
         ConfigurationError: bad URL or driver not installed.
     """
     url = normalize_url(raw)
+    waits = waits or Waits()
+    backend = url.get_backend_name()
     kwargs: dict[str, Any] = {}
-    if url.get_backend_name() in ("mysql", "mariadb"):
+    connect: dict[str, Any] = {}
+    if backend != "sqlite":
+        kwargs["pool_timeout"] = waits.call
+    if backend in ("mysql", "mariadb"):
         kwargs["pool_recycle"] = 3600  # MySQL drops idle connections after wait_timeout
+        connect["connect_timeout"] = max(1, math.ceil(waits.call))
+        if waits.lock is not None:
+            seconds = max(1, math.ceil(waits.lock))
+            connect["init_command"] = f"SET SESSION innodb_lock_wait_timeout = {seconds}"
+    elif backend == "postgresql" and url.get_driver_name() == "asyncpg":
+        connect["timeout"] = waits.call
+        connect["command_timeout"] = waits.call
+        if waits.lock is not None:
+            connect["server_settings"] = {"lock_timeout": str(math.ceil(waits.lock * 1000))}
+    if connect:
+        kwargs["connect_args"] = connect
     try:
         engine = create_async_engine(url, **kwargs)
     except (ImportError, exc.NoSuchModuleError):
@@ -86,12 +126,13 @@ def create_engine(raw: object) -> AsyncEngine:
             f"the {url.get_driver_name()} driver is not installed: "
             f"pip install 'keycap[{_extra_for(url)}]'"
         ) from None
-    if url.get_backend_name() == "sqlite":
-        _configure_sqlite(engine, memory=url.database in (None, "", ":memory:"))
+    if backend == "sqlite":
+        busy_ms = 30_000 if waits.lock is None else math.ceil(waits.lock * 1000)
+        _configure_sqlite(engine, memory=url.database in (None, "", ":memory:"), busy_ms=busy_ms)
     return engine
 
 
-def _configure_sqlite(engine: AsyncEngine, *, memory: bool) -> None:
+def _configure_sqlite(engine: AsyncEngine, *, memory: bool, busy_ms: int) -> None:
     # SQLite serialises writers. WAL lets readers run beside the writer; the busy
     # timeout makes a second process wait for the write lock instead of failing;
     # foreign keys are off unless asked for, per connection.
@@ -101,7 +142,7 @@ def _configure_sqlite(engine: AsyncEngine, *, memory: bool) -> None:
         if not memory:
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
@@ -125,14 +166,15 @@ _SQLITE_UNAVAILABLE = (
 # not map (an out-of-range BIGINT is one), so the error number decides. Client errors
 # (2000-2999: cannot connect, server gone, lost connection) and these server errors
 # mean "the server cannot take this now": too many connections (1040, 1203),
-# shutdown in progress (1053), a killed connection (1927), read-only or offline mode
-# (1290 is not here: it is the user's configuration), resources exhausted (1041).
-_MYSQL_UNAVAILABLE = frozenset({1040, 1041, 1053, 1203, 1927, 3032, 4031})
+# shutdown in progress (1053), a killed connection (1927), resources exhausted
+# (1041), a lock wait past innodb_lock_wait_timeout (1205: the rows are busy).
+_MYSQL_UNAVAILABLE = frozenset({1040, 1041, 1053, 1203, 1205, 1927, 3032, 4031})
 # PostgreSQL SQLSTATE classes that mean "the server cannot take this now", whatever
 # exception class the driver maps them to: connection exceptions (08), insufficient
 # resources (53: too many clients, out of memory, disk full), and the server shutting
-# down or starting up (57P01-57P03).
-_UNAVAILABLE_SQLSTATES = ("08", "53", "57P")
+# down or starting up (57P01-57P03), and a lock wait past lock_timeout (55P03): the
+# rows are busy, try again later.
+_UNAVAILABLE_SQLSTATES = ("08", "53", "57P", "55P03")
 
 
 def translate(error: BaseException) -> KeycapError:
@@ -179,11 +221,11 @@ def _unavailable(error: exc.OperationalError) -> bool:
 
 
 def is_transient(error: BaseException) -> bool:
-    """A deadlock, serialization failure or busy database: the unit of work that met
-    it may simply be run again."""
+    """A deadlock, serialization failure, lock wait timeout or busy database: the
+    unit of work that met it may simply be run again."""
     cause = error.__cause__ if isinstance(error, DatabaseError) else error
     orig = getattr(cause, "orig", cause)
-    if getattr(orig, "sqlstate", None) in ("40P01", "40001"):
+    if getattr(orig, "sqlstate", None) in ("40P01", "40001", "55P03"):
         return True
     args = getattr(orig, "args", ())
     if args and args[0] in (1213, 1205):  # MySQL deadlock, lock wait timeout
@@ -224,9 +266,13 @@ class Database:
     function (``keycap._db.keys.get_key``, ...) in either.
     """
 
-    def __init__(self, engine: AsyncEngine, *, owned: bool) -> None:
+    def __init__(self, engine: AsyncEngine, *, owned: bool, call_timeout: float = 10.0) -> None:
         self.engine = engine
         self.owned = owned
+        self.call_timeout = call_timeout
+        # Calls whose caller gave up (cancelled, or timed out) but which are still
+        # finishing: kept referenced until done, and awaited by dispose().
+        self._finishing: set[asyncio.Future[Any]] = set()
         self.dialect: str = engine.dialect.name
         self.is_mysql = self.dialect in ("mysql", "mariadb")
         #: PostgreSQL and SQLite can return the row an UPDATE changed; MySQL/MariaDB cannot.
@@ -246,16 +292,77 @@ class Database:
         async with _translated(self._autocommit.connect()) as conn:
             yield conn
 
+    async def guarded(self, work: Callable[[], Awaitable[T]], within: float | None = None) -> T:
+        """Run ``work`` (one unit of work, or one statement) so that no caller can
+        leave it half done, and no caller waits for it longer than ``within`` seconds
+        (``call_timeout`` unless given).
+
+        It runs in a task of its own, shielded: if the caller is cancelled (a client
+        disconnects, a timeout around the call) or the time runs out, the caller
+        returns at once, and the work still commits or rolls back and returns its
+        connection to the pool. A transaction interrupted at an await point would
+        otherwise be left to the garbage collector, holding its locks (SQLite's
+        write lock for as long as that takes).
+
+        Raises:
+            DatabaseUnavailableError: no answer within ``call_timeout`` seconds.
+        """
+        limit = self.call_timeout if within is None else within
+        task = asyncio.ensure_future(work())
+        try:
+            async with asyncio.timeout(limit):
+                return await asyncio.shield(task)
+        except TimeoutError:
+            if not task.done():
+                self._let_finish(task)
+            raise DatabaseUnavailableError(
+                f"database unavailable: no answer within {limit:g}s"
+            ) from None
+        except asyncio.CancelledError:
+            self._let_finish(task)
+            raise
+
+    def _let_finish(self, task: asyncio.Future[Any]) -> None:
+        self._finishing.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Future[Any]) -> None:
+        self._finishing.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.warning("keycap: a call its caller gave up on failed: %s", error)
+
     async def run(
         self,
         statement: Callable[Concatenate[AsyncConnection, P], Awaitable[T]],
         *args: P.args,
         **kwargs: P.kwargs,
     ) -> T:
-        """``statement(conn, ...)`` on an autocommit connection: for a statement that
-        is atomic on its own."""
-        async with self.autocommit() as conn:
-            return await statement(conn, *args, **kwargs)
+        """``statement(conn, ...)`` on an autocommit connection (:meth:`guarded`): for a
+        statement that is atomic on its own."""
+
+        async def work() -> T:
+            async with self.autocommit() as conn:
+                return await statement(conn, *args, **kwargs)
+
+        return await self.guarded(work)
+
+    async def read(
+        self,
+        statement: Callable[Concatenate[AsyncConnection, P], Awaitable[T]],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        """:meth:`run` for a statement that only reads, tried once more when its
+        connection turned out dead (pooled before the server restarted): reading
+        again is always safe, and the pool has meanwhile dropped its stale
+        connections, so one caller, not every caller, pays for the restart."""
+        try:
+            return await self.run(statement, *args, **kwargs)
+        except DatabaseUnavailableError as error:
+            cause = error.__cause__
+            if not (isinstance(cause, exc.DBAPIError) and cause.connection_invalidated):
+                raise
+        return await self.run(statement, *args, **kwargs)
 
     async def run_in_transaction(
         self,
@@ -263,10 +370,18 @@ class Database:
         *args: P.args,
         **kwargs: P.kwargs,
     ) -> T:
-        """``statement(conn, ...)`` in a transaction of its own."""
-        async with self.begin() as conn:
-            return await statement(conn, *args, **kwargs)
+        """``statement(conn, ...)`` in a transaction of its own (:meth:`guarded`)."""
+
+        async def work() -> T:
+            async with self.begin() as conn:
+                return await statement(conn, *args, **kwargs)
+
+        return await self.guarded(work)
 
     async def dispose(self) -> None:
+        """Let calls whose callers gave up finish (within ``call_timeout``), then
+        dispose the engine if keycap created it."""
+        if self._finishing:
+            await asyncio.wait(set(self._finishing), timeout=self.call_timeout)
         if self.owned:
             await self.engine.dispose()

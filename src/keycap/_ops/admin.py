@@ -43,7 +43,7 @@ async def create_named(
     try:
         await db.run_in_transaction(tenancy.insert_named, table, values)
     except Conflict:
-        existing = await db.run(tenancy.find_named, table, name, org_id)
+        existing = await db.read(tenancy.find_named, table, name, org_id)
         if existing is not None:
             raise AlreadyExistsError(ids.resource_name(kind), existing.id) from None
         # No name clash, so the parent organization vanished (foreign key).
@@ -57,14 +57,14 @@ async def get_or_create_named(
     """The organization, project or product of that name, created if missing. Safe
     to call concurrently: exactly one caller creates it."""
     table = tenancy.TABLES[kind]
-    existing = await db.run(tenancy.find_named, table, name, org_id)
+    existing = await db.read(tenancy.find_named, table, name, org_id)
     if existing is not None:
         return existing, False
     try:
         return await create_named(db, kind, org_id, name, now), True
     except AlreadyExistsError:
         # Lost a race with another creator: theirs is the one.
-        winner = await db.run(tenancy.find_named, table, name, org_id)
+        winner = await db.read(tenancy.find_named, table, name, org_id)
         if winner is None:  # created and deleted meanwhile
             raise
         return winner, False
@@ -72,7 +72,7 @@ async def get_or_create_named(
 
 async def get_named(db: Database, kind: str, id_: str) -> AnyRow:
     """Raises: NotFoundError."""
-    row = await db.run(tenancy.get_by_id, tenancy.TABLES[kind], id_)
+    row = await db.read(tenancy.get_by_id, tenancy.TABLES[kind], id_)
     if row is None:
         raise NotFoundError(ids.resource_name(kind), id_)
     return row
@@ -95,7 +95,7 @@ async def link_product(
     try:
         await db.run_in_transaction(tenancy.insert_link, org_id, project_id, product_id, now)
     except Conflict:
-        if not await db.run(tenancy.is_linked, org_id, project_id, product_id):
+        if not await db.read(tenancy.is_linked, org_id, project_id, product_id):
             raise
         return False
     return True
@@ -121,7 +121,8 @@ async def create_key(
     org_id, project_id, product_id = row["org_id"], row["project_id"], row["product_id"]
     own = tenancy.Subject(row["id"], org_id, project_id, row["id"])
     now = row["created_at"]
-    try:
+
+    async def unit() -> None:
         async with db.begin() as conn:
             for table, resource, id_ in (
                 (projects, "project", project_id),
@@ -145,8 +146,11 @@ async def create_key(
             await budgets.insert_budgets(
                 conn, [budgets.new_budget_row(own, spec, now) for spec in budget_specs]
             )
+
+    try:
+        await db.guarded(unit)
     except Conflict:
-        if await db.run(tenancy.get_by_id, tenancy.TABLES[ids.ORG], org_id) is None:
+        if await db.read(tenancy.get_by_id, tenancy.TABLES[ids.ORG], org_id) is None:
             raise NotFoundError("organization", org_id) from None
         raise
 
@@ -155,7 +159,7 @@ async def retire_keys(db: Database, column: str, value: str, now: datetime) -> N
     """Before keys are deleted: revoke them, so no new hold can start, then release
     their open holds, so none is left holding a project's or organization's budget."""
     await db.run_in_transaction(keys.revoke_keys_where, column, value, now)
-    for hold_id in await db.run(holds.open_hold_ids, column, value):
+    for hold_id in await db.read(holds.open_hold_ids, column, value):
         with contextlib.suppress(HoldClosedError):  # settled or expired meanwhile
             await release(db, hold_id=hold_id, idempotency_key=None, now=now)
 
@@ -165,7 +169,7 @@ async def retire_keys(db: Database, column: str, value: str, now: datetime) -> N
 
 async def subject(db: Database, subject_id: str) -> tenancy.Subject:
     """Raises: NotFoundError."""
-    found = await db.run(tenancy.find_subject, subject_id)
+    found = await db.read(tenancy.find_subject, subject_id)
     if found is None:
         raise NotFoundError(tenancy.scope_of(subject_id), subject_id)
     return found
@@ -178,7 +182,7 @@ async def set_rate_limit(db: Database, subject_id: str, limit: RateLimit, now: d
         await db.run_in_transaction(rate_limits.insert_rate_limits, [row])
     except Conflict:
         await db.run_in_transaction(rate_limits.change_rate_limit, row)
-    found = await db.run(rate_limits.get_rate_limit, row["subject_id"], row["name"])
+    found = await db.read(rate_limits.get_rate_limit, row["subject_id"], row["name"])
     assert found is not None
     return found
 
@@ -195,21 +199,21 @@ async def set_budget(db: Database, subject_id: str, spec: BudgetSpec, now: datet
         await db.run_in_transaction(budgets.insert_budgets, [row])
     except Conflict:
         if not await db.run_in_transaction(budgets.change_budget, row, now):
-            if await db.run(budgets.find_budget, row) is not None:
+            if await db.read(budgets.find_budget, row) is not None:
                 raise InvalidArgumentError(
                     "limit", f"plus the budget's credit must be at most {MAX_UNITS}"
                 ) from None
             raise  # removed meanwhile: the conflict stands as it is
-    found = await db.run(budgets.find_budget, row)
+    found = await db.read(budgets.find_budget, row)
     assert found is not None
     return found
 
 
 async def swept_budgets(db: Database, subject_id: str, now: datetime) -> Sequence[AnyRow]:
     """The budgets attached to a subject, holds past their ttl returned to them first."""
-    for budget in await db.run(budgets.budgets_of, subject_id):
+    for budget in await db.read(budgets.budgets_of, subject_id):
         await sweep(db, now, budget_id=budget.id)
-    return await db.run(budgets.budgets_of, subject_id)
+    return await db.read(budgets.budgets_of, subject_id)
 
 
 async def grant_credit(db: Database, budget_id: str, micros: int, now: datetime) -> AnyRow:
@@ -231,4 +235,4 @@ async def grant_credit(db: Database, budget_id: str, micros: int, now: datetime)
             await ledger.insert_ledger(conn, [movements.topup(after, micros, now)])
             return after
 
-    return await retrying(unit)
+    return await retrying(db, unit)

@@ -28,14 +28,14 @@ async def refusal(
     """The error naming the budget that refused a debit of ``amounts`` (the first in
     id order without room), or None if there is room after all: expired holds were
     freed, or a release or rollover happened meanwhile (the caller tries again)."""
-    applicable = await db.run(budgets.applicable_budgets, key, list(amounts))
+    applicable = await db.read(budgets.applicable_budgets, key, list(amounts))
     for row in applicable:
         requested = amounts[row.meter]
         if budget_rules.state_at(row, now).remaining >= requested:
             continue
         if await sweep(db, now, budget_id=row.id):
             return None
-        fresh = await db.run(budgets.get_budget, row.id)
+        fresh = await db.read(budgets.get_budget, row.id)
         row = fresh if fresh is not None else row
         if budget_rules.state_at(row, now).remaining >= requested:
             return None
@@ -46,7 +46,7 @@ async def refusal(
 async def key_refusal(db: Database, key_id: str, now: datetime) -> Exception | None:
     """Why a key could not be charged: not found, or the state the policy names.
     None: it is live after all (enabled meanwhile), so the caller tries again."""
-    row = await db.run(keys.get_key, key_id)
+    row = await db.read(keys.get_key, key_id)
     if row is None:
         return NotFoundError("key", key_id)
     try:
@@ -62,7 +62,7 @@ async def rate_refusal(
     """The error naming the rate limit that refused (the first in id order that does
     not admit the call now), or None if all admit it now (the caller tries again)."""
     now_ms = epoch_ms(now)
-    for current in await db.run(rate_limits.applicable_rate_limits, key):
+    for current in await db.read(rate_limits.applicable_rate_limits, key):
         units = _units(current, amounts)
         v = ratelimit.view(
             current.window_ms,
@@ -89,7 +89,7 @@ async def run(
     """Run a unit, turning refusals into errors and a lost idempotency race into a replay."""
     for _ in range(3):
         try:
-            return await retrying(unit)
+            return await retrying(db, unit)
         except Conflict:
             # Lost the race to a duplicate with the same idempotency key: its result.
             if (replay := await stored_replay(db, model, idem)) is None:

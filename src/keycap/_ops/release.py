@@ -51,7 +51,7 @@ def origin_of(hold: Any, now: datetime, idempotency_key: str | None) -> movement
 
 
 async def open_hold(db: Database, hold_id: str) -> AnyRow:
-    row = await db.run(holds.get_hold, hold_id)
+    row = await db.read(holds.get_hold, hold_id)
     if row is None:
         raise NotFoundError("hold", hold_id)
     if row.status != "open":
@@ -84,7 +84,7 @@ async def run_hold(
     """Run a settle or release unit. A concurrent duplicate that got there first
     (its claim won, or it closed the hold) means its result is the answer."""
     try:
-        return await retrying(unit)
+        return await retrying(db, unit)
     except Conflict:
         if (replay := await stored_replay(db, model, idem)) is None:
             raise
@@ -92,7 +92,7 @@ async def run_hold(
     except Refused:
         if (replay := await stored_replay(db, model, idem)) is not None:
             return replay, ()
-        row = await db.run(holds.get_hold, hold_id)
+        row = await db.read(holds.get_hold, hold_id)
         raise HoldClosedError(hold_id, row.status if row is not None else "gone") from None
 
 
@@ -142,7 +142,7 @@ async def release(
 async def sweep(db: Database, now: datetime, *, budget_id: str | None = None) -> int:
     """Expire open holds past their ttl, returning their amounts. Returns how many."""
     count = 0
-    for hold_id in await db.run(holds.expired_hold_ids, now, budget_id=budget_id):
+    for hold_id in await db.read(holds.expired_hold_ids, now, budget_id=budget_id):
         try:
             await release(db, hold_id=hold_id, idempotency_key=None, now=now, status="expired")
             count += 1

@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import json
 import random
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -18,21 +19,27 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from keycap._db import keys, operations
 from keycap._db.build import AnyRow, KeyRef
 from keycap._db.engine import Database, is_transient
-from keycap._errors import DatabaseError, IdempotencyConflictError
+from keycap._errors import DatabaseError, DatabaseUnavailableError, IdempotencyConflictError
 
 T = TypeVar("T")
 ATTEMPTS = 8
 
 
-async def retrying(unit: Callable[[], Awaitable[T]]) -> T:
-    """Run ``unit`` (one whole transaction) again after a transient conflict
-    (deadlock, serialization failure, busy SQLite), a bounded number of times."""
+async def retrying(db: Database, unit: Callable[[], Awaitable[T]]) -> T:
+    """Run ``unit`` (one whole transaction, guarded: ``Database.guarded``) again after
+    a transient conflict (deadlock, serialization failure, busy SQLite), a bounded
+    number of times."""
+    deadline = time.monotonic() + db.call_timeout  # all attempts together
     for attempt in range(ATTEMPTS):
         try:
-            return await unit()
+            return await db.guarded(unit, max(0.001, deadline - time.monotonic()))
         except DatabaseError as error:
             if attempt == ATTEMPTS - 1 or not is_transient(error):
                 raise
+            if time.monotonic() >= deadline:
+                raise DatabaseUnavailableError(
+                    f"database unavailable: still busy after {db.call_timeout:g}s"
+                ) from error
             await asyncio.sleep(random.uniform(0, 0.01 * 2**attempt))  # noqa: S311 - jitter
     raise AssertionError("unreachable")
 
@@ -75,7 +82,7 @@ async def stored_replay(db: Database, model: Any, idem: Idempotency) -> Any | No
     """
     if idem.key is None:
         return None
-    stored = await db.run(
+    stored = await db.read(
         operations.stored_result, scope=idem.scope, kind=idem.kind, idempotency_key=idem.key
     )
     if stored is None or stored.result is None:

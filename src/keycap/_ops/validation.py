@@ -57,7 +57,7 @@ async def validate(
 
     for _ in range(3):
         try:
-            key_row, tightest, charge_result, alerts = await retrying(unit)
+            key_row, tightest, charge_result, alerts = await retrying(db, unit)
         except Refused as refused:
             if refused.what == "key":
                 return None
