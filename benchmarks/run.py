@@ -295,27 +295,42 @@ async def contention(db: str, url: str, client: APIKeyClient, org: str) -> Row:
     total = processes * coroutines * calls
     allowed = total // 2  # half are refused: the budget must stop exactly there
     key = await client.create_key(org, budgets=[Budget(Decimal("0.01") * allowed, period="month")])
+    results, wall = _in_processes(_charger, (url, key.id, coroutines, calls), processes)
+    admitted = sum(r["admitted"] for r in results)
+    [budget] = [b for b in await client.get_budgets(key.id) if b.scope == "key"]
+    exact = admitted == allowed and budget.used == Decimal("0.01") * allowed
+    note = f"admitted {admitted} of {total}, budget allows {allowed}: " + (
+        "exact" if exact else "WRONG"
+    )
+    return _latency_row(db, "charge, 64 callers x 4 processes, one key", results, wall, note)
+
+
+def _in_processes(
+    worker: Any, args: tuple[Any, ...], processes: int
+) -> tuple[list[dict[str, Any]], float]:
+    """``worker(*args)`` in ``processes`` spawned processes at once; results and wall time."""
     ctx = multiprocessing.get_context("spawn")
     t0 = time.perf_counter()
     with ctx.Pool(processes) as pool:
-        results = pool.starmap(_charger, [(url, key.id, coroutines, calls)] * processes)
-    wall = time.perf_counter() - t0
-    admitted = sum(r["admitted"] for r in results)
+        results = pool.starmap(worker, [args] * processes)
+    return results, time.perf_counter() - t0
+
+
+def _latency_row(
+    db: str, operation: str, results: list[dict[str, Any]], wall: float, note: str
+) -> Row:
+    """A row of the calls' latencies (each result holds its ``latencies``), worst included."""
     latencies = [x for r in results for x in r["latencies"]]
-    [budget] = [b for b in await client.get_budgets(key.id) if b.scope == "key"]
-    exact = admitted == allowed and budget.used == Decimal("0.01") * allowed
     return Row(
         database=db,
-        operation="charge, 64 callers x 4 processes, one key",
+        operation=operation,
         p50_ms=statistics.median(latencies) * 1000,
         p99_ms=pct(latencies, 0.99) * 1000,
-        ops_per_s=total / wall,
+        ops_per_s=len(latencies) / wall,
         floor="-",
         floor_p50_ms=0.0,
         ratio=0.0,
-        note=f"admitted {admitted} of {total}, budget allows {allowed}: "
-        + ("exact" if exact else "WRONG")
-        + f"; worst {max(latencies) * 1000:.0f} ms",
+        note=f"{note}; worst {max(latencies) * 1000:.0f} ms",
     )
 
 
@@ -361,29 +376,15 @@ async def mixed_tail(db: str, url: str, client: APIKeyClient) -> Row:
     await client.set_budget(org, Budget(Decimal("0.01") * (total // 2), period="month"))
     keys = [await client.create_key(org) for _ in range(8)]
     pairs = [(k.id, k.plaintext) for k in keys]
-    ctx = multiprocessing.get_context("spawn")
-    t0 = time.perf_counter()
-    with ctx.Pool(processes) as pool:
-        results = pool.starmap(_mixer, [(url, pairs, coroutines, calls)] * processes)
-    wall = time.perf_counter() - t0
-    latencies = [x for r in results for x in r["latencies"]]
+    results, wall = _in_processes(_mixer, (url, pairs, coroutines, calls), processes)
     outcomes: dict[str, int] = {}
     for r in results:
         for code, n in r["outcomes"].items():
             outcomes[code] = outcomes.get(code, 0) + n
-    worst = max(latencies)
-    return Row(
-        database=db,
-        operation="mixed charge/validate/hold, 64 callers x 4 procs",
-        p50_ms=statistics.median(latencies) * 1000,
-        p99_ms=pct(latencies, 0.99) * 1000,
-        ops_per_s=total / wall,
-        floor="-",
-        floor_p50_ms=0.0,
-        ratio=0.0,
-        note=f"worst {worst * 1000:.0f} ms (bound: timeout 10 s, lock_timeout 5 s); "
-        + ", ".join(f"{code} {n}" for code, n in sorted(outcomes.items())),
-    )
+    note = ", ".join(f"{code} {n}" for code, n in sorted(outcomes.items()))
+    note += " (bound: timeout 10 s, lock_timeout 5 s)"
+    operation = "mixed charge/validate/hold, 64 callers x 4 procs"
+    return _latency_row(db, operation, results, wall, note)
 
 
 # --- per database -------------------------------------------------------------------
