@@ -148,7 +148,9 @@ async def test_401_missing_invalid_expired(client: APIKeyClient, clock: FakeCloc
         assert body["expired_at"] and body["key_id"] == expiring.id
 
 
-async def test_403_revoked_disabled_forbidden_scope(client: APIKeyClient) -> None:
+async def test_revoked_and_disabled_are_401_forbidden_and_scope_are_403(
+    client: APIKeyClient,
+) -> None:
     w = await world(client)
     chat_only = await client.create_key(w.org, product_id=w.product, scopes=["chat:write"])
     disabled = await client.create_key(w.org, scopes=["chat:write"])
@@ -156,8 +158,13 @@ async def test_403_revoked_disabled_forbidden_scope(client: APIKeyClient) -> Non
     await client.disable_key(disabled.id)
     await client.revoke_key(revoked.id)
     async with serve(make_app(client)) as base:
-        assert_problem(await get(base, "/chat", bearer(revoked.plaintext)), 403, "revoked_key")
-        assert_problem(await get(base, "/chat", bearer(disabled.plaintext)), 403, "disabled_key")
+        for plaintext, code in (
+            (revoked.plaintext, "revoked_key"),
+            (disabled.plaintext, "disabled_key"),
+        ):
+            response = await get(base, "/chat", bearer(plaintext))
+            assert_problem(response, 401, code)
+            assert response.headers["www-authenticate"] == 'Bearer error="invalid_token"'
         assert (await get(base, "/chat", bearer(chat_only.plaintext))).status_code == 200
         body = assert_problem(
             await get(base, "/images", bearer(chat_only.plaintext)), 403, "forbidden"

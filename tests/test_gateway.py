@@ -121,7 +121,7 @@ async def test_the_budget_runs_out_exactly(gateway: str, db_url: str) -> None:
 
         assert (await http.delete(f"/admin/keys/{key_id}", headers=as_admin)).status_code == 200
         r = await complete(http, key, words=1, max_tokens=1)
-        assert (r.status_code, r.json()["code"]) == (403, "revoked_key")
+        assert (r.status_code, r.json()["code"]) == (401, "revoked_key")
 
     async with APIKeyClient(db_url, signing_secret=SECRET) as check:
         [budget] = await check.get_budgets(key_id)

@@ -60,7 +60,7 @@ async def test_the_backend_authenticates_keys_and_exposes_their_scopes(
             "chat_write": True,
         }
         response = await http.get("/whoami", headers={"X-API-Key": revoked.plaintext})
-        assert response.status_code == 403
+        assert response.status_code == 401
         assert response.headers["content-type"] == "application/problem+json"
         assert response.json()["code"] == "revoked_key"
         response = await http.get("/whoami", headers={"X-API-Key": "sk_live_garbage"})

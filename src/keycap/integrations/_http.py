@@ -21,6 +21,7 @@ from keycap._errors import (
     ConfigurationError,
     DatabaseError,
     DatabaseUnavailableError,
+    DisabledKeyError,
     ExpiredKeyError,
     HoldClosedError,
     IdempotencyConflictError,
@@ -32,6 +33,7 @@ from keycap._errors import (
     MissingKeyError,
     NotFoundError,
     RateLimitedError,
+    RevokedKeyError,
     UsageExhaustedError,
 )
 from keycap._models import APIKey, BudgetStatus
@@ -134,7 +136,9 @@ _DATABASE_DETAIL = {"database_unavailable": "the service is temporarily unavaila
 def _status(error: KeycapError, options: HTTPOptions, now: datetime) -> tuple[int, dict[str, str]]:
     if isinstance(error, MissingKeyError):
         return 401, {"WWW-Authenticate": "Bearer"}
-    if isinstance(error, InvalidKeyError | ExpiredKeyError):
+    if isinstance(error, InvalidKeyError | ExpiredKeyError | RevokedKeyError | DisabledKeyError):
+        # RFC 6750: a token that is expired, revoked or otherwise invalid gets 401
+        # invalid_token (a new key may work); the body's code says which it was.
         return 401, {"WWW-Authenticate": 'Bearer error="invalid_token"'}
     if isinstance(error, InsufficientScopeError):
         scope = " ".join(error.missing_scopes)
