@@ -10,12 +10,12 @@ validation), filled in by the function that runs the statement.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeAlias
 
-from sqlalchemy import BigInteger, ColumnElement, Row, bindparam, func, literal, select
+from sqlalchemy import BigInteger, ColumnElement, Row, bindparam, func, literal
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from keycap._db.schema import budgets, holds, keys
@@ -141,17 +141,3 @@ async def changed_rows(
 
 def _by_id(row: AnyRow) -> str:
     return str(row.id)
-
-
-# --- generic statements ---------------------------------------------------------------
-
-
-async def select_where(conn: AsyncConnection, table: Any, *conditions: Any) -> Sequence[AnyRow]:
-    """Whole rows of ``table`` matching ``conditions``, in id order."""
-    return (await conn.execute(select(table).where(*conditions).order_by(table.c.id))).all()
-
-
-async def delete_where(conn: AsyncConnection, table: Any, *conditions: Any) -> int:
-    """Delete the rows matching ``conditions``; how many went."""
-    result = await conn.execute(table.delete().where(*conditions))
-    return int(result.rowcount)

@@ -39,7 +39,6 @@ from keycap._db.grant import (
     asked_product,
     grant_predicate,
     has_rate_limits,
-    key_is_live,
     key_is_live_now,
     rate_limit_count,
     status_filter,
@@ -316,15 +315,6 @@ def _lock_key() -> Changing:
     k = keys.c
     stmt = update(keys).where(k.id == KEY_ID, *key_is_live_now(NOW)).values(last_used_at=NOW)
     return changing(stmt, select(k.org_id, k.project_id).where(k.id == KEY_ID))
-
-
-async def is_live(conn: AsyncConnection, key_id: str | None, now: datetime) -> bool:
-    if key_id is None:
-        return False
-    return bool(await conn.scalar(_IS_LIVE, {"m_key_id": key_id, "m_now": now}))
-
-
-_IS_LIVE = select(key_is_live(KEY_ID, NOW))
 
 
 async def record_metered_use(

@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from keycap._db import budgets, holds, keys, ledger, operations
 from keycap._db.build import AnyRow, KeyRef
 from keycap._db.engine import Database
-from keycap._errors import DatabaseError, HoldClosedError
+from keycap._errors import DatabaseError
 from keycap._models import BudgetAlert, Hold, Settlement
 from keycap._ops.refusals import run
 from keycap._ops.release import hold_model, open_hold, origin_of, return_hold, run_hold
@@ -108,15 +108,9 @@ async def settle(
     and reported, never dropped (``keycap._rules.movements.split_settlement``).
     """
     idem = Idempotency.of("settle", hold_id, idempotency_key, actual=actual)
-    if (replay := await stored_replay(db, Settlement, idem)) is not None:
+    hold, replay = await open_hold(db, hold_id, idem, Settlement)
+    if hold is None:
         return replay  # type: ignore[no-any-return]
-    try:
-        hold = await open_hold(db, hold_id)
-    except HoldClosedError:
-        # A concurrent duplicate may have settled it first: then its result stands.
-        if (replay := await stored_replay(db, Settlement, idem)) is not None:
-            return replay  # type: ignore[no-any-return]
-        raise
 
     async def unit() -> tuple[Settlement, tuple[BudgetAlert, ...]]:
         async with db.begin() as conn:

@@ -50,13 +50,26 @@ def origin_of(hold: Any, now: datetime, idempotency_key: str | None) -> movement
     )
 
 
-async def open_hold(db: Database, hold_id: str) -> AnyRow:
+async def open_hold(
+    db: Database, hold_id: str, idem: Idempotency, model: Any
+) -> tuple[AnyRow | None, Any]:
+    """``(hold, None)`` for an open hold to settle or release; ``(None, result)`` when
+    this same call (its idempotency key) closed it already, maybe concurrently:
+    its stored result stands. Only a closed hold can have one.
+
+    Raises:
+        NotFoundError: no such hold.
+        HoldClosedError: another call closed it.
+        IdempotencyConflictError: this key closed it with other parameters.
+    """
     row = await db.read(holds.get_hold, hold_id)
     if row is None:
         raise NotFoundError("hold", hold_id)
-    if row.status != "open":
-        raise HoldClosedError(hold_id, row.status)
-    return row
+    if row.status == "open":
+        return row, None
+    if (replay := await stored_replay(db, model, idem)) is not None:
+        return None, replay
+    raise HoldClosedError(hold_id, row.status)
 
 
 async def return_hold(
@@ -106,15 +119,9 @@ async def release(
 ) -> Hold:
     """Return a hold to its budgets (``status="expired"``: the same, by expiry)."""
     idem = Idempotency.of("release", hold_id, idempotency_key)
-    if (replay := await stored_replay(db, Hold, idem)) is not None:
+    hold, replay = await open_hold(db, hold_id, idem, Hold)
+    if hold is None:
         return replay  # type: ignore[no-any-return]
-    try:
-        hold = await open_hold(db, hold_id)
-    except HoldClosedError:
-        # A concurrent duplicate may have released it first: then its result stands.
-        if (replay := await stored_replay(db, Hold, idem)) is not None:
-            return replay  # type: ignore[no-any-return]
-        raise
 
     async def unit() -> tuple[Hold, tuple[()]]:
         async with db.begin() as conn:
