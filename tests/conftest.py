@@ -1,10 +1,12 @@
-"""One database fixture, parametrized over SQLite, PostgreSQL and MariaDB.
+"""One database fixture, parametrized over SQLite, PostgreSQL, MariaDB, and PgBouncer.
 
 URLs come from the environment (scripts/test sets them):
 KEYCAP_TEST_DATABASES (default "sqlite"), KEYCAP_TEST_POSTGRES_URL,
-KEYCAP_TEST_MARIADB_URL (server URLs without a database name). With
-KEYCAP_REQUIRE_ALL_DATABASES=1 (scripts/test, CI) a run that lacks any of the
-three fails at collection: a skipped database is not a passed one.
+KEYCAP_TEST_MARIADB_URL, KEYCAP_TEST_PGBOUNCER_URL (server URLs without a
+database name; "pgbouncer" is the same PostgreSQL through PgBouncer in
+transaction pooling mode). With KEYCAP_REQUIRE_ALL_DATABASES=1 (scripts/test,
+CI) a run that lacks any of them fails at collection: a skipped database is not
+a passed one.
 """
 
 from __future__ import annotations
@@ -15,16 +17,18 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import delete
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from keycap import APIKeyClient
-from keycap._db.engine import create_engine
+from keycap._db.engine import create_engine, normalize_url, pooler_flag
 from keycap._db.schema import metadata
 
 SECRET = "test-signing-secret-0123456789-abcdefghij"
-ALL_DATABASES = ("sqlite", "postgresql", "mariadb")
+ALL_DATABASES = ("sqlite", "postgresql", "mariadb", "pgbouncer")
 
 
 def _enabled() -> tuple[str, ...]:
@@ -48,11 +52,33 @@ def server_url(name: str, database: str, tmp: Path) -> str:
     """The URL of ``database`` on the named backend (a file under ``tmp`` for SQLite)."""
     if name == "sqlite":
         return f"sqlite:///{tmp / (database + '.db')}"
-    env = {"postgresql": "KEYCAP_TEST_POSTGRES_URL", "mariadb": "KEYCAP_TEST_MARIADB_URL"}[name]
+    env = {
+        "postgresql": "KEYCAP_TEST_POSTGRES_URL",
+        "mariadb": "KEYCAP_TEST_MARIADB_URL",
+        "pgbouncer": "KEYCAP_TEST_PGBOUNCER_URL",
+    }[name]
     base = os.environ.get(env)
     if not base:
         raise pytest.UsageError(f"{name} is enabled but {env} is not set")
-    return f"{base.rstrip('/')}/{database}"
+    url = f"{base.rstrip('/')}/{database}"
+    # PostgreSQL through PgBouncer in transaction pooling mode: keycap is told so in
+    # the URL, as a user's configuration would.
+    return url + "?transaction_pooler=true" if name == "pgbouncer" else url
+
+
+def app_engine(db_url: str, **kwargs: Any) -> tuple[AsyncEngine, dict[str, Any]]:
+    """An engine the app builds itself for ``db_url``, and the client options that go
+    with it: behind PgBouncer, docs/deployment.md's recipe and ``transaction_pooler``."""
+    url = normalize_url(db_url)
+    if not pooler_flag(url):
+        return create_async_engine(url, **kwargs), {}
+    url = url.difference_update_query(["transaction_pooler"])
+    engine = create_async_engine(
+        url.update_query_dict({"prepared_statement_cache_size": "0"}),
+        connect_args={"statement_cache_size": 0, "prepared_statement_name_func": lambda: ""},
+        **kwargs,
+    )
+    return engine, {"transaction_pooler": True}
 
 
 def pytest_report_header() -> str:

@@ -16,7 +16,7 @@ from keycap import (
 )
 from keycap._db.engine import normalize_url
 from keycap._rules.tokens import KeyFormat
-from tests.conftest import DATABASES, SECRET, server_url
+from tests.conftest import DATABASES, SECRET, app_engine, server_url
 
 
 @pytest.mark.parametrize(
@@ -58,8 +58,8 @@ def test_bad_urls_are_configuration_errors_that_hide_passwords(raw: object) -> N
 
 
 async def test_an_app_owned_engine_is_not_disposed(db_url: str) -> None:
-    engine = create_async_engine(normalize_url(db_url))
-    async with APIKeyClient(engine, signing_secret=SECRET) as client:
+    engine, options = app_engine(db_url)
+    async with APIKeyClient(engine, signing_secret=SECRET, **options) as client:
         await client.list_organizations()
     async with engine.connect() as conn:  # still usable
         await conn.exec_driver_sql("SELECT 1")

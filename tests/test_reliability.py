@@ -6,7 +6,6 @@ from decimal import Decimal as D
 
 import pytest
 from sqlalchemy import exc, func, select, text
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from keycap import (
     APIKeyClient,
@@ -19,12 +18,12 @@ from keycap import (
     RateLimit,
     RateLimitedError,
 )
-from keycap._db.engine import Database, normalize_url, translate
+from keycap._db.engine import Database, translate
 from keycap._db.schema import ledger
 from keycap._rules.money import to_micros
 from keycap._rules.rate_limits import MAX_CALLS, MAX_METERED
 from tests._ledger import assert_balances_match_ledger
-from tests.conftest import SECRET
+from tests.conftest import SECRET, app_engine
 
 
 async def _org(client: APIKeyClient) -> str:
@@ -118,6 +117,7 @@ async def test_a_statement_the_database_refuses_is_not_an_outage(
         "sqlite": "SELECT abs(-9223372036854775807 - 1)",  # integer overflow
         "postgresql": "SELECT 9223372036854775807::bigint + 1",
         "mariadb": "SELECT CAST(9223372036854775807 AS SIGNED) + 1",
+        "pgbouncer": "SELECT 9223372036854775807::bigint + 1",
     }[backend]
 
     async def run(conn: object) -> object:
@@ -129,11 +129,9 @@ async def test_a_statement_the_database_refuses_is_not_an_outage(
 
 
 async def test_no_free_connection_in_the_pool_is_unavailable(db_url: str) -> None:
-    engine = create_async_engine(
-        normalize_url(db_url), pool_size=1, max_overflow=0, pool_timeout=0.2
-    )
+    engine, options = app_engine(db_url, pool_size=1, max_overflow=0, pool_timeout=0.2)
     try:
-        client = APIKeyClient(engine, signing_secret=SECRET)
+        client = APIKeyClient(engine, signing_secret=SECRET, **options)
         async with engine.connect():  # the only connection, held
             with pytest.raises(DatabaseUnavailableError):
                 await client.list_organizations()

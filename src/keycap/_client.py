@@ -11,7 +11,15 @@ from typing import Any, Final, Self
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from keycap._db import budgets, holds, keys, ledger, rate_limits, rows, tenancy
-from keycap._db.engine import Database, Waits, create_engine
+from keycap._db.engine import (
+    Database,
+    Waits,
+    create_engine,
+    made_for_pooler,
+    normalize_url,
+    pooler_flag,
+    require_pooler_settings,
+)
 from keycap._db.schema import metadata as schema_metadata
 from keycap._errors import (
     ConfigurationError,
@@ -94,7 +102,14 @@ class APIKeyClient:
         lock_timeout: the most seconds a statement waits for a row lock (SQLite: the
             write lock), 5 by default; set on engines keycap creates (pass None to
             keep the server's setting). For an engine you pass in, set it there
-            (docs/deployment.md).
+            (docs/deployment.md). Behind a transaction pooler it is the server's
+            (set it on the role); passing a number there is a ConfigurationError.
+        transaction_pooler: the PostgreSQL URL or engine leads to PgBouncer in
+            transaction mode, or a pooler like it (also ``?transaction_pooler=true``
+            in the URL): every statement runs in a transaction and nothing stays
+            prepared on a server connection. An engine you pass in must already
+            be set up so (docs/deployment.md); if not, ConfigurationError. An engine
+            keycap made for a pooler (``other_client.engine``) is known as one.
 
     Raises:
         ConfigurationError: a bad URL, a missing driver, or bad secrets/prefixes.
@@ -112,7 +127,8 @@ class APIKeyClient:
         on_budget_alert: results.AlertHandler | None = None,
         auth_cache_ttl: float | None = None,
         timeout: float = 10.0,
-        lock_timeout: float | None = 5.0,
+        lock_timeout: float | _Unset | None = UNSET,
+        transaction_pooler: bool = False,
     ) -> None:
         self._format = tokens.KeyFormat(key_prefix, environment)
         self._ring = PepperRing(signing_secret)
@@ -125,14 +141,24 @@ class APIKeyClient:
         self._on_alert = on_budget_alert
         self._rate_limited: dict[str, None] = {}  # insertion-ordered: oldest first
         self._cache = _auth_cache(auth_cache_ttl)
+        pooled = inputs.flag(transaction_pooler, "transaction_pooler")
+        if isinstance(database, AsyncEngine):
+            pooled = pooled or made_for_pooler(database)
+        else:
+            pooled = pooled or pooler_flag(normalize_url(database))
+        if lock_timeout is UNSET:
+            lock_timeout = None if pooled else 5.0
         waits = Waits(
             call=_seconds(timeout, "timeout"),
             lock=None if lock_timeout is None else _seconds(lock_timeout, "lock_timeout"),
         )
         if isinstance(database, AsyncEngine):
-            self._db = Database(database, owned=False, call_timeout=waits.call)
+            if pooled and not made_for_pooler(database):
+                require_pooler_settings(database)
+            engine, owned = database, False
         else:
-            self._db = Database(create_engine(database, waits), owned=True, call_timeout=waits.call)
+            engine, owned = create_engine(database, waits, transaction_pooler=pooled), True
+        self._db = Database(engine, owned=owned, call_timeout=waits.call, transaction_pooler=pooled)
 
     def __repr__(self) -> str:
         url = self._db.engine.url.render_as_string(hide_password=True)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from sqlalchemy import event, exc
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from keycap._errors import ConfigurationError, DatabaseError, DatabaseUnavailableError, KeycapError
@@ -34,8 +35,16 @@ _ASYNC_DRIVERS = {
 }
 
 
+#: The URL query parameter that says the URL leads to a transaction pooler.
+POOLER_PARAMETER = "transaction_pooler"
+_TRUE = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
 def normalize_url(raw: object) -> URL:
     """Map plain URLs to keycap's async drivers; refuse sync drivers.
+
+    keycap's own ``?transaction_pooler=true`` stays in the URL; :func:`pooler_flag`
+    reads it and :func:`create_engine` takes it out before the driver sees it.
 
     Raises:
         ConfigurationError: not a URL, an unknown database, or a sync driver.
@@ -71,6 +80,23 @@ def normalize_url(raw: object) -> URL:
     return url
 
 
+def pooler_flag(url: URL) -> bool:
+    """Whether ``url`` says ``?transaction_pooler=true``.
+
+    Raises:
+        ConfigurationError: the parameter is not true/false, or not on PostgreSQL.
+    """
+    raw = url.query.get(POOLER_PARAMETER)
+    if raw is None:
+        return False
+    value = _TRUE.get(str(raw).strip().lower()) if isinstance(raw, str) else None
+    if value is None:
+        raise ConfigurationError(f"{POOLER_PARAMETER} in the database URL must be true or false")
+    if value and url.get_backend_name() != "postgresql":
+        raise ConfigurationError(f"{POOLER_PARAMETER} is for PostgreSQL behind PgBouncer")
+    return value
+
+
 def _extra_for(url: URL) -> str:
     return _DEFAULT_DRIVER[url.get_backend_name()][2]
 
@@ -93,15 +119,37 @@ class Waits:
     lock: float | None = 5.0
 
 
-def create_engine(raw: object, waits: Waits | None = None) -> AsyncEngine:
+def create_engine(
+    raw: object, waits: Waits | None = None, *, transaction_pooler: bool = False
+) -> AsyncEngine:
     """An AsyncEngine for a URL, set up for keycap's concurrency rules and ``waits``.
 
+    ``transaction_pooler`` (or ``?transaction_pooler=true`` in the URL): the URL
+    leads to PgBouncer in transaction mode, or a pooler like it, which gives each
+    transaction whichever server connection is free. The driver then prepares
+    only unnamed statements and caches none (a named one would be missing, or
+    taken, on the next server connection), and nothing is sent as a startup
+    parameter (PgBouncer refuses those it does not know): ``waits.lock`` must be
+    None, the lock timeout being the server's (docs/deployment.md).
+
     Raises:
-        ConfigurationError: bad URL or driver not installed.
+        ConfigurationError: bad URL, driver not installed, or settings a pooler
+            cannot take.
     """
     url = normalize_url(raw)
-    waits = waits or Waits()
+    pooled = transaction_pooler or pooler_flag(url)
+    url = url.difference_update_query([POOLER_PARAMETER])
+    waits = waits or (Waits(lock=None) if pooled else Waits())
     backend = url.get_backend_name()
+    if pooled:
+        if backend != "postgresql":
+            raise ConfigurationError("transaction_pooler is for PostgreSQL behind PgBouncer")
+        if waits.lock is not None:
+            raise ConfigurationError(
+                "behind a transaction pooler keycap cannot set lock_timeout on its "
+                "connections: pass lock_timeout=None and set it on the role "
+                "(ALTER ROLE ... SET lock_timeout = '5s') or in the pooler"
+            )
     kwargs: dict[str, Any] = {}
     connect: dict[str, Any] = {}
     if backend != "sqlite":
@@ -117,6 +165,11 @@ def create_engine(raw: object, waits: Waits | None = None) -> AsyncEngine:
         connect["command_timeout"] = waits.call
         if waits.lock is not None:
             connect["server_settings"] = {"lock_timeout": str(math.ceil(waits.lock * 1000))}
+        if pooled:
+            connect.update(POOLED_ASYNCPG)
+            url = url.update_query_dict({"prepared_statement_cache_size": "0"})
+    elif pooled:  # psycopg: never switch to named server-side prepared statements
+        connect["prepare_threshold"] = None
     if connect:
         kwargs["connect_args"] = connect
     try:
@@ -126,10 +179,63 @@ def create_engine(raw: object, waits: Waits | None = None) -> AsyncEngine:
             f"the {url.get_driver_name()} driver is not installed: "
             f"pip install 'keycap[{_extra_for(url)}]'"
         ) from None
+    if pooled:
+        _POOLED.add(engine.sync_engine)
     if backend == "sqlite":
         busy_ms = 30_000 if waits.lock is None else math.ceil(waits.lock * 1000)
         _configure_sqlite(engine, memory=url.database in (None, "", ":memory:"), busy_ms=busy_ms)
     return engine
+
+
+#: asyncpg's connect arguments behind a transaction pooler: no statement cache in
+#: asyncpg, and SQLAlchemy prepares every statement unnamed ("" is PostgreSQL's
+#: unnamed statement), so nothing prepared outlives its transaction on a server
+#: connection another client gets next (with uuid names, as SQLAlchemy's docs
+#: suggest, the statements would pile up on the server connections).
+POOLED_ASYNCPG: dict[str, Any] = {
+    "statement_cache_size": 0,
+    "prepared_statement_name_func": lambda: "",
+}
+
+
+#: Engines create_engine made for a transaction pooler: a client given one of them
+#: (``APIKeyClient(other.engine, ...)``) knows without being told.
+_POOLED: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def made_for_pooler(engine: AsyncEngine) -> bool:
+    """Whether keycap's :func:`create_engine` made ``engine`` for a transaction pooler."""
+    return engine.sync_engine in _POOLED
+
+
+def require_pooler_settings(engine: AsyncEngine) -> None:
+    """Make ``engine``, which the user built, refuse to connect unless it can work
+    behind a transaction pooler: PostgreSQL, and (asyncpg) no statement cache in
+    asyncpg or SQLAlchemy, with statement names that cannot collide.
+
+    Reads private attributes of SQLAlchemy's asyncpg adapter and of asyncpg
+    (tests/test_pooler.py pins them).
+
+    Raises:
+        ConfigurationError: not PostgreSQL (now), or unsuitable (at connect).
+    """
+    if engine.dialect.name != "postgresql":
+        raise ConfigurationError("transaction_pooler is for PostgreSQL behind PgBouncer")
+    if engine.dialect.driver != "asyncpg":
+        return
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _check(dbapi_connection: Any, _record: Any) -> None:
+        cached = dbapi_connection._prepared_statement_cache is not None
+        cached = cached or dbapi_connection._connection._stmt_cache.get_max_size() != 0
+        named = dbapi_connection._prepared_statement_name_func() is None
+        if cached or named:
+            raise ConfigurationError(
+                "this engine cannot work behind a transaction pooler: create it with "
+                "?prepared_statement_cache_size=0 and connect_args "
+                "statement_cache_size=0 and prepared_statement_name_func "
+                "(docs/deployment.md), or pass keycap the URL"
+            )
 
 
 def _configure_sqlite(engine: AsyncEngine, *, memory: bool, busy_ms: int) -> None:
@@ -184,6 +290,11 @@ def translate(error: BaseException) -> KeycapError:
     if isinstance(error, exc.DBAPIError):
         detail = _describe(error)
         sqlstate = str(getattr(error.orig, "sqlstate", None) or "")
+        if _pooler_symptom(sqlstate, detail):
+            return ConfigurationError(
+                f"the database answered like a transaction pooler ({detail}): "
+                "create the client with transaction_pooler=True (docs/deployment.md)"
+            )
         if (
             error.connection_invalidated
             or isinstance(error, exc.InterfaceError)
@@ -206,6 +317,17 @@ def translate(error: BaseException) -> KeycapError:
     if module.startswith(("asyncpg", "pymysql", "aiomysql", "sqlite3", "aiosqlite")):
         return DatabaseUnavailableError(f"database unavailable: {type(error).__name__}")
     raise error
+
+
+def _pooler_symptom(sqlstate: str, detail: str) -> bool:
+    """What PostgreSQL drivers meet behind PgBouncer in transaction mode when they
+    are not set up for it: a startup parameter it refuses, and prepared statements
+    missing (26000) or already taken (42P05) on the server connection it chose, or
+    a statement of another client's there ("bind message supplies 1 parameters,
+    but prepared statement ... requires 0")."""
+    if sqlstate == "08P01":
+        return "unsupported startup parameter" in detail or "bind message supplies" in detail
+    return sqlstate in ("26000", "42P05") and "prepared statement" in detail
 
 
 def _unavailable(error: exc.OperationalError) -> bool:
@@ -264,12 +386,25 @@ class Database:
     each atomic on their own (the validation hot path) with no BEGIN/COMMIT
     round trips. :meth:`run` and :meth:`run_in_transaction` call one statement
     function (``keycap._db.keys.get_key``, ...) in either.
+
+    Behind a transaction pooler (``transaction_pooler``) ``autocommit()`` is a
+    transaction too: the pooler keeps a client on one server connection only
+    until the end of a transaction, and asyncpg prepares a statement in one
+    exchange and runs it in the next.
     """
 
-    def __init__(self, engine: AsyncEngine, *, owned: bool, call_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        owned: bool,
+        call_timeout: float = 10.0,
+        transaction_pooler: bool = False,
+    ) -> None:
         self.engine = engine
         self.owned = owned
         self.call_timeout = call_timeout
+        self.transaction_pooler = transaction_pooler or made_for_pooler(engine)
         # Calls whose caller gave up (cancelled, or timed out) but which are still
         # finishing: kept referenced until done, and awaited by dispose().
         self._finishing: set[asyncio.Future[Any]] = set()
@@ -289,7 +424,8 @@ class Database:
 
     @asynccontextmanager
     async def autocommit(self) -> AsyncIterator[AsyncConnection]:
-        async with _translated(self._autocommit.connect()) as conn:
+        connecting = self.engine.begin() if self.transaction_pooler else self._autocommit.connect()
+        async with _translated(connecting) as conn:
             yield conn
 
     async def guarded(self, work: Callable[[], Awaitable[T]], within: float | None = None) -> T:
