@@ -156,6 +156,8 @@ def create_engine(
         kwargs["pool_timeout"] = waits.call
     if backend in ("mysql", "mariadb"):
         kwargs["pool_recycle"] = 3600  # MySQL drops idle connections after wait_timeout
+        if url.get_driver_name() == "aiomysql":
+            kwargs["pool_reset_on_return"] = None  # _skip_needless_rollback resets
         connect["connect_timeout"] = max(1, math.ceil(waits.call))
         if waits.lock is not None:
             seconds = max(1, math.ceil(waits.lock))
@@ -181,6 +183,8 @@ def create_engine(
         ) from None
     if pooled:
         _POOLED.add(engine.sync_engine)
+    if kwargs.get("pool_reset_on_return", "rollback") is None:
+        _skip_needless_rollback(engine)
     if backend == "sqlite":
         busy_ms = 30_000 if waits.lock is None else math.ceil(waits.lock * 1000)
         _configure_sqlite(engine, memory=url.database in (None, "", ":memory:"), busy_ms=busy_ms)
@@ -236,6 +240,32 @@ def require_pooler_settings(engine: AsyncEngine) -> None:
                 "statement_cache_size=0 and prepared_statement_name_func "
                 "(docs/deployment.md), or pass keycap the URL"
             )
+
+
+def _skip_needless_rollback(engine: AsyncEngine) -> None:
+    """aiomysql: the pool's ROLLBACK at checkin, only where it can matter.
+
+    A connection comes back to the pool after its SQLAlchemy ``Connection``
+    closed: if that had a transaction open, it rolled it back itself
+    (``transaction_was_reset``); otherwise the transaction was committed or
+    rolled back already, and the pool's ROLLBACK would be one more round trip
+    for nothing (one per write on MariaDB). It is still sent when the server
+    says a transaction is open (``SERVER_STATUS_IN_TRANS``: a write made on the
+    raw driver connection). A connection lost mid-transaction (garbage
+    collected under asyncio) is closed, never reset (``terminate_only``).
+    Reads ``server_status`` of aiomysql's connection (tests/test_round_trips.py
+    pins it).
+    """
+
+    @event.listens_for(engine.sync_engine, "reset")
+    def _reset(dbapi_connection: Any, _record: Any, state: Any) -> None:
+        if state.terminate_only or state.transaction_was_reset:
+            return
+        if dbapi_connection._connection.server_status & _SERVER_STATUS_IN_TRANS:
+            dbapi_connection.rollback()
+
+
+_SERVER_STATUS_IN_TRANS = 1  # pymysql.constants.SERVER_STATUS.SERVER_STATUS_IN_TRANS
 
 
 def _configure_sqlite(engine: AsyncEngine, *, memory: bool, busy_ms: int) -> None:
@@ -416,6 +446,7 @@ class Database:
         # switch per checkout (local with asyncpg, a round trip each way with
         # aiomysql) but double the connections an app's database must allow.
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+        # (MySQL/MariaDB use it for nothing: see run() and reading().)
 
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[AsyncConnection]:
@@ -427,6 +458,25 @@ class Database:
         connecting = self.engine.begin() if self.transaction_pooler else self._autocommit.connect()
         async with _translated(connecting) as conn:
             yield conn
+
+    @asynccontextmanager
+    async def reading(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for statements that only read.
+
+        MySQL/MariaDB: a plain connection, whose implicit transaction the pool's
+        ROLLBACK ends at checkin: the SELECT and the ROLLBACK are the only round
+        trips. Switching such a connection to AUTOCOMMIT and back costs four
+        more (``SET AUTOCOMMIT``, ``SET SESSION TRANSACTION ISOLATION LEVEL``,
+        ``COMMIT``); the ROLLBACK cannot be skipped, or InnoDB would keep the read
+        view and a later read on that connection would be stale.
+        Elsewhere: :meth:`autocommit`.
+        """
+        if self.is_mysql:
+            async with _translated(self.engine.connect()) as conn:
+                yield conn
+        else:
+            async with self.autocommit() as conn:
+                yield conn
 
     async def guarded(self, work: Callable[[], Awaitable[T]], within: float | None = None) -> T:
         """Run ``work`` (one unit of work, or one statement) so that no caller can
@@ -474,10 +524,15 @@ class Database:
         **kwargs: P.kwargs,
     ) -> T:
         """``statement(conn, ...)`` on an autocommit connection (:meth:`guarded`): for a
-        statement that is atomic on its own."""
+        statement that is atomic on its own.
+
+        MySQL/MariaDB: in a transaction instead, the statement and its COMMIT,
+        two round trips; AUTOCOMMIT costs four more to switch the pooled
+        connection there and back (see :meth:`reading`)."""
 
         async def work() -> T:
-            async with self.autocommit() as conn:
+            connecting = self.begin() if self.is_mysql else self.autocommit()
+            async with connecting as conn:
                 return await statement(conn, *args, **kwargs)
 
         return await self.guarded(work)
@@ -491,14 +546,20 @@ class Database:
         """:meth:`run` for a statement that only reads, tried once more when its
         connection turned out dead (pooled before the server restarted): reading
         again is always safe, and the pool has meanwhile dropped its stale
-        connections, so one caller, not every caller, pays for the restart."""
+        connections, so one caller, not every caller, pays for the restart.
+        It runs on :meth:`reading`."""
+
+        async def work() -> T:
+            async with self.reading() as conn:
+                return await statement(conn, *args, **kwargs)
+
         try:
-            return await self.run(statement, *args, **kwargs)
+            return await self.guarded(work)
         except DatabaseUnavailableError as error:
             cause = error.__cause__
             if not (isinstance(cause, exc.DBAPIError) and cause.connection_invalidated):
                 raise
-        return await self.run(statement, *args, **kwargs)
+        return await self.guarded(work)
 
     async def run_in_transaction(
         self,

@@ -1,0 +1,161 @@
+"""Round trips per hot call, counted at the driver, pinned per database.
+
+PostgreSQL, MariaDB and PgBouncer: exchanges on the wire (tests/_roundtrips.py,
+a counting proxy). SQLite: calls into aiosqlite's worker thread. Each call is
+counted warm (its statements already prepared on the connection), alone, in
+the common case (admitted). The figures are what keycap costs today; issue 10's
+target is 1 for every row. A change that moves one must update this table, so
+the cost of a hot call never changes unseen.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from decimal import Decimal as D
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from keycap import APIKeyClient, Budget, RateLimit
+from tests._roundtrips import count_sqlite_hops, wire_counter
+from tests.conftest import DATABASES, REPORT, SECRET, FakeClock, server_url
+
+# operation -> round trips (SQLite: thread hops), per database.
+PINNED: dict[str, dict[str, int]] = {
+    "postgresql": {
+        "validate (read)": 1,
+        "validate (tracked)": 1,
+        "validate (rate-limited)": 4,
+        "validate (metered)": 7,
+        "charge": 6,
+        "reserve": 7,
+        "settle": 8,
+        "release": 8,
+    },
+    # Every statement in a transaction (BEGIN and COMMIT are round trips), and
+    # each statement prepared unnamed: its Parse and its execution are two.
+    "pgbouncer": {
+        "validate (read)": 4,
+        "validate (tracked)": 4,
+        "validate (rate-limited)": 6,
+        "validate (metered)": 12,
+        "charge": 10,
+        "reserve": 12,
+        "settle": 16,
+        "release": 16,
+    },
+    "mariadb": {
+        "validate (read)": 2,
+        "validate (tracked)": 4,
+        "validate (rate-limited)": 5,
+        "validate (metered)": 9,
+        "charge": 7,
+        "reserve": 8,
+        "settle": 10,
+        "release": 10,
+    },
+    "sqlite": {
+        "validate (read)": 8,
+        "validate (tracked)": 8,
+        "validate (rate-limited)": 10,
+        "validate (metered)": 21,
+        "charge": 17,
+        "reserve": 20,
+        "settle": 28,
+        "release": 28,
+    },
+}
+
+Call = Callable[[], Awaitable[Any]]
+
+
+async def _calls(client: APIKeyClient) -> dict[str, Call]:
+    org = (await client.create_organization("round trips")).id
+    plain = await client.create_key(org)
+    limited = await client.create_key(org, rate_limits=[RateLimit(1_000_000, "minute")])
+    metered = await client.create_key(
+        org, budgets=[Budget(D(1000))], rate_limits=[RateLimit(1_000_000, "minute")]
+    )
+    await client.set_budget(org, Budget(D(5000)))
+
+    async def settle() -> Any:
+        hold = await client.reserve(metered.id, D("0.05"))
+        return lambda: client.settle(hold.id, D("0.03"))
+
+    async def release() -> Any:
+        hold = await client.reserve(metered.id, D("0.05"))
+        return lambda: client.release(hold.id)
+
+    return {
+        "validate (read)": lambda: client.validate_key(plain.plaintext, track_usage=False),
+        "validate (tracked)": lambda: client.validate_key(plain.plaintext),
+        "validate (rate-limited)": lambda: client.validate_key(limited.plaintext),
+        "validate (metered)": lambda: client.validate_key(metered.plaintext, cost=D("0.01")),
+        "charge": lambda: client.charge(metered.id, D("0.01")),
+        "reserve": lambda: client.reserve(metered.id, D("0.01")),
+        # These two need a hold first: the setup call returns the measured one.
+        "settle": settle,
+        "release": release,
+    }
+
+
+_NEEDS_SETUP = {"settle", "release"}
+
+
+async def _measure(client: APIKeyClient, counting: Callable[[], Any]) -> dict[str, int]:
+    calls = await _calls(client)
+    seen: dict[str, int] = {}
+    for name, call in calls.items():
+        for _ in range(3):  # warm: statements prepared, caches filled, the key known
+            await ((await call())() if name in _NEEDS_SETUP else call())
+        measured = await call() if name in _NEEDS_SETUP else call
+        with counting() as count:
+            await measured()
+        seen[name] = count[0]
+    return seen
+
+
+async def test_each_hot_call_costs_its_pinned_round_trips(
+    backend: str, db_url: str, clock: FakeClock
+) -> None:
+    if backend == "sqlite":
+        async with APIKeyClient(db_url, signing_secret=SECRET, clock=clock) as client:
+            seen = await _measure(client, count_sqlite_hops)
+    else:
+        async with wire_counter(db_url) as wire:
+            url = wire.url(db_url)
+            async with APIKeyClient(url, signing_secret=SECRET, clock=clock) as client:
+                seen = await _measure(client, wire.counting)
+    REPORT.append(
+        f"{backend}: round trips per call " + ", ".join(f"{k}={v}" for k, v in seen.items())
+    )
+    assert seen == PINNED[backend]
+
+
+@pytest.mark.parametrize("backend_name", sorted(PINNED))
+def test_every_hot_operation_is_pinned_on_every_database(backend_name: str) -> None:
+    assert set(PINNED[backend_name]) == set(PINNED["postgresql"])
+
+
+@pytest.mark.skipif("mariadb" not in DATABASES, reason="MariaDB is not configured")
+async def test_mariadb_still_rolls_back_what_a_raw_write_left_open(tmp_path: Path) -> None:
+    # keycap's MariaDB pool skips the ROLLBACK at checkin after a committed unit
+    # of work; a transaction left open on the raw driver connection must still
+    # be rolled back, or the next user of the connection would inherit it.
+    async with APIKeyClient(
+        server_url("mariadb", "keycap_test", tmp_path), signing_secret=SECRET
+    ) as client:
+        org = await client.create_organization(f"raw-{uuid.uuid4()}")
+        async with client.engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            driver = raw.driver_connection
+            assert driver is not None and isinstance(driver.server_status, int)  # keycap reads it
+            cursor = await driver.cursor()
+            await cursor.execute(
+                "UPDATE keycap_organizations SET name = 'changed' WHERE id = %s", (org.id,)
+            )
+        # The same (only) pooled connection serves this read: it would see its own
+        # uncommitted write.
+        assert (await client.get_organization(org.id)).name == org.name
