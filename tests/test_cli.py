@@ -87,6 +87,12 @@ async def test_a_key_created_by_the_cli_validates_until_revoked(
         assert "research-agent" in table and "1.25/5 spend" in table and "1/1000" in table
         shown = json.loads(ok(keycap("key", "show", key.id, url=db_url)))
         assert shown["rate_limits"][0]["limit"] == 100 and plaintext not in json.dumps(shown)
+        [spend] = shown["remaining"]  # what the key can still spend, and what binds
+        assert (spend["meter"], spend["amount"], spend["binding"]["scope"]) == (
+            "spend",
+            "3.75",
+            "key",
+        )
         assert "1.25" in ok(keycap("usage", "--org", "Acme", url=db_url))
 
         # Destructive: refused without --yes when there is no terminal to ask on.

@@ -44,6 +44,7 @@ PUBLIC = {
     "Project",
     "RateLimit",
     "RateLimitStatus",
+    "Remaining",
     "RateLimitedError",
     "RevokedKeyError",
     "Settlement",

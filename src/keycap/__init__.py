@@ -38,6 +38,7 @@ from keycap._models import (
     Product,
     Project,
     RateLimitStatus,
+    Remaining,
     Settlement,
     UsageRow,
 )
@@ -87,6 +88,7 @@ __all__ = [
     "RateLimit",
     "RateLimitStatus",
     "RateLimitedError",
+    "Remaining",
     "RevokedKeyError",
     "Settlement",
     "UsageExhaustedError",

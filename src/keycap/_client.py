@@ -11,6 +11,7 @@ from typing import Any, Final, Self
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from keycap._db import budgets, holds, keys, ledger, rate_limits, rows, tenancy
+from keycap._db.build import KeyRef
 from keycap._db.engine import (
     Database,
     Waits,
@@ -39,6 +40,7 @@ from keycap._models import (
     Product,
     Project,
     RateLimitStatus,
+    Remaining,
     Settlement,
     UsageRow,
 )
@@ -761,6 +763,21 @@ class APIKeyClient:
         now = self._now()
         found = await admin.swept_budgets(self._db, subject_id, now)
         return [results.budget_status(r, now) for r in found]
+
+    async def remaining(self, key_id: str) -> list[Remaining]:
+        """What the key can still spend now, per meter: the least any budget of that
+        meter applying to it (its own, its project's, its organization's) has left,
+        the budget that binds, and when that one resets. Holds past their ttl are
+        returned first. Meters without a budget are not listed (nothing limits
+        them); nor are rate limits (``get_rate_limits``). The key's state is not
+        consulted: a revoked key still shows its budgets.
+
+        Raises: NotFoundError.
+        """
+        key = await self.get_key(key_id)
+        now = self._now()
+        found = await admin.key_budgets(self._db, KeyRef(key.id, key.org_id, key.project_id), now)
+        return results.remaining(found, now)
 
     async def grant_credit(self, budget_id: str, amount: money.Amount) -> BudgetStatus:
         """Top a budget up for its current period (a lifetime budget: for good).

@@ -21,6 +21,7 @@ __all__ = [
     "Product",
     "Project",
     "RateLimitStatus",
+    "Remaining",
     "Settlement",
     "UsageRow",
 ]
@@ -131,6 +132,22 @@ class BudgetStatus(_Model):
     #: When the period resets; None for lifetime budgets.
     reset_at: datetime | None
     alert_thresholds: tuple[int, ...]
+
+
+class Remaining(_Model):
+    """What a key can still spend of one meter now (:meth:`APIKeyClient.remaining`)."""
+
+    meter: str
+    #: The least any budget of this meter that applies to the key has left.
+    amount: Decimal
+    #: The budget with that least: the key's own, its project's or its
+    #: organization's (on a tie, the most specific).
+    binding: BudgetStatus
+    #: When ``binding`` resets (None: a lifetime budget). Another budget may bind
+    #: after that; ``budgets`` has them all.
+    reset_at: datetime | None
+    #: Every budget of this meter that applies to the key, tightest first.
+    budgets: tuple[BudgetStatus, ...]
 
 
 class RateLimitStatus(_Model):

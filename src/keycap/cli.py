@@ -323,6 +323,19 @@ async def key_show(client: APIKeyClient, args: argparse.Namespace) -> int:
         delegated_by=key.delegated_by,
         created_at=key.created_at,
         rate_limits=[r.model_dump() for r in await client.get_rate_limits(key.id)],
+        remaining=[
+            {
+                "meter": r.meter,
+                "amount": r.amount,
+                "binding": {
+                    "scope": r.binding.scope,
+                    "budget_id": r.binding.id,
+                    "period": r.binding.period,
+                },
+                "reset_at": r.reset_at,
+            }
+            for r in await client.remaining(key.id)
+        ],
     )
     _json(row)
     return 0

@@ -157,6 +157,12 @@ async def applicable_budgets(
     return (await conn.execute(_budgets_of(), params)).all()
 
 
+async def every_applicable_budget(conn: AsyncConnection, key: KeyRef) -> Sequence[AnyRow]:
+    """The budgets of every meter that apply to the key, in id order."""
+    query = select(budgets).where(applies_to_key(budgets)).order_by(budgets.c.id)
+    return (await conn.execute(query, key_params(key))).all()
+
+
 @lru_cache(maxsize=1)
 def _budgets_of() -> Any:
     meters = budgets.c.meter.in_(bindparam("m_meters", expanding=True))

@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from keycap._db import budgets, holds, keys, ledger, rate_limits, tenancy
-from keycap._db.build import AnyRow
+from keycap._db.build import AnyRow, KeyRef
 from keycap._db.engine import Conflict, Database
 from keycap._db.schema import keys as keys_table
 from keycap._db.schema import products, projects
@@ -214,6 +214,16 @@ async def swept_budgets(db: Database, subject_id: str, now: datetime) -> Sequenc
     for budget in await db.read(budgets.budgets_of, subject_id):
         await sweep(db, now, budget_id=budget.id)
     return await db.read(budgets.budgets_of, subject_id)
+
+
+async def key_budgets(db: Database, key: KeyRef, now: datetime) -> Sequence[AnyRow]:
+    """Every budget that applies to the key, holds past their ttl returned first."""
+    rows = await db.read(budgets.every_applicable_budget, key)
+    swept = 0
+    for row in rows:
+        if row.held_micros:
+            swept += await sweep(db, now, budget_id=row.id)
+    return await db.read(budgets.every_applicable_budget, key) if swept else rows
 
 
 async def grant_credit(db: Database, budget_id: str, micros: int, now: datetime) -> AnyRow:

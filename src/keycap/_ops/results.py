@@ -21,6 +21,7 @@ from keycap._models import (
     BudgetAlert,
     BudgetStatus,
     RateLimitStatus,
+    Remaining,
 )
 from keycap._rules import budgets as budget_rules
 from keycap._rules import periods
@@ -79,6 +80,32 @@ def epoch_ms(when: datetime) -> int:
 
 def by_remaining(statuses: Sequence[BudgetStatus]) -> tuple[BudgetStatus, ...]:
     return tuple(sorted(statuses, key=lambda s: (s.remaining, s.id)))
+
+
+_SPECIFIC = {"key": 0, "project": 1, "organization": 2}
+
+
+def remaining(rows: Sequence[AnyRow], now: datetime) -> list[Remaining]:
+    """Per meter, tightest budget first (on a tie, the most specific), by meter."""
+    by_meter: dict[str, list[BudgetStatus]] = {}
+    for row in rows:
+        by_meter.setdefault(row.meter, []).append(budget_status(row, now))
+    out = []
+    for meter in sorted(by_meter):
+        ordered = tuple(
+            sorted(by_meter[meter], key=lambda s: (s.remaining, _SPECIFIC[s.scope], s.id))
+        )
+        binding = ordered[0]
+        out.append(
+            Remaining.model_construct(
+                meter=meter,
+                amount=binding.remaining,
+                binding=binding,
+                reset_at=binding.reset_at,
+                budgets=ordered,
+            )
+        )
+    return out
 
 
 def crossed_alerts(
