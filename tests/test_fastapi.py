@@ -125,7 +125,7 @@ async def test_accepted_and_every_way_to_present_the_key(client: APIKeyClient) -
             assert response.status_code == 200, (headers, response.text)
             assert response.json()["key"].startswith("key_")
         # No rate limit, no cost: no limit headers.
-        assert "ratelimit-limit" not in response.headers
+        assert not [h for h in response.headers if h.startswith("ratelimit")]
 
 
 async def test_401_missing_invalid_expired(client: APIKeyClient, clock: FakeClock) -> None:
@@ -179,24 +179,48 @@ async def test_revoked_and_disabled_are_401_forbidden_and_scope_are_403(
         )
 
 
-async def test_429_rate_limited_with_headers(client: APIKeyClient) -> None:
+async def test_429_rate_limited_with_the_ietf_ratelimit_headers(
+    client: APIKeyClient,
+) -> None:
     w = await world(client)
     limited = await client.create_key(
-        w.org, scopes=["chat:write"], rate_limits=[RateLimit(3, "minute")]
+        w.org, scopes=["chat:write"], rate_limits=[RateLimit(3, "minute", name="chat")]
     )
     async with serve(make_app(client)) as base:
         for remaining in (2, 1, 0):
             response = await get(base, "/chat", bearer(limited.plaintext))
             assert response.status_code == 200
-            assert response.headers["ratelimit-limit"] == "3"
-            assert response.headers["ratelimit-remaining"] == str(remaining)
+            assert response.headers["ratelimit-policy"] == '"chat";q=3;w=60'
+            name, r, t = response.headers["ratelimit"].split(";")
+            assert (name, r) == ('"chat"', f"r={remaining}")
             # A sliding window: the full limit is back within two windows.
-            assert 0 < int(response.headers["ratelimit-reset"]) <= 120
+            assert 0 < int(t.removeprefix("t=")) <= 120
+        last_admitted = response.headers["ratelimit"]
         response = await get(base, "/chat", bearer(limited.plaintext))
         body = assert_problem(response, 429, "rate_limited")
         assert int(response.headers["retry-after"]) >= 1
-        assert response.headers["ratelimit-remaining"] == "0"
-        assert body["retry_after"] > 0 and body["limit"] == 3
+        # The same state (the fake clock stood still) says the same on a 429.
+        assert response.headers["ratelimit"] == last_admitted
+        assert response.headers["ratelimit-policy"] == '"chat";q=3;w=60'
+        assert body["retry_after"] > 0 and body["limit"] == 3 and body["window_seconds"] == "60"
+
+
+async def test_the_legacy_ratelimit_headers_are_an_option(client: APIKeyClient) -> None:
+    w = await world(client)
+    limited = await client.create_key(
+        w.org, scopes=["chat:write"], rate_limits=[RateLimit(3, "minute")]
+    )
+    async with serve(make_app(client, rate_limit_headers="legacy")) as base:
+        for remaining in (2, 1, 0):
+            response = await get(base, "/chat", bearer(limited.plaintext))
+            assert response.headers["ratelimit-limit"] == "3"
+            assert response.headers["ratelimit-remaining"] == str(remaining)
+            assert "ratelimit" not in response.headers
+        reset = response.headers["ratelimit-reset"]
+        response = await get(base, "/chat", bearer(limited.plaintext))
+        assert_problem(response, 429, "rate_limited")
+        # Before, a 429 said Retry-After here: now both say when the limit is back.
+        assert response.headers["ratelimit-reset"] == reset
 
 
 async def test_402_budget_or_429_when_configured(client: APIKeyClient) -> None:

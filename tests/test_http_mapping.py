@@ -10,7 +10,13 @@ from starlette.datastructures import Headers
 
 from keycap import _errors as errors
 from keycap._rules.money import plain
-from keycap.integrations._http import HTTPOptions, credential, problem
+from keycap.integrations._http import (
+    HTTPOptions,
+    RateLimitView,
+    credential,
+    problem,
+    rate_limit_headers,
+)
 
 NOW = datetime(2026, 1, 15, 12, 0, tzinfo=UTC)
 KEY = "sk_live_" + "a" * 51
@@ -40,6 +46,7 @@ def rate_error(retry_after: float | None) -> errors.RateLimitedError:
         remaining=0,
         retry_after=retry_after,
         reset_at=NOW + timedelta(seconds=60),
+        window_seconds=Decimal(60),
     )
 
 
@@ -120,10 +127,15 @@ def test_a_database_failure_keeps_the_drivers_words_out_of_the_body(
 def test_refusals_carry_their_headers() -> None:
     options = HTTPOptions()
     assert problem(rate_error(45.6), options, NOW).headers == {
+        "RateLimit-Policy": '"minute";q=100;w=60',
+        "RateLimit": '"minute";r=0;t=60',  # when the whole limit is back
+        "Retry-After": "46",  # when this call fits; rounded up: never too early
+    }
+    assert problem(rate_error(45.6), HTTPOptions(rate_limit_headers="legacy"), NOW).headers == {
         "RateLimit-Limit": "100",
         "RateLimit-Remaining": "0",
-        "Retry-After": "46",  # rounded up: never invite a retry too early
-        "RateLimit-Reset": "46",
+        "RateLimit-Reset": "60",
+        "Retry-After": "46",
     }
     assert "Retry-After" not in problem(rate_error(None), options, NOW).headers
     assert problem(budget_error(), options, NOW).headers == {"Keycap-Budget-Remaining": "0.1"}
@@ -177,3 +189,17 @@ def test_amounts_in_headers_are_exact_and_plain() -> None:
         "7",
     ]
     assert plain(Decimal("1000000.000000")) == "1000000"
+
+
+def test_a_metered_limit_is_told_in_whole_units_with_its_meter() -> None:
+    view = RateLimitView("tokens/min", Decimal("1000.5"), Decimal("10.7"), Decimal("0.5"), "tokens")
+    assert rate_limit_headers(view, NOW + timedelta(seconds=1.2), NOW) == {
+        # Integers only: the quota and what is left round down, the window up.
+        "RateLimit-Policy": '"tokens/min";q=1000;w=1;keycap-meter="tokens"',
+        "RateLimit": '"tokens/min";r=10;t=2',
+    }
+
+
+def test_an_unknown_rate_limit_header_style_is_refused() -> None:
+    with pytest.raises(errors.ConfigurationError, match="ietf"):
+        HTTPOptions(rate_limit_headers="2022")

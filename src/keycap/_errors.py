@@ -209,7 +209,16 @@ class RateLimitedError(KeyRejectedError):
     """A rate limit of the key, its project or its organization is used up for now."""
 
     code = "rate_limited"
-    fields = ("name", "scope", "limit", "remaining", "retry_after", "reset_at")
+    fields = (
+        "name",
+        "scope",
+        "limit",
+        "remaining",
+        "retry_after",
+        "reset_at",
+        "window_seconds",
+        "meter",
+    )
 
     def __init__(
         self,
@@ -220,6 +229,8 @@ class RateLimitedError(KeyRejectedError):
         remaining: int | Decimal,
         retry_after: float | None,
         reset_at: datetime,
+        window_seconds: Decimal | None = None,
+        meter: str | None = None,
         key_id: str | None = None,
     ) -> None:
         when = (
@@ -235,7 +246,12 @@ class RateLimitedError(KeyRejectedError):
         self.remaining = remaining
         #: Seconds until the same call fits (millisecond precision); None: it never will.
         self.retry_after = retry_after
+        #: When the full limit is available again.
         self.reset_at = reset_at
+        #: The limit's window, in seconds.
+        self.window_seconds = window_seconds
+        #: The meter it counts, or None: it counts calls.
+        self.meter = meter
 
 
 class UsageExhaustedError(KeyRejectedError):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 from keycap._db.build import AnyRow
@@ -185,6 +186,8 @@ def rate_limited_error(
         remaining=status.remaining,
         retry_after=None if wait is None else wait / 1000,
         reset_at=status.reset_at,
+        window_seconds=Decimal(current.window_ms) / 1000,  # 60, not 60.000000
+        meter=status.meter,
         key_id=key_id,
     )
 

@@ -60,13 +60,18 @@ class HTTPOptions:
         budget_status: the status of a refused budget: 402 (default) or 429.
         usage_exhausted_status: the status of a key past ``max_uses``: 403
             (default: it never comes back) or 429.
-        limit_headers: add ``RateLimit-*`` and ``Keycap-Budget-Remaining`` headers.
+        limit_headers: add rate limit and ``Keycap-Budget-Remaining`` headers.
+        rate_limit_headers: ``"ietf"`` (default): ``RateLimit`` and
+            ``RateLimit-Policy`` as in draft-ietf-httpapi-ratelimit-headers-11;
+            ``"legacy"``: ``RateLimit-Limit``, ``RateLimit-Remaining`` and
+            ``RateLimit-Reset`` (the 2022 drafts), for clients that read those.
     """
 
     headers: tuple[str, ...] = DEFAULT_HEADERS
     budget_status: int = 402
     usage_exhausted_status: int = 403
     limit_headers: bool = True
+    rate_limit_headers: str = "ietf"
 
     def __post_init__(self) -> None:
         if isinstance(self.headers, str) or not self.headers:
@@ -76,6 +81,8 @@ class HTTPOptions:
             raise ConfigurationError("budget_status must be 402 or 429")
         if self.usage_exhausted_status not in (403, 429):
             raise ConfigurationError("usage_exhausted_status must be 403 or 429")
+        if self.rate_limit_headers not in ("ietf", "legacy"):
+            raise ConfigurationError('rate_limit_headers must be "ietf" or "legacy"')
 
 
 def credential(headers: Mapping[str, str], names: tuple[str, ...]) -> str | None:
@@ -144,14 +151,14 @@ def _status(error: KeycapError, options: HTTPOptions, now: datetime) -> tuple[in
         scope = " ".join(error.missing_scopes)
         return 403, {"WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{scope}"'}
     if isinstance(error, RateLimitedError):
-        headers = {
-            "RateLimit-Limit": plain(error.limit),
-            "RateLimit-Remaining": plain(error.remaining),
-        }
+        limit = RateLimitView(
+            error.name, error.limit, error.remaining, error.window_seconds, error.meter
+        )
+        headers = rate_limit_headers(limit, error.reset_at, now, options.rate_limit_headers)
         if error.retry_after is not None:
-            seconds = str(math.ceil(error.retry_after))
-            headers["Retry-After"] = seconds
-            headers["RateLimit-Reset"] = seconds
+            # When the same call fits again; RateLimit's t (or RateLimit-Reset) says
+            # when the whole limit is back, as on a 200 in the same state.
+            headers["Retry-After"] = str(math.ceil(error.retry_after))
         return 429, headers
     if isinstance(error, UsageExhaustedError):
         return options.usage_exhausted_status, {}
@@ -175,15 +182,61 @@ def _status(error: KeycapError, options: HTTPOptions, now: datetime) -> tuple[in
     return 500, {}  # ConfigurationError: the server is set up wrongly
 
 
-def success_headers(key: APIKey, now: datetime) -> dict[str, str]:
-    """``RateLimit-Limit/Remaining/Reset`` for the tightest rate limit a metered
-    validation consumed, and the tightest budget's remaining amount after a charge."""
+@dataclass(frozen=True, slots=True)
+class RateLimitView:
+    """What the rate limit headers say of one limit."""
+
+    name: str
+    limit: int | Decimal
+    remaining: int | Decimal
+    window_seconds: Decimal | None
+    meter: str | None
+
+
+def rate_limit_headers(
+    limit: RateLimitView, reset_at: datetime, now: datetime, style: str = "ietf"
+) -> dict[str, str]:
+    """The headers for the tightest rate limit, the same for a 200 and a 429 in the
+    same state: the limit's name, its quota and window (``RateLimit-Policy``),
+    what is left, and the whole seconds until the whole limit is back (rounded up).
+
+    ``"ietf"``, draft-ietf-httpapi-ratelimit-headers-11 (Structured Fields)::
+
+        RateLimit-Policy: "100/minute";q=100;w=60
+        RateLimit: "100/minute";r=41;t=60
+
+    Quotas and windows are integers there: a metered limit's quota and what is
+    left are rounded down, a window up, and the meter is named in a
+    ``keycap-meter`` parameter (the draft's ``qu`` registry has no such unit).
+    ``"legacy"``: ``RateLimit-Limit``, ``RateLimit-Remaining``, ``RateLimit-Reset``.
+    """
+    reset = str(_seconds_until(reset_at, now))
+    if style == "legacy":
+        return {
+            "RateLimit-Limit": plain(limit.limit),
+            "RateLimit-Remaining": plain(limit.remaining),
+            "RateLimit-Reset": reset,
+        }
+    name = '"' + limit.name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    policy = f"{name};q={math.floor(limit.limit)}"
+    if limit.window_seconds is not None:
+        policy += f";w={max(1, math.ceil(limit.window_seconds))}"
+    if limit.meter is not None:
+        policy += f';keycap-meter="{limit.meter}"'
+    return {
+        "RateLimit-Policy": policy,
+        "RateLimit": f"{name};r={math.floor(limit.remaining)};t={reset}",
+    }
+
+
+def success_headers(key: APIKey, now: datetime, style: str = "ietf") -> dict[str, str]:
+    """The rate limit headers for the tightest rate limit a metered validation
+    consumed, and the tightest budget's remaining amount after a charge."""
     headers: dict[str, str] = {}
     if key.rate_limit is not None:
         rl = key.rate_limit
-        headers["RateLimit-Limit"] = plain(rl.limit)
-        headers["RateLimit-Remaining"] = plain(rl.remaining)
-        headers["RateLimit-Reset"] = str(_seconds_until(rl.reset_at, now))
+        view = RateLimitView(rl.name, rl.limit, rl.remaining, rl.window_seconds, rl.meter)
+        headers.update(rate_limit_headers(view, rl.reset_at, now, style))
     if key.charge is not None and key.charge.budgets:
         headers[BUDGET_REMAINING_HEADER] = plain(tightest(key.charge.budgets))
     return headers

@@ -100,7 +100,10 @@ class KeycapMiddleware:
             Bearer …`` then ``X-API-Key``).
         budget_status: 402 (default) or 429 for a refused budget.
         usage_exhausted_status: 403 (default) or 429 for a key past ``max_uses``.
-        limit_headers: add ``RateLimit-*`` and ``Keycap-Budget-Remaining`` headers.
+        limit_headers: add rate limit and ``Keycap-Budget-Remaining`` headers.
+        rate_limit_headers: ``"ietf"`` (default: ``RateLimit`` and
+            ``RateLimit-Policy``, the current IETF draft) or ``"legacy"``
+            (``RateLimit-Limit/Remaining/Reset``).
         close_client: close the client when the application shuts down (default True).
     """
 
@@ -113,6 +116,7 @@ class KeycapMiddleware:
         budget_status: int = 402,
         usage_exhausted_status: int = 403,
         limit_headers: bool = True,
+        rate_limit_headers: str = "ietf",
         close_client: bool = True,
     ) -> None:
         if not isinstance(client, APIKeyClient):
@@ -124,6 +128,7 @@ class KeycapMiddleware:
             budget_status=budget_status,
             usage_exhausted_status=usage_exhausted_status,
             limit_headers=limit_headers,
+            rate_limit_headers=rate_limit_headers,
         )
         self.close_client = close_client
 

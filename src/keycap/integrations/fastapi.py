@@ -130,7 +130,9 @@ def require_scope(
         except KeycapError as error:
             raise _refusal(ctx, kc, error) from None
         if ctx.options.limit_headers:
-            ctx.response_headers.update(success_headers(key, kc.now()))
+            ctx.response_headers.update(
+                success_headers(key, kc.now(), ctx.options.rate_limit_headers)
+            )
         return key
 
     return dependency
