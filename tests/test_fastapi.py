@@ -289,7 +289,7 @@ async def test_openapi_has_an_authorize_button(client: APIKeyClient) -> None:
     }
     assert schemes["APIKeyHeader"]["in"] == "header"
     assert schemes["APIKeyHeader"]["name"] == "X-API-Key"
-    assert {"APIKeyBearer": []} in spec["paths"]["/chat"]["get"]["security"]
+    assert {"APIKeyBearer": ["chat:write"]} in spec["paths"]["/chat"]["get"]["security"]
 
 
 async def test_without_the_middleware_refusals_are_http_exceptions(client: APIKeyClient) -> None:

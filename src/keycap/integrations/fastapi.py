@@ -16,7 +16,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
 from typing import Annotated, Any
 
-from fastapi import Depends, HTTPException, Request, Security
+from fastapi import Depends, FastAPI, HTTPException, Request, Security
+from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader, HTTPBearer
 
 from keycap._client import APIKeyClient
@@ -24,6 +25,7 @@ from keycap._errors import ConfigurationError, KeycapError, MissingKeyError
 from keycap._models import APIKey
 from keycap._rules import money
 from keycap._rules import scopes as scope_rules
+from keycap.integrations import asgi
 from keycap.integrations._http import (
     BUDGET_REMAINING_HEADER,
     HTTPOptions,
@@ -32,7 +34,7 @@ from keycap.integrations._http import (
     success_headers,
     tightest,
 )
-from keycap.integrations.asgi import SCOPE_KEY, KeycapMiddleware, Meter, RequestContext
+from keycap.integrations.asgi import SCOPE_KEY, Meter, RequestContext
 
 __all__ = [
     "KeycapMiddleware",
@@ -110,8 +112,8 @@ def require_scope(
 
     async def dependency(
         request: Request,
-        _bearer_doc: Annotated[Any, Security(_bearer)],
-        _header_doc: Annotated[Any, Security(_api_key)],
+        _bearer_doc: Annotated[Any, Security(_bearer, scopes=list(required))],
+        _header_doc: Annotated[Any, Security(_api_key, scopes=list(required))],
     ) -> APIKey:
         ctx, kc = _context(request, client)
         try:
@@ -135,6 +137,7 @@ def require_scope(
             )
         return key
 
+    setattr(dependency, _DOC, {"charges": cost is not None})
     return dependency
 
 
@@ -160,6 +163,7 @@ def metered(
     async def dependency(request: Request, key: Annotated[APIKey, Depends(authenticate)]) -> Meter:
         return await open_meter(request, key, reserved, meter=meter, ttl=ttl, client=client)
 
+    setattr(dependency, _DOC, {"charges": True})
     return dependency
 
 
@@ -202,3 +206,171 @@ def _refusal(ctx: RequestContext, kc: APIKeyClient, error: KeycapError) -> Excep
         return error
     found = problem(error, ctx.options, kc.now())
     return HTTPException(found.status, detail=found.body, headers=found.headers)
+
+
+# --- OpenAPI ---------------------------------------------------------------------------
+
+#: The attribute marking keycap's dependencies, with what their routes can answer.
+_DOC = "__keycap_openapi__"
+_PROBLEM = "KeycapProblem"
+_PROBLEM_SCHEMA: dict[str, Any] = {
+    "title": _PROBLEM,
+    "type": "object",
+    "description": "An RFC 9457 problem, with keycap's `code` and the error's data.",
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "code": {"type": "string", "examples": ["invalid_key", "rate_limited"]},
+    },
+    "required": ["type", "title", "status", "code"],
+    "additionalProperties": True,
+}
+
+
+def _header(description: str) -> dict[str, Any]:
+    return {"description": description, "schema": {"type": "string"}}
+
+
+def _responses(charges: bool, options: HTTPOptions) -> dict[str, dict[str, Any]]:
+    """What a route behind keycap can answer besides its own responses."""
+    retry = _header("Seconds to wait before trying again")
+    limits = {
+        "Retry-After": retry,
+        **(
+            {
+                "RateLimit-Limit": _header("The limit"),
+                "RateLimit-Remaining": _header("What is left of it"),
+                "RateLimit-Reset": _header("Seconds until the whole limit is back"),
+            }
+            if options.rate_limit_headers == "legacy"
+            else {
+                "RateLimit": _header("What is left, and seconds until the limit is back"),
+                "RateLimit-Policy": _header("The limit and its window"),
+            }
+        ),
+    }
+    found: dict[str, tuple[str, dict[str, Any]]] = {
+        "401": (
+            "No key, or the key is invalid, expired, revoked or disabled",
+            {"WWW-Authenticate": _header('Bearer, with error="invalid_token" if a key was sent')},
+        ),
+        "403": (
+            "The key lacks a scope, or is not for this organization, project or product",
+            {},
+        ),
+        "429": ("A rate limit of the key, its project or its organization is used up", limits),
+        "503": ("The key could not be checked now (fail closed)", {"Retry-After": retry}),
+    }
+    if charges:
+        budget = "A budget of the key, its project or its organization cannot take the cost"
+        if options.budget_status == 402:
+            found["402"] = (
+                budget,
+                {BUDGET_REMAINING_HEADER: _header("The tightest budget's remaining amount")},
+            )
+        else:
+            found["429"] = (found["429"][0] + "; or a budget is used up", limits)
+    problem_content = {
+        "application/problem+json": {"schema": {"$ref": f"#/components/schemas/{_PROBLEM}"}}
+    }
+    return {
+        status: {"description": text, "headers": headers, "content": problem_content}
+        for status, (text, headers) in sorted(found.items())
+    }
+
+
+def _keycap_doc(dependant: Any) -> dict[str, Any] | None:
+    """What keycap's dependency in this dependant tree says, or None without one."""
+    found = getattr(dependant.call, _DOC, None)
+    if found is not None:
+        return dict(found)
+    for sub in dependant.dependencies:
+        if (inner := _keycap_doc(sub)) is not None:
+            return inner
+    return None
+
+
+def _security_schemes(options: HTTPOptions) -> tuple[dict[str, Any], list[str]]:
+    """The schemes for the request headers keycap reads, in its order: the Bearer
+    scheme for ``authorization``, an API key header for each other one."""
+    schemes: dict[str, Any] = {}
+    for name in options.headers:
+        if name == "authorization":
+            schemes["APIKeyBearer"] = {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "An API key: `Authorization: Bearer sk_live_…`",
+            }
+        else:
+            scheme = "APIKeyHeader" if "APIKeyHeader" not in schemes else f"APIKeyHeader-{name}"
+            shown = "X-API-Key" if name == "x-api-key" else name  # any case will do
+            schemes[scheme] = {
+                "type": "apiKey",
+                "in": "header",
+                "name": shown,
+                "description": f"An API key in the `{shown}` header",
+            }
+    return schemes, list(schemes)
+
+
+def document(schema: dict[str, Any], routes: list[Any], options: HTTPOptions) -> dict[str, Any]:
+    """Add keycap's responses (with the problem schema) to every operation behind a
+    keycap dependency, and declare the security schemes for the request headers
+    keycap actually reads, with each route's required scopes."""
+    components = schema.setdefault("components", {})
+    components.setdefault("schemas", {})[_PROBLEM] = _PROBLEM_SCHEMA
+    schemes, names = _security_schemes(options)
+    declared = components.setdefault("securitySchemes", {})
+    for stale in ("APIKeyBearer", "APIKeyHeader"):
+        declared.pop(stale, None)
+    declared.update(schemes)
+    for route in routes:
+        if not isinstance(route, APIRoute) or (doc := _keycap_doc(route.dependant)) is None:
+            continue
+        path = schema.get("paths", {}).get(route.path_format, {})
+        for method in route.methods or ():
+            operation = path.get(method.lower())
+            if operation is None:
+                continue
+            scopes: list[str] = []
+            for requirement in operation.get("security", ()):
+                scopes = (
+                    requirement.get("APIKeyBearer") or requirement.get("APIKeyHeader") or scopes
+                )
+            operation["security"] = [{name: list(scopes)} for name in names]
+            responses = operation.setdefault("responses", {})
+            for status, response in _responses(doc["charges"], options).items():
+                responses.setdefault(status, response)
+    return schema
+
+
+class KeycapMiddleware(asgi.KeycapMiddleware):
+    """:class:`keycap.integrations.asgi.KeycapMiddleware`, which in a FastAPI app
+    also documents keycap in the OpenAPI schema: every route behind
+    ``require_scope`` or ``metered`` lists the 401/402/403/429/503 problems it
+    can answer, its required scopes, and security schemes for the headers this
+    middleware reads (``headers=``), so the docs page's Authorize button sends
+    the key where keycap looks for it."""
+
+    _documented: bool = False
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if not self._documented:
+            app = scope.get("app")
+            if isinstance(app, FastAPI):
+                self._document(app)
+            self._documented = True
+        await super().__call__(scope, receive, send)
+
+    def _document(self, app: FastAPI) -> None:
+        generate = app.openapi
+        options = self.options
+
+        def openapi() -> dict[str, Any]:
+            if app.openapi_schema is None:
+                app.openapi_schema = document(generate(), app.routes, options)
+            return app.openapi_schema
+
+        app.openapi = openapi  # type: ignore[method-assign]
