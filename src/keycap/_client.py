@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from enum import Enum
@@ -25,8 +27,10 @@ from keycap._db.schema import metadata as schema_metadata
 from keycap._errors import (
     ConfigurationError,
     DatabaseError,
+    DatabaseUnavailableError,
     InvalidArgumentError,
     InvalidKeyError,
+    KeyRejectedError,
     NotFoundError,
 )
 from keycap._models import (
@@ -67,6 +71,7 @@ class _Unset(Enum):
 
 #: "Leave unchanged" in ``update_key`` (None there means "clear").
 UNSET: Final = _Unset.UNSET
+log = logging.getLogger("keycap")
 
 # Attempts of validate_key when the key changes between its statements.
 _VALIDATE_ATTEMPTS = 4
@@ -106,6 +111,13 @@ class APIKeyClient:
             keep the server's setting). For an engine you pass in, set it there
             (docs/deployment.md). Behind a transaction pooler it is the server's
             (set it on the role); passing a number there is a ConfigurationError.
+        read_replica: a URL or ``AsyncEngine`` of a read replica (a streaming
+            replica of the same database). Read-path validations (no tracking, no
+            cost, no rate limit, no use cap) are answered from it when it accepts
+            the key; a refusal, a key it does not have yet, or a replica that
+            cannot be reached is decided again on the primary. Everything else
+            runs on the primary. A revocation reaches the replica's answers after
+            its replication lag (docs/deployment.md).
         transaction_pooler: the PostgreSQL URL or engine leads to PgBouncer in
             transaction mode, or a pooler like it (also ``?transaction_pooler=true``
             in the URL): every statement runs in a transaction and nothing stays
@@ -131,6 +143,7 @@ class APIKeyClient:
         timeout: float = 10.0,
         lock_timeout: float | _Unset | None = UNSET,
         transaction_pooler: bool = False,
+        read_replica: str | AsyncEngine | None = None,
     ) -> None:
         self._format = tokens.KeyFormat(key_prefix, environment)
         self._ring = PepperRing(signing_secret)
@@ -161,6 +174,15 @@ class APIKeyClient:
         else:
             engine, owned = create_engine(database, waits, transaction_pooler=pooled), True
         self._db = Database(engine, owned=owned, call_timeout=waits.call, transaction_pooler=pooled)
+        self._replica: Database | None = None
+        if isinstance(read_replica, AsyncEngine):
+            self._replica = Database(read_replica, owned=False, call_timeout=waits.call)
+        elif read_replica is not None:
+            self._replica = Database(
+                create_engine(read_replica, waits), owned=True, call_timeout=waits.call
+            )
+        if self._replica is not None and self._replica.dialect != self._db.dialect:
+            raise ConfigurationError("read_replica must be the same kind of database")
 
     def __repr__(self) -> str:
         url = self._db.engine.url.render_as_string(hide_password=True)
@@ -182,6 +204,8 @@ class APIKeyClient:
         """Let calls whose callers gave up finish, then dispose the engine if keycap
         created it."""
         await self._db.dispose()
+        if self._replica is not None:
+            await self._replica.dispose()
 
     @property
     def engine(self) -> AsyncEngine:
@@ -675,7 +699,10 @@ class APIKeyClient:
                     return rows.to_key(row)
             # Refused, untracked, not yet known to be rate-limited, or MySQL: read
             # the row; the policy says why.
-            looked = await self._db.read(keys.lookup_for_validation, key_id, req)
+            if not metered and not track and self._replica is not None:
+                looked = await self._replica_lookup(key_id, req, plaintext, now)
+            else:
+                looked = await self._db.read(keys.lookup_for_validation, key_id, req)
             if looked is None:
                 raise InvalidKeyError()
             digest_ok = self._ring.verify(plaintext, looked.pepper_id, looked.digest)
@@ -709,6 +736,25 @@ class APIKeyClient:
                 return rows.to_key(looked, use_count=looked.use_count + 1, last_used_at=now)
             # The key changed between our statements (enabled, re-scoped...): decide again.
         raise DatabaseError("the key kept changing during validation; try again")
+
+    async def _replica_lookup(
+        self, key_id: str, req: policy.Requirement, plaintext: str, now: datetime
+    ) -> Any:
+        """The key's row from the read replica if it would be accepted on the read
+        path as it stands there; else (refused, absent, rate-limited, capped, or
+        the replica unreachable) from the primary, which decides."""
+        assert self._replica is not None
+        try:
+            row = await self._replica.read(keys.lookup_for_validation, key_id, req)
+        except DatabaseUnavailableError as error:
+            log.warning("keycap: read replica unavailable, using the primary: %s", error)
+            row = None
+        if row is not None and not row.has_rate_limits and row.max_uses is None:
+            digest_ok = self._ring.verify(plaintext, row.pepper_id, row.digest)
+            with contextlib.suppress(KeyRejectedError):
+                policy.check(rows.to_facts(row, digest_ok), req, now)
+                return row
+        return await self._db.read(keys.lookup_for_validation, key_id, req)
 
     # --- metering: limits and budgets -------------------------------------------------
 
