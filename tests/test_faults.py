@@ -18,7 +18,14 @@ from typing import Any
 import pytest
 from sqlalchemy import update
 
-from keycap import APIKeyClient, Budget, DatabaseUnavailableError, KeycapError, RateLimit
+from keycap import (
+    APIKeyClient,
+    Budget,
+    DatabaseUnavailableError,
+    KeycapError,
+    PendingSettlement,
+    RateLimit,
+)
 from keycap._db.engine import create_engine
 from keycap._db.schema import keys as keys_table
 from tests import _private_pg
@@ -195,3 +202,37 @@ async def test_after_a_restart_stale_connections_fail_no_read(
     errors = [r for r in results if isinstance(r, BaseException)]
     assert all(isinstance(e, DatabaseUnavailableError) for e in errors)
     assert len(errors) <= 15
+
+
+@needs_private_postgres
+async def test_a_settlement_made_during_an_outage_is_kept_and_written_after_it(
+    private_client: tuple[Any, APIKeyClient],
+) -> None:
+    server, _ = private_client
+    handed: list[PendingSettlement] = []
+
+    async def persist(pending: PendingSettlement) -> None:
+        handed.append(pending)
+
+    async with APIKeyClient(
+        server.url, signing_secret=SECRET, timeout=1.0, on_unsettled=persist
+    ) as client:
+        org = (await client.create_organization("A")).id
+        issued = await client.create_key(org, budgets=[Budget(D(10))])
+        hold = await client.reserve(issued.id, D("1.00"))
+        server.freeze()
+        try:
+            assert await client.settle_eventually(hold.id, D("0.40")) is None
+            assert [p.hold_id for p in client.pending_settlements] == [hold.id]
+            assert [(p.hold_id, p.actual) for p in handed] == [(hold.id, D("0.40"))]
+        finally:
+            server.thaw()
+        deadline = time.monotonic() + 15
+        while client.pending_settlements and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)  # retried on its own, with backoff
+        assert client.pending_settlements == ()
+        assert (await client.get_hold(hold.id)).status == "settled"
+        [budget] = await client.get_budgets(issued.id)
+        assert (budget.used, budget.held) == (D("0.40"), 0)
+        await _settled(client)
+        await assert_balances_match_ledger(client)

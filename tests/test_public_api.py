@@ -39,6 +39,7 @@ PUBLIC = {
     "KeycapError",
     "MissingKeyError",
     "NotFoundError",
+    "PendingSettlement",
     "Organization",
     "Product",
     "Project",

@@ -47,6 +47,7 @@ from keycap._rules.budgets import Budget
 from keycap._rules.money import Amount
 from keycap._rules.rate_limits import RateLimit
 from keycap._rules.timeutil import Clock
+from keycap._settlements import PendingSettlement
 
 #: The one place the version is written; pyproject.toml reads it from here.
 __version__ = "0.1.0"
@@ -83,6 +84,7 @@ __all__ = [
     "MissingKeyError",
     "NotFoundError",
     "Organization",
+    "PendingSettlement",
     "Product",
     "Project",
     "RateLimit",

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from enum import Enum
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final, Self, TypeVar, cast
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -30,6 +31,7 @@ from keycap._errors import (
     DatabaseUnavailableError,
     InvalidArgumentError,
     InvalidKeyError,
+    KeycapError,
     KeyRejectedError,
     NotFoundError,
 )
@@ -58,6 +60,8 @@ from keycap._rules.budgets import Budget
 from keycap._rules.hashing import PepperRing
 from keycap._rules.rate_limits import RateLimit
 from keycap._rules.timeutil import Clock
+from keycap._settlements import Pending, PendingSettlement
+from keycap._telemetry import Telemetry
 
 __all__ = ["UNSET", "APIKeyClient"]
 
@@ -78,6 +82,47 @@ _VALIDATE_ATTEMPTS = 4
 _MAX_HOLD_TTL = timedelta(days=30)
 # How many keys the client remembers as rate-limited (see _note_rate_limited).
 _HINTS = 10_000
+
+
+#: A hot call of the client, its signature kept by :func:`_observed`.
+Hot = TypeVar("Hot", bound=Callable[..., Awaitable[Any]])
+
+
+def _observed(
+    operation: str, key_of: Callable[[APIKeyClient, Any], str | None], argument: str
+) -> Callable[[Hot], Hot]:
+    """Log a hot call's failure and, with OpenTelemetry, trace and count it
+    (keycap._telemetry). ``key_of`` names the key from the first argument
+    (``argument``, given by position or by name), or None."""
+
+    def wrap(method: Hot) -> Hot:
+        @functools.wraps(method)
+        async def observed(self: APIKeyClient, *args: Any, **kwargs: Any) -> Any:
+            first = args[0] if args else kwargs.get(argument)
+            return await self._telemetry.observe(
+                operation, key_of(self, first), lambda: method(self, *args, **kwargs)
+            )
+
+        return cast(Hot, observed)
+
+    return wrap
+
+
+def _presented_key(client: APIKeyClient, plaintext: Any) -> str | None:
+    """The id of a well-formed presented key (never the key itself), or None."""
+    try:
+        return ids.key_id(client._format.parse(plaintext))
+    except KeycapError:
+        return None
+
+
+def _given_key(_client: APIKeyClient, key_id: Any) -> str | None:
+    """``key_id`` if it is one: a secret passed there by mistake is never logged."""
+    return key_id if ids.is_valid(ids.KEY, key_id) else None
+
+
+def _no_key(_client: APIKeyClient, _first: Any) -> None:
+    return None
 
 
 class APIKeyClient:
@@ -118,6 +163,13 @@ class APIKeyClient:
             cannot be reached is decided again on the primary. Everything else
             runs on the primary. A revocation reaches the replica's answers after
             its replication lag (docs/deployment.md).
+        on_unsettled: ``async def hook(pending: PendingSettlement)``, awaited when
+            :meth:`settle_eventually` (or a FastAPI meter) cannot write a settlement
+            because the database is down; persist it to replay it after a crash.
+        opentelemetry: trace and count the hot calls (validate, charge, reserve,
+            settle, release) with the OpenTelemetry API (``pip install
+            'keycap[otel]'``); keycap logs their failures either way
+            (docs/observability.md).
         transaction_pooler: the PostgreSQL URL or engine leads to PgBouncer in
             transaction mode, or a pooler like it (also ``?transaction_pooler=true``
             in the URL): every statement runs in a transaction and nothing stays
@@ -144,8 +196,14 @@ class APIKeyClient:
         lock_timeout: float | _Unset | None = UNSET,
         transaction_pooler: bool = False,
         read_replica: str | AsyncEngine | None = None,
+        opentelemetry: bool = False,
+        on_unsettled: Callable[[PendingSettlement], Awaitable[None]] | None = None,
     ) -> None:
         self._format = tokens.KeyFormat(key_prefix, environment)
+        self._telemetry = Telemetry(inputs.flag(opentelemetry, "opentelemetry"))
+        if on_unsettled is not None and not callable(on_unsettled):
+            raise ConfigurationError("on_unsettled must be an async callable")
+        self._pending = Pending(self._settle_pending, self._charge_expired, on_unsettled)
         self._ring = PepperRing(signing_secret)
         self._track_usage = inputs.flag(track_usage, "track_usage")
         if clock is not None and not callable(clock):
@@ -203,6 +261,7 @@ class APIKeyClient:
     async def aclose(self) -> None:
         """Let calls whose callers gave up finish, then dispose the engine if keycap
         created it."""
+        await self._pending.close()
         await self._db.dispose()
         if self._replica is not None:
             await self._replica.dispose()
@@ -609,6 +668,7 @@ class APIKeyClient:
 
     # --- keys: validation ---------------------------------------------------------------
 
+    @_observed("validate", _presented_key, "plaintext")
     async def validate_key(
         self,
         plaintext: str,
@@ -839,6 +899,7 @@ class APIKeyClient:
 
     # --- metering: charges and holds --------------------------------------------------
 
+    @_observed("charge", _given_key, "key_id")
     async def charge(
         self,
         key_id: str,
@@ -867,6 +928,7 @@ class APIKeyClient:
             on_alert=self._on_alert,
         )
 
+    @_observed("reserve", _given_key, "key_id")
     async def reserve(
         self,
         key_id: str,
@@ -897,6 +959,7 @@ class APIKeyClient:
             now=self._now(),
         )
 
+    @_observed("settle", _no_key, "hold_id")
     async def settle(
         self, hold_id: str, actual: money.Amount, *, idempotency_key: str | None = None
     ) -> Settlement:
@@ -917,6 +980,55 @@ class APIKeyClient:
             on_alert=self._on_alert,
         )
 
+    async def settle_eventually(self, hold_id: str, actual: money.Amount) -> Settlement | None:
+        """:meth:`settle`, and if the database cannot be reached, keep the settlement
+        and retry it until it can: what was used is not lost to an outage.
+
+        Returns the settlement, or None when it was kept: it is then handed to
+        ``on_unsettled`` (persist it there to survive this process), retried with
+        backoff, and listed in :attr:`pending_settlements` until written. A hold
+        that expired meanwhile is charged with ``actual`` instead. Every attempt
+        carries the same idempotency key, so the hold is settled once.
+        (docs/observability.md says what can still be lost.)
+
+        Raises: as :meth:`settle`, except DatabaseUnavailableError.
+        """
+        hold_id = ids.check(ids.HOLD, hold_id)
+        amount = money.from_micros(money.to_micros(actual, "actual"))
+        pending = PendingSettlement(
+            hold_id, amount, f"keycap-settle-{hold_id}", failed_at=self._now()
+        )
+        try:
+            return await self._settle_pending(pending)
+        except DatabaseUnavailableError as error:
+            await self._pending.keep(pending, error)
+            return None
+
+    @property
+    def pending_settlements(self) -> tuple[PendingSettlement, ...]:
+        """Settlements :meth:`settle_eventually` kept because the database was down,
+        oldest first; each leaves once written."""
+        return self._pending.kept
+
+    async def retry_settlements(self) -> int:
+        """Try the kept settlements now (they are retried on their own too); how
+        many were written."""
+        return await self._pending.retry()
+
+    async def _settle_pending(self, pending: PendingSettlement) -> Settlement:
+        return await self.settle(
+            pending.hold_id, pending.actual, idempotency_key=pending.idempotency_key
+        )
+
+    async def _charge_expired(self, pending: PendingSettlement) -> Charge:
+        hold = await self.get_hold(pending.hold_id)
+        if hold.key_id is None:  # the key was deleted: nothing left to charge
+            raise NotFoundError("key", "(deleted)")
+        return await self.charge(
+            hold.key_id, {hold.meter: pending.actual}, idempotency_key=pending.idempotency_key
+        )
+
+    @_observed("release", _no_key, "hold_id")
     async def release(self, hold_id: str, *, idempotency_key: str | None = None) -> Hold:
         """Return a hold to its budgets unused. Raises: NotFoundError, HoldClosedError."""
         hold_id = ids.check(ids.HOLD, hold_id)

@@ -76,12 +76,16 @@ class RequestContext:
 
     async def settle(self) -> None:
         """Settle every open meter of the request with what it used. Shielded from
-        cancellation; a failure is logged, and the hold then returns at its ttl."""
+        cancellation. With the database down the client keeps the settlement and
+        retries it (``settle_eventually``); any other failure is logged, and the
+        hold then returns at its ttl."""
         while self.meters:
             meter = self.meters.pop()
             with anyio.CancelScope(shield=True):
                 try:
-                    meter.settlement = await meter.client.settle(meter.hold.id, meter.used)
+                    meter.settlement = await meter.client.settle_eventually(
+                        meter.hold.id, meter.used
+                    )
                 except KeycapError as error:
                     log.warning(
                         "keycap: could not settle hold %s (%s); it expires at %s",
