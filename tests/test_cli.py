@@ -118,22 +118,29 @@ async def test_a_key_created_by_the_cli_validates_until_revoked(
 
 
 def test_upgrade_and_defaults_in_a_fresh_directory(tmp_path: Path) -> None:
-    one_line_error(keycap("org", "list", cwd=tmp_path, secret=None), 2, "KEYCAP_SIGNING_SECRET")
-    upgraded = keycap("--dev", "db", "upgrade", cwd=tmp_path, secret=None)
+    # No database yet: nothing but `db upgrade` creates ./keycap.db.
+    one_line_error(keycap("org", "list", cwd=tmp_path, secret=None), 2, "no database at keycap.db")
+    assert not (tmp_path / "keycap.db").exists()
+    upgraded = keycap("db", "upgrade", cwd=tmp_path, secret=None)  # needs no secret
     assert upgraded.returncode == 0, upgraded.stderr
-    assert "NOT secure" in upgraded.stderr
+    assert "upgraded from nothing to 0003" in upgraded.stderr
     assert (tmp_path / "keycap.db").exists()  # the default: ./keycap.db
-    key = ok(keycap("--dev", "key", "create", "--org", org_of(tmp_path), cwd=tmp_path, secret=None))
-    assert key.startswith("sk_live_")
+    org = org_of(tmp_path)
+    one_line_error(
+        keycap("key", "create", "--org", org, cwd=tmp_path, secret=None), 2, "KEYCAP_SIGNING_SECRET"
+    )
+    created = keycap("--dev", "key", "create", "--org", org, cwd=tmp_path, secret=None)
+    assert ok(created).startswith("sk_live_") and "NOT secure" in created.stderr
 
 
 def org_of(cwd: Path) -> str:
-    return ok(keycap("--dev", "org", "create", "Solo", cwd=cwd, secret=None)).strip()
+    return ok(keycap("org", "create", "Solo", cwd=cwd, secret=None)).strip()
 
 
 def test_mistakes_are_one_line(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'k.db'}"
-    one_line_error(keycap("org", "list", url=url), 1, "keycap db upgrade")  # no tables yet
+    (tmp_path / "k.db").touch()  # a database without keycap's tables
+    one_line_error(keycap("org", "list", url=url), 1, "keycap db upgrade")
     ok(keycap("db", "upgrade", url=url))
     ok(keycap("org", "create", "Acme", url=url))
     one_line_error(keycap("org", "create", "Acme", url=url), 1, "already exists")

@@ -327,9 +327,15 @@ class APIKeyClient:
         """Raises: NotFoundError."""
         return rows.to_organization(await self._get(ids.ORG, org_id))
 
-    async def list_organizations(self, *, limit: int = 100, offset: int = 0) -> list[Organization]:
+    async def list_organizations(
+        self, *, limit: int = 100, offset: int = 0, newest_first: bool = False
+    ) -> list[Organization]:
+        """Organizations, oldest first (or ``newest_first``)."""
         limit, offset = inputs.page(limit, offset)
-        found = await self._db.read(tenancy.list_rows, tenancy.TABLES[ids.ORG], None, limit, offset)
+        newest = inputs.flag(newest_first, "newest_first")
+        found = await self._db.read(
+            tenancy.list_rows, tenancy.TABLES[ids.ORG], None, limit, offset, newest
+        )
         return [rows.to_organization(r) for r in found]
 
     async def delete_organization(self, org_id: str) -> None:
@@ -356,12 +362,14 @@ class APIKeyClient:
         return rows.to_project(await self._get(ids.PROJECT, project_id))
 
     async def list_projects(
-        self, org_id: str, *, limit: int = 100, offset: int = 0
+        self, org_id: str, *, limit: int = 100, offset: int = 0, newest_first: bool = False
     ) -> list[Project]:
+        """The organization's projects, oldest first (or ``newest_first``)."""
         org_id = ids.check(ids.ORG, org_id)
         limit, offset = inputs.page(limit, offset)
+        newest = inputs.flag(newest_first, "newest_first")
         found = await self._db.read(
-            tenancy.list_rows, tenancy.TABLES[ids.PROJECT], org_id, limit, offset
+            tenancy.list_rows, tenancy.TABLES[ids.PROJECT], org_id, limit, offset, newest
         )
         return [rows.to_project(r) for r in found]
 
@@ -385,12 +393,14 @@ class APIKeyClient:
         return rows.to_product(await self._get(ids.PRODUCT, product_id))
 
     async def list_products(
-        self, org_id: str, *, limit: int = 100, offset: int = 0
+        self, org_id: str, *, limit: int = 100, offset: int = 0, newest_first: bool = False
     ) -> list[Product]:
+        """The organization's products, oldest first (or ``newest_first``)."""
         org_id = ids.check(ids.ORG, org_id)
         limit, offset = inputs.page(limit, offset)
+        newest = inputs.flag(newest_first, "newest_first")
         found = await self._db.read(
-            tenancy.list_rows, tenancy.TABLES[ids.PRODUCT], org_id, limit, offset
+            tenancy.list_rows, tenancy.TABLES[ids.PRODUCT], org_id, limit, offset, newest
         )
         return [rows.to_product(r) for r in found]
 
@@ -549,8 +559,10 @@ class APIKeyClient:
         status: KeyStatus | str | None = None,
         limit: int = 100,
         offset: int = 0,
+        newest_first: bool = False,
     ) -> list[APIKey]:
-        """Keys oldest first, filtered in SQL. ``status`` is active, revoked, expired or disabled.
+        """Keys oldest first (or ``newest_first``), filtered in SQL. ``status`` is
+        active, revoked, expired or disabled.
 
         Raises: InvalidArgumentError.
         """
@@ -574,6 +586,7 @@ class APIKeyClient:
             now=self._now(),
             limit=limit,
             offset=offset,
+            newest_first=inputs.flag(newest_first, "newest_first"),
         )
         return [rows.to_key(r) for r in found]
 

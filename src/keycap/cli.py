@@ -16,8 +16,11 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, NoReturn
 
+from sqlalchemy.engine import make_url
+
+from keycap import __version__, migrations
 from keycap._client import APIKeyClient
 from keycap._errors import DatabaseError, InvalidArgumentError, KeycapError
 from keycap._models import APIKey
@@ -36,28 +39,49 @@ class UsageError(Exception):
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
-    if not hasattr(args, "run"):
-        parser.print_help(sys.stderr)
-        return 2
     try:
-        secret = _secret(args)
-        return asyncio.run(_run(args, secret))
+        args = parser.parse_args(argv)
+        if not hasattr(args, "run"):
+            _subparser(parser, args).print_help(sys.stderr)
+            return 2
+        url = _url(args)
+        secret = _secret(args) if getattr(args, "needs_secret", False) else _UNUSED_SECRET
+        return asyncio.run(_run(args, url, secret))
     except UsageError as error:
-        print(f"keycap: error: {error}", file=sys.stderr)
+        _error(str(error))
         return 2
     except InvalidArgumentError as error:
-        print(f"keycap: error: {error.message}", file=sys.stderr)
+        _error(_in_cli_words(error))
         return 2
     except DatabaseError as error:
-        hint = "" if args.command == "db" else " (has `keycap db upgrade` been run?)"
-        print(f"keycap: error: {error.message}{hint}", file=sys.stderr)
+        hint = " (has `keycap db upgrade` been run?)" if _tables_missing(error) else ""
+        _error(f"{error.message}{hint}")
         return 1
     except KeycapError as error:
-        print(f"keycap: error: {error.message}", file=sys.stderr)
+        _error(error.message)
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as error:  # a bug: one line, the traceback on request
+        if os.environ.get("KEYCAP_DEBUG"):
+            raise
+        _error(
+            f"unexpected {type(error).__name__}: {error} "
+            "(KEYCAP_DEBUG=1 shows the traceback; please report it)"
+        )
+        return 1
+
+
+def _error(message: str) -> None:
+    """One line on stderr, whatever the message holds (a lone surrogate from the
+    command line would not encode)."""
+    line = f"keycap: error: {message}".replace("\n", " ")
+    print(line.encode("utf-8", "backslashreplace").decode("utf-8"), file=sys.stderr)
+
+
+#: For commands that never digest a key: keycap's client wants a secret, and
+#: nothing these commands do depends on which.
+_UNUSED_SECRET = "keycap-cli-read-only-commands-never-digest-a-key"  # noqa: S105
 
 
 def _secret(args: argparse.Namespace) -> str:
@@ -74,17 +98,74 @@ def _secret(args: argparse.Namespace) -> str:
             "no signing secret: set KEYCAP_SIGNING_SECRET (or --signing-secret); "
             "--dev uses a throwaway one for local trials"
         )
-    return secret
+    return str(secret)
 
 
-async def _run(args: argparse.Namespace, secret: str) -> int:
+def _url(args: argparse.Namespace) -> str:
+    """The database URL. A SQLite file that is not there is only made by
+    ``db upgrade``: any other command would leave an empty file behind."""
     url = args.database_url or os.environ.get("KEYCAP_DATABASE_URL") or DEFAULT_URL
+    if args.run is not db_upgrade:
+        try:
+            parsed = make_url(url)
+        except Exception:
+            raise UsageError("the database URL is not a valid URL") from None
+        path = parsed.database
+        sqlite_file = parsed.get_backend_name() == "sqlite" and path and path != ":memory:"
+        if sqlite_file and not os.path.exists(str(path)):
+            raise UsageError(
+                f"no database at {path}: set KEYCAP_DATABASE_URL, "
+                "or create it with `keycap db upgrade`"
+            )
+    return str(url)
+
+
+async def _run(args: argparse.Namespace, url: str, secret: str) -> int:
     client = APIKeyClient(
         url, signing_secret=secret, key_prefix=args.key_prefix, environment=args.environment
     )
     async with client:
         result: int = await args.run(client, args)
         return result
+
+
+#: The library's argument names, as the command line spells them.
+_FLAGS = {
+    "expires_in": "--expires",
+    "expires_at": "--expires",
+    "scopes": "--scope",
+    "required_scopes": "--scope",
+    "max_uses": "--max-uses",
+    "name": "--name",
+    "metadata": "--metadata",
+    "delegated_by": "--delegated-by",
+    "limit": "--limit",
+    "offset": "--offset",
+    "since": "--since",
+    "status": "--status",
+    "org_id": "--org",
+    "project_id": "--project",
+    "product_id": "--product",
+}
+
+
+def _in_cli_words(error: InvalidArgumentError) -> str:
+    flag = _FLAGS.get(error.field, error.field)
+    problem = error.problem.replace("a timedelta or a string like", "a duration like")
+    return f"{flag}: {problem.replace('timedelta', 'duration')}"
+
+
+def _tables_missing(error: DatabaseError) -> bool:
+    text = error.message.lower()
+    return "no such table" in text or "does not exist" in text or "doesn't exist" in text
+
+
+def _subparser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Any:
+    """The parser of the group named on the command line (for its help)."""
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if actions and args.command is not None:
+        return actions[0].choices[args.command]
+    return parser
 
 
 # --- resolving names ----------------------------------------------------------------
@@ -130,23 +211,66 @@ def _decimal(text: str, what: str) -> Decimal:
         raise UsageError(f"{what}: {text!r} is not a number") from None
 
 
-def _budget(text: str) -> Budget:
+def _budget(text: str, flag: str = "--budget") -> Budget:
     """``5.00/month``, ``100000/day:tokens``, ``20`` (lifetime)."""
     spec, _, meter = text.partition(":")
     amount, _, period = spec.partition("/")
-    return Budget(_decimal(amount, "--budget"), period=period or "lifetime", meter=meter or "spend")
+    try:
+        return Budget(_decimal(amount, flag), period=period or "lifetime", meter=meter or "spend")
+    except InvalidArgumentError as error:
+        raise UsageError(f"{flag} {text!r}: {error.field}: {error.problem}") from None
 
 
-def _rate(text: str) -> RateLimit:
-    """``100/minute``, ``10/second``, ``50000/minute:tokens``."""
+def _rate(text: str, flag: str = "--rate", name: str | None = None) -> RateLimit:
+    """``100/minute``, ``10/second``, ``50000/minute:tokens``: the window is never implied."""
     spec, _, meter = text.partition(":")
-    limit, _, window = spec.partition("/")
-    number = _decimal(limit, "--rate")
-    return RateLimit(
-        int(number) if number == number.to_integral_value() and not meter else number,
-        window or "minute",
-        meter=meter or None,
-    )
+    limit, slash, window = spec.partition("/")
+    if not slash or not window:
+        raise UsageError(f"{flag} {text!r}: give a window, as in 100/minute or 10/second")
+    number = _decimal(limit, flag)
+    try:
+        return RateLimit(
+            int(number) if number == number.to_integral_value() and not meter else number,
+            window,
+            meter=meter or None,
+            name=name,
+        )
+    except InvalidArgumentError as error:
+        raise UsageError(f"{flag} {text!r}: {error.field}: {error.problem}") from None
+
+
+def _whole(least: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``least``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}")
+        return value
+
+    return parse
+
+
+def _metadata(text: str | None) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    try:
+        found = json.loads(text)
+    except json.JSONDecodeError:
+        raise UsageError("--metadata must be a JSON object") from None
+    if not isinstance(found, dict):
+        raise UsageError("--metadata must be a JSON object")
+    return found
+
+
+async def _subject(client: APIKeyClient, value: str) -> str:
+    """A key, project or organization id; or an organization's name."""
+    if any(ids.is_valid(kind, value) for kind in (ids.KEY, ids.PROJECT, ids.ORG)):
+        return value
+    return await _org(client, value)
 
 
 # --- output -------------------------------------------------------------------------
@@ -217,8 +341,56 @@ def _used(row: dict[str, Any]) -> tuple[str, str]:
 
 
 async def db_upgrade(client: APIKeyClient, args: argparse.Namespace) -> int:
-    await client.migrate(args.revision)
-    print(f"keycap: database at {args.revision}", file=sys.stderr)
+    try:
+        target = migrations.resolve(args.revision)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    before = await _current(client)
+    await client.migrate(target)
+    after = await _current(client)
+    if before == after:
+        print(f"keycap: database already at {after}; nothing to do", file=sys.stderr)
+    else:
+        print(f"keycap: database upgraded from {before or 'nothing'} to {after}", file=sys.stderr)
+    return 0
+
+
+async def _current(client: APIKeyClient) -> str | None:
+    async with client.engine.connect() as conn:
+        return await conn.run_sync(migrations.current_revision)
+
+
+async def db_current(client: APIKeyClient, args: argparse.Namespace) -> int:
+    current = await _current(client)
+    head = migrations.head()
+    print(current or "none")
+    state = "head" if current == head else f"head is {head}"
+    print(f"keycap: {state}" if current else "keycap: never migrated", file=sys.stderr)
+    return 0
+
+
+async def db_check(client: APIKeyClient, args: argparse.Namespace) -> int:
+    current = await _current(client)
+    head = migrations.head()
+    if current != head:
+        raise KeycapError(
+            f"the database is at {current or 'nothing'}, not {head}: run `keycap db upgrade`"
+        )
+    async with client.engine.connect() as conn:
+        found = await conn.run_sync(migrations.differences)
+    if found:
+        for difference in found:
+            print(f"keycap: differs: {difference}", file=sys.stderr)
+        raise KeycapError(f"{len(found)} differences between the tables and keycap {__version__}")
+    print(f"keycap: the database is at {head} and matches keycap {__version__}", file=sys.stderr)
+    return 0
+
+
+async def db_history(client: APIKeyClient, args: argparse.Namespace) -> int:
+    current = await _current(client) if args.mark_current else None
+    for revision, message in migrations.revisions():
+        mark = "  (current)" if revision == current else ""
+        print(f"{revision}  {message.strip().splitlines()[0] if message.strip() else ''}{mark}")
     return 0
 
 
@@ -229,11 +401,145 @@ async def org_create(client: APIKeyClient, args: argparse.Namespace) -> int:
 
 
 async def org_list(client: APIKeyClient, args: argparse.Namespace) -> int:
-    orgs = await client.list_organizations(limit=args.limit)
+    found = await client.list_organizations(limit=args.limit, offset=args.offset, newest_first=True)
+    _listed(
+        args,
+        found,
+        [["ID", "NAME", "CREATED"], *([o.id, o.name, _when(o.created_at)] for o in found)],
+    )
+    return 0
+
+
+async def child_list(client: APIKeyClient, args: argparse.Namespace) -> int:
+    org_id = await _org(client, args.org)
+    lister = client.list_projects if args.kind == ids.PROJECT else client.list_products
+    found = await lister(org_id, limit=args.limit, offset=args.offset, newest_first=True)
+    _listed(
+        args,
+        found,
+        [["ID", "NAME", "CREATED"], *([c.id, c.name, _when(c.created_at)] for c in found)],
+    )
+    return 0
+
+
+def _listed(args: argparse.Namespace, found: Sequence[Any], table: list[list[str]]) -> None:
+    """A page, newest first: JSON or a table on stdout; on stderr, how to get more."""
     if args.json:
-        _json([o.model_dump() for o in orgs])
-    elif orgs:
-        _table([["ID", "NAME"], *([o.id, o.name] for o in orgs)])
+        _json([item.model_dump() if hasattr(item, "model_dump") else item for item in found])
+    elif found:
+        _table(table)
+    if len(found) == args.limit:
+        print(
+            f"keycap: showing {args.offset + 1}-{args.offset + len(found)}, newest first; "
+            f"more with --offset {args.offset + len(found)}",
+            file=sys.stderr,
+        )
+
+
+def _when(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M") if value is not None else "-"
+
+
+async def budget_set(client: APIKeyClient, args: argparse.Namespace) -> int:
+    subject = await _subject(client, args.subject)
+    spec = _budget(args.spec, "BUDGET")
+    if args.anchor_day is not None or args.alert:
+        spec = Budget(
+            spec.limit,
+            spec.period,
+            meter=spec.meter,
+            anchor_day=args.anchor_day,
+            alert_thresholds=args.alert,
+        )
+    status = await client.set_budget(subject, spec)
+    print(status.id)
+    return 0
+
+
+async def budget_list(client: APIKeyClient, args: argparse.Namespace) -> int:
+    found = await client.get_budgets(await _subject(client, args.subject))
+    if args.json:
+        _json([b.model_dump() for b in found])
+    elif found:
+        rows = [["ID", "METER", "PERIOD", "USED", "HELD", "LIMIT", "REMAINING", "RESETS"]]
+        for b in found:
+            rows.append(
+                [
+                    b.id,
+                    b.meter,
+                    b.period,
+                    money.plain(b.used),
+                    money.plain(b.held),
+                    money.plain(b.limit + b.credit),
+                    money.plain(b.remaining),
+                    _when(b.reset_at) if b.reset_at else "never",
+                ]
+            )
+        _table(rows)
+    return 0
+
+
+async def budget_remove(client: APIKeyClient, args: argparse.Namespace) -> int:
+    if not await client.remove_budget(args.id):
+        raise KeycapError(f"budget not found: {args.id}")
+    return 0
+
+
+async def rate_set(client: APIKeyClient, args: argparse.Namespace) -> int:
+    subject = await _subject(client, args.subject)
+    status = await client.set_rate_limit(subject, _rate(args.spec, "RATE", args.name))
+    print(status.name)
+    return 0
+
+
+async def rate_list(client: APIKeyClient, args: argparse.Namespace) -> int:
+    found = await client.get_rate_limits(await _subject(client, args.subject))
+    if args.json:
+        _json([r.model_dump() for r in found])
+    elif found:
+        rows = [["NAME", "METER", "LIMIT", "WINDOW S", "REMAINING"]]
+        for r in found:
+            rows.append(
+                [
+                    r.name,
+                    r.meter or "calls",
+                    money.plain(r.limit),
+                    money.plain(r.window_seconds),
+                    money.plain(r.remaining),
+                ]
+            )
+        _table(rows)
+    return 0
+
+
+async def rate_remove(client: APIKeyClient, args: argparse.Namespace) -> int:
+    if not await client.remove_rate_limit(await _subject(client, args.subject), args.name):
+        raise KeycapError(f"no rate limit named {args.name!r} on {args.subject}")
+    return 0
+
+
+async def key_update(client: APIKeyClient, args: argparse.Namespace) -> int:
+    changes: dict[str, Any] = {}
+    if args.name is not None:
+        changes["name"] = args.name
+    if args.scope is not None:
+        changes["scopes"] = args.scope
+    if args.metadata is not None:
+        changes["metadata"] = _metadata(args.metadata)
+    if args.expires is not None and args.never_expires:
+        raise UsageError("give --expires or --never-expires, not both")
+    if args.expires is not None:
+        changes["expires_in"] = args.expires
+    if args.never_expires:
+        changes["expires_at"] = None
+    if args.max_uses is not None:
+        changes["max_uses"] = args.max_uses
+    if not changes:
+        raise UsageError(
+            "nothing to change: give --name, --scope, --expires, --max-uses or --metadata"
+        )
+    key = await client.update_key(args.id, **changes)
+    print(f"keycap: {key.id} updated", file=sys.stderr)
     return 0
 
 
@@ -255,12 +561,7 @@ async def product_link(client: APIKeyClient, args: argparse.Namespace) -> int:
 
 async def key_create(client: APIKeyClient, args: argparse.Namespace) -> int:
     org_id = await _org(client, args.org)
-    metadata = None
-    if args.metadata is not None:
-        try:
-            metadata = json.loads(args.metadata)
-        except json.JSONDecodeError:
-            raise UsageError("--metadata must be a JSON object") from None
+    metadata = _metadata(args.metadata)
     issued = await client.create_key(
         org_id,
         project_id=await _child(client, ids.PROJECT, org_id, args.project),
@@ -298,17 +599,16 @@ async def key_list(client: APIKeyClient, args: argparse.Namespace) -> int:
         project_id=project,
         status=args.status,
         limit=args.limit,
+        offset=args.offset,
+        newest_first=True,
     )
     found = await _key_rows(client, keys)
-    if args.json:
-        _json(found)
-    elif found:
-        rows = [["ID", "NAME", "STATUS", "USED/LIMIT", "RESETS", "USES"]]
-        for row in found:
-            used, reset = _used(row)
-            uses = str(row["use_count"]) + (f"/{row['max_uses']}" if row["max_uses"] else "")
-            rows.append([row["id"], row["name"], row["status"], used, reset, uses])
-        _table(rows)
+    rows = [["ID", "NAME", "STATUS", "USED/LIMIT", "RESETS", "USES"]]
+    for row in found:
+        used, reset = _used(row)
+        uses = str(row["use_count"]) + (f"/{row['max_uses']}" if row["max_uses"] else "")
+        rows.append([row["id"], row["name"], row["status"], used, reset, uses])
+    _listed(args, found, rows)
     return 0
 
 
@@ -385,35 +685,65 @@ async def usage(client: APIKeyClient, args: argparse.Namespace) -> int:
 # --- the parser ---------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake as one line (``UsageError``, exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def _group(groups: Any, name: str, help_: str) -> Any:
+    """A command group whose help lists every action (``keycap key --help``)."""
+    parser = groups.add_parser(name, help=help_, description=help_)
+    return parser.add_subparsers(title="actions", metavar="ACTION")
+
+
+def _paging(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--limit", type=_whole(1), default=100, help="at most this many (100)")
+    parser.add_argument("--offset", type=_whole(0), default=0, help="skip this many first")
+    parser.add_argument("--json", action="store_true", help="JSON for scripts")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="keycap", description="Issue and manage capped API keys.")
+    p = _Parser(prog="keycap", description="Issue and manage capped API keys (docs/cli.md).")
+    p.add_argument("--version", action="version", version=f"keycap {__version__}")
     p.add_argument("--database-url", help=f"default: $KEYCAP_DATABASE_URL or {DEFAULT_URL}")
     p.add_argument("--signing-secret", help="default: $KEYCAP_SIGNING_SECRET (prefer the variable)")
     p.add_argument("--dev", action="store_true", help="use a throwaway, insecure signing secret")
     p.add_argument("--key-prefix", default=os.environ.get("KEYCAP_KEY_PREFIX", "sk"))
     p.add_argument("--environment", default=os.environ.get("KEYCAP_ENVIRONMENT", "live"))
-    groups = p.add_subparsers(dest="command", metavar="COMMAND")
+    groups = p.add_subparsers(dest="command", title="commands", metavar="COMMAND")
 
-    db = groups.add_parser("db", help="the schema").add_subparsers(metavar="ACTION")
-    up = db.add_parser("upgrade", help="run the shipped migrations")
+    db = _group(groups, "db", "the schema: keycap's shipped migrations")
+    up = db.add_parser("upgrade", help="run the migrations (to head); creates a SQLite file")
     up.add_argument("revision", nargs="?", default="head")
     up.set_defaults(run=db_upgrade)
+    db.add_parser("current", help="the revision the database is at").set_defaults(run=db_current)
+    db.add_parser(
+        "check", help="exit 1 unless the tables are at head and match this keycap"
+    ).set_defaults(run=db_check)
+    history = db.add_parser("history", help="the shipped revisions, oldest first")
+    history.add_argument("--mark-current", action="store_true", help="mark the database's")
+    history.set_defaults(run=db_history)
 
-    org = groups.add_parser("org", help="organizations").add_subparsers(metavar="ACTION")
+    org = _group(groups, "org", "organizations")
     create = org.add_parser("create", help="create one; prints its id")
     create.add_argument("name")
     create.set_defaults(run=org_create)
-    listing = org.add_parser("list")
-    listing.add_argument("--json", action="store_true")
-    listing.add_argument("--limit", type=int, default=100)
+    listing = org.add_parser("list", help="newest first")
+    _paging(listing)
     listing.set_defaults(run=org_list)
 
     for kind, word in ((ids.PROJECT, "project"), (ids.PRODUCT, "product")):
-        sub = groups.add_parser(word, help=f"{word}s").add_subparsers(metavar="ACTION")
+        sub = _group(groups, word, f"{word}s of an organization")
         create = sub.add_parser("create", help="create one; prints its id")
         create.add_argument("org", help="organization id or name")
         create.add_argument("name")
         create.set_defaults(run=child_create, kind=kind)
+        listing = sub.add_parser("list", help="newest first")
+        listing.add_argument("org", help="organization id or name")
+        _paging(listing)
+        listing.set_defaults(run=child_list, kind=kind)
         if kind == ids.PRODUCT:
             link = sub.add_parser("link", help="make a product usable by a project's keys")
             link.add_argument("org")
@@ -421,7 +751,7 @@ def _parser() -> argparse.ArgumentParser:
             link.add_argument("project")
             link.set_defaults(run=product_link)
 
-    key = groups.add_parser("key", help="API keys").add_subparsers(metavar="ACTION")
+    key = _group(groups, "key", "API keys")
     create = key.add_parser("create", help="issue a key; prints the plaintext alone on stdout")
     create.add_argument("--org", required=True, help="organization id or name")
     create.add_argument("--project", help="project id or name")
@@ -430,27 +760,71 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--scope", action="append", default=[], help="repeatable")
     create.add_argument("--budget", action="append", default=[], help="5.00/month[:meter]")
     create.add_argument("--rate", action="append", default=[], help="100/minute[:meter]")
-    create.add_argument("--max-uses", type=int)
+    create.add_argument("--max-uses", type=_whole(1), help="at least 1")
     create.add_argument("--expires", help="a duration: 30m, 12h, 7d")
     create.add_argument("--metadata", help="a JSON object")
     create.add_argument("--delegated-by")
-    create.set_defaults(run=key_create)
-    listing = key.add_parser("list", help="keys with status, used/limit and reset")
+    create.set_defaults(run=key_create, needs_secret=True)
+    listing = key.add_parser("list", help="newest first, with status, used/limit and reset")
     listing.add_argument("--org")
     listing.add_argument("--project")
     listing.add_argument("--status", choices=["active", "revoked", "expired", "disabled"])
-    listing.add_argument("--limit", type=int, default=100)
-    listing.add_argument("--json", action="store_true")
+    _paging(listing)
     listing.set_defaults(run=key_list)
-    show = key.add_parser("show", help="one key, as JSON")
+    show = key.add_parser("show", help="one key as JSON, with what it can still spend")
     show.add_argument("id")
     show.set_defaults(run=key_show)
-    for action in ("revoke", "disable", "enable", "delete"):
-        change = key.add_parser(action)
+    update = key.add_parser("update", help="change name, scopes, expiry, use cap or metadata")
+    update.add_argument("id")
+    update.add_argument("--name")
+    update.add_argument("--scope", action="append", help="repeatable; replaces the scopes")
+    update.add_argument("--expires", help="a duration from now: 30m, 12h, 7d")
+    update.add_argument("--never-expires", action="store_true")
+    update.add_argument("--max-uses", type=_whole(1))
+    update.add_argument("--metadata", help="a JSON object; replaces the metadata")
+    update.set_defaults(run=key_update)
+    helps = {
+        "revoke": "for good (asks first)",
+        "disable": "suspend, reversibly",
+        "enable": "lift a suspension",
+        "delete": "remove with its budgets and limits (asks first)",
+    }
+    for action, help_ in helps.items():
+        change = key.add_parser(action, help=help_)
         change.add_argument("id")
         if action in ("revoke", "delete"):
             change.add_argument("--yes", "-y", action="store_true", help="do not ask")
         change.set_defaults(run=key_change, action=action)
+
+    budget = _group(groups, "budget", "budgets of a key, project or organization")
+    put = budget.add_parser("set", help="set (or change) one; prints its id")
+    put.add_argument("subject", help="key, project or organization id (or organization name)")
+    put.add_argument("spec", help="AMOUNT[/PERIOD][:METER]: 5.00/month, 100000/day:tokens")
+    put.add_argument("--anchor-day", type=_whole(1), help="monthly: the day periods start")
+    put.add_argument("--alert", type=_whole(1), action="append", default=[], help="percent")
+    put.set_defaults(run=budget_set)
+    listing = budget.add_parser("list", help="the subject's own budgets")
+    listing.add_argument("subject")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(run=budget_list)
+    remove = budget.add_parser("remove", help="remove one by id (its ledger stays)")
+    remove.add_argument("id")
+    remove.set_defaults(run=budget_remove)
+
+    rate = _group(groups, "rate", "rate limits of a key, project or organization")
+    put = rate.add_parser("set", help="set (or change, by name) one; prints its name")
+    put.add_argument("subject", help="key, project or organization id (or organization name)")
+    put.add_argument("spec", help="LIMIT/WINDOW[:METER]: 100/minute, 50000/minute:tokens")
+    put.add_argument("--name")
+    put.set_defaults(run=rate_set)
+    listing = rate.add_parser("list", help="the subject's own rate limits")
+    listing.add_argument("subject")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(run=rate_list)
+    remove = rate.add_parser("remove", help="remove one by name")
+    remove.add_argument("subject")
+    remove.add_argument("name")
+    remove.set_defaults(run=rate_remove)
 
     report = groups.add_parser("usage", help="what was charged, per day or month")
     report.add_argument("--org")

@@ -133,8 +133,17 @@ async def list_keys(
     now: datetime,
     limit: int,
     offset: int,
+    newest_first: bool = False,
 ) -> Sequence[AnyRow]:
-    stmt = select(*KEY_COLUMNS).order_by(keys.c.created_at, keys.c.id).limit(limit).offset(offset)
+    order = (
+        (keys.c.created_at.desc(), keys.c.id.desc())
+        if newest_first
+        else (
+            keys.c.created_at,
+            keys.c.id,
+        )
+    )
+    stmt = select(*KEY_COLUMNS).order_by(*order).limit(limit).offset(offset)
     if org_id is not None:
         stmt = stmt.where(keys.c.org_id == org_id)
     if project_id is not None:

@@ -54,9 +54,16 @@ async def get_by_id(conn: AsyncConnection, table: Table, id_: str) -> AnyRow | N
 
 
 async def list_rows(
-    conn: AsyncConnection, table: Table, org_id: str | None, limit: int, offset: int
+    conn: AsyncConnection,
+    table: Table,
+    org_id: str | None,
+    limit: int,
+    offset: int,
+    newest_first: bool = False,
 ) -> Sequence[AnyRow]:
-    stmt = select(table).order_by(table.c.created_at, table.c.id).limit(limit).offset(offset)
+    c = table.c
+    order = (c.created_at.desc(), c.id.desc()) if newest_first else (c.created_at, c.id)
+    stmt = select(table).order_by(*order).limit(limit).offset(offset)
     if org_id is not None:
         stmt = stmt.where(table.c.org_id == org_id)
     return (await conn.execute(stmt)).all()
