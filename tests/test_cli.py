@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from keycap import APIKeyClient, InvalidKeyError, RevokedKeyError
+from keycap import APIKeyClient, InvalidKeyError, RevokedKeyError, migrations
 from tests.conftest import SECRET
 
 SCRIPT = str(Path(sys.executable).parent / "keycap")
@@ -123,7 +123,7 @@ def test_upgrade_and_defaults_in_a_fresh_directory(tmp_path: Path) -> None:
     assert not (tmp_path / "keycap.db").exists()
     upgraded = keycap("db", "upgrade", cwd=tmp_path, secret=None)  # needs no secret
     assert upgraded.returncode == 0, upgraded.stderr
-    assert "upgraded from nothing to 0003" in upgraded.stderr
+    assert f"upgraded from nothing to {migrations.head()}" in upgraded.stderr
     assert (tmp_path / "keycap.db").exists()  # the default: ./keycap.db
     org = org_of(tmp_path)
     one_line_error(

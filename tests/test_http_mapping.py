@@ -53,6 +53,7 @@ def rate_error(retry_after: float | None) -> errors.RateLimitedError:
 STATUSES = [
     (errors.MissingKeyError(), 401),
     (errors.InvalidKeyError(), 401),
+    (errors.RolledKeyError(NOW), 401),
     (errors.ExpiredKeyError(NOW), 401),
     (errors.RevokedKeyError(NOW), 401),
     (errors.DisabledKeyError(NOW), 401),

@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from keycap import APIKeyClient, Budget, ConfigurationError, KeycapError, RateLimit
 from keycap._db.engine import create_engine, normalize_url
-from tests.conftest import DATABASES, SECRET, app_engine, server_url
+from tests.conftest import DATABASES, SECRET, _create_tables, app_engine, server_url
 
 needs_pgbouncer = pytest.mark.skipif(
     "pgbouncer" not in DATABASES, reason="PgBouncer is not among KEYCAP_TEST_DATABASES"
@@ -39,6 +39,14 @@ def _pgbouncer(database: str = "keycap_pooler") -> str:
     test that counts what is left there."""
     base = os.environ["KEYCAP_TEST_PGBOUNCER_URL"].rstrip("/")
     return f"{base}/{database}"
+
+
+@pytest.fixture(scope="module")
+def _pooler_tables(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """keycap's tables in keycap_pooler as this keycap has them (a database kept
+    between runs may hold an older keycap's), made on PostgreSQL directly."""
+    tmp = tmp_path_factory.mktemp("pooler")
+    asyncio.run(_create_tables(server_url("postgresql", "keycap_pooler", tmp)))
 
 
 async def _storm(client: APIKeyClient, calls: int = 300) -> dict[str, int]:
@@ -86,6 +94,7 @@ async def test_nothing_stays_prepared_on_the_server_connections_after_a_storm() 
 
 
 @needs_pgbouncer
+@pytest.mark.usefixtures("_pooler_tables")
 async def test_uuid_statement_names_would_pile_up_on_the_server_connections() -> None:
     # The negative control: SQLAlchemy's documented PgBouncer recipe names each
     # statement with a uuid. asyncpg closes it at the client connection's next
@@ -100,7 +109,6 @@ async def test_uuid_statement_names_would_pile_up_on_the_server_connections() ->
     )
     try:
         async with APIKeyClient(engine, signing_secret=SECRET, transaction_pooler=True) as client:
-            await client.create_tables()
             assert max(await _prepared_after_storm(client)) > 0
     finally:
         await engine.dispose()
@@ -115,6 +123,7 @@ async def test_a_client_not_told_of_the_pooler_says_so_in_a_configuration_error(
 
 
 @needs_pgbouncer
+@pytest.mark.usefixtures("_pooler_tables")
 async def test_without_the_flag_failures_behind_the_pooler_say_what_to_do() -> None:
     # lock_timeout=None gets past the startup; then asyncpg's named statements meet
     # other server connections: missing there, taken there, or (seen here) another
@@ -123,7 +132,6 @@ async def test_without_the_flag_failures_behind_the_pooler_say_what_to_do() -> N
     # come out as a ConfigurationError that names the setting.
     async with APIKeyClient(_pgbouncer(), signing_secret=SECRET, lock_timeout=None) as client:
         try:
-            await client.create_tables()
             errors = await _storm(client, calls=200)
         except ConfigurationError as error:  # one of the set-up calls met it
             assert "transaction_pooler=True" in str(error)

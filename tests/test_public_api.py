@@ -48,6 +48,7 @@ PUBLIC = {
     "Remaining",
     "RateLimitedError",
     "RevokedKeyError",
+    "RolledKeyError",
     "Settlement",
     "UNSET",
     "UsageExhaustedError",

@@ -24,6 +24,7 @@ from keycap._errors import (
     NotFoundError,
     RateLimitedError,
     RevokedKeyError,
+    RolledKeyError,
     UsageExhaustedError,
 )
 from keycap._models import (
@@ -92,6 +93,7 @@ __all__ = [
     "RateLimitedError",
     "Remaining",
     "RevokedKeyError",
+    "RolledKeyError",
     "Settlement",
     "UsageExhaustedError",
     "UsageRow",

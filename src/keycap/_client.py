@@ -34,6 +34,8 @@ from keycap._errors import (
     KeycapError,
     KeyRejectedError,
     NotFoundError,
+    RevokedKeyError,
+    RolledKeyError,
 )
 from keycap._models import (
     APIKey,
@@ -635,6 +637,34 @@ class APIKeyClient:
             raise NotFoundError("key", key_id)
         return rows.to_key(row)
 
+    async def roll_key(self, key_id: str, *, grace: str | timedelta = "24h") -> IssuedKey:
+        """Give the key a new secret: same id, scopes, budgets, limits, counts and
+        ledger. The old secret keeps working for ``grace`` (``"24h"``; ``"0s"`` or
+        ``timedelta(0)`` cuts it at once, at most 30 days), then is refused with
+        ``RolledKeyError`` (``rolled_key``). The new plaintext is in the result,
+        shown once. Rolling again replaces the previous secret with the current one.
+
+        Raises: NotFoundError, RevokedKeyError, InvalidArgumentError.
+        """
+        key_id = ids.check(ids.KEY, key_id)
+        span = _grace(grace)
+        _, plaintext = self._format.generate(ids.public_id(key_id))
+        now = self._now()
+        row = await self._db.run_in_transaction(
+            keys.roll_key,
+            key_id,
+            digest=self._ring.digest(plaintext),
+            pepper_id=self._ring.current_id,
+            previous_until=now + span,
+            now=now,
+        )
+        if row is None:
+            existing = await self.get_key(key_id)  # NotFoundError if it is not there
+            assert existing.revoked_at is not None
+            raise RevokedKeyError(existing.revoked_at, key_id=key_id)
+        self._changed()
+        return IssuedKey.model_construct(key=rows.to_key(row), plaintext=plaintext)
+
     async def revoke_key(self, key_id: str) -> APIKey:
         """Revoke for good. Idempotent: a second call keeps the first ``revoked_at``.
 
@@ -778,7 +808,9 @@ class APIKeyClient:
                 looked = await self._db.read(keys.lookup_for_validation, key_id, req)
             if looked is None:
                 raise InvalidKeyError()
-            digest_ok = self._ring.verify(plaintext, looked.pepper_id, looked.digest)
+            digest_ok = self._secret_matches(plaintext, looked, now)
+            if not digest_ok and (rolled := self._rolled(plaintext, looked, key_id)) is not None:
+                raise rolled
             policy.check(rows.to_facts(looked, digest_ok), req, now)
             self._note_rate_limited(key_id, bool(looked.has_rate_limits))
             if (exhausted := results.usage_cap_error(looked)) is not None:
@@ -823,7 +855,7 @@ class APIKeyClient:
             log.warning("keycap: read replica unavailable, using the primary: %s", error)
             row = None
         if row is not None and not row.has_rate_limits and row.max_uses is None:
-            digest_ok = self._ring.verify(plaintext, row.pepper_id, row.digest)
+            digest_ok = self._secret_matches(plaintext, row, now)
             with contextlib.suppress(KeyRejectedError):
                 policy.check(rows.to_facts(row, digest_ok), req, now)
                 return row
@@ -1132,14 +1164,49 @@ class APIKeyClient:
             del self._rate_limited[next(iter(self._rate_limited))]
 
     async def _upgrade_pepper(self, key_id: str, pepper_id: str, plaintext: str) -> None:
-        if self._ring.needs_upgrade(pepper_id):
+        if self._ring.needs_upgrade(pepper_id) and self._ring.knows(pepper_id):
+            # Conditional on the digest this plaintext has under the old pepper: a
+            # rolled key's previous secret never replaces the current one.
             await self._db.run(
                 keys.upgrade_digest,
                 key_id,
                 pepper_id,
+                self._ring.digest(plaintext, pepper_id),
                 self._ring.current_id,
                 self._ring.digest(plaintext),
             )
+
+    def _secret_matches(self, plaintext: str, row: Any, now: datetime) -> bool:
+        """The key's current secret, or (rolled) its previous one within its grace."""
+        if self._ring.verify(plaintext, row.pepper_id, row.digest):
+            return True
+        until = row.previous_until
+        return bool(
+            until is not None
+            and until > now
+            and self._ring.verify(plaintext, row.previous_pepper_id, row.previous_digest)
+        )
+
+    def _rolled(self, plaintext: str, row: Any, key_id: str) -> RolledKeyError | None:
+        """The error for a secret the key was rolled away from, past its grace."""
+        if row.previous_until is None or row.previous_digest is None:
+            return None
+        if not self._ring.verify(plaintext, row.previous_pepper_id, row.previous_digest):
+            return None
+        return RolledKeyError(row.previous_until, key_id=key_id)
+
+
+_MAX_GRACE = timedelta(days=30)
+
+
+def _grace(value: object) -> timedelta:
+    """A roll's grace: a duration from 0 (cut at once) to 30 days."""
+    if value in ("0", "0s", 0) or value == timedelta(0):
+        return timedelta(0)
+    span = timeutil.parse_duration(value, "grace")
+    if span > _MAX_GRACE:
+        raise InvalidArgumentError("grace", "must be at most 30 days")
+    return span
 
 
 def _asked(kind: str, value: object, field: str) -> str | None:

@@ -6,6 +6,7 @@
     ├── KeyRejectedError             validate_key refused the presented key
     │   ├── MissingKeyError          no key in the request (raised by the integrations)
     │   ├── InvalidKeyError          malformed, unknown or wrong secret (alike on purpose)
+    │   │   └── RolledKeyError       .rolled_until: a secret replaced by roll_key, past its grace
     │   ├── ExpiredKeyError          .expired_at
     │   ├── RevokedKeyError          .revoked_at
     │   ├── DisabledKeyError         .disabled_at
@@ -140,6 +141,25 @@ class InvalidKeyError(KeyRejectedError):
 
     def __init__(self, message: str | None = None) -> None:
         super().__init__(message)
+
+
+class RolledKeyError(InvalidKeyError):
+    """The secret presented is one a key had before ``roll_key``, and its grace has
+    ended: the key lives on with a new secret. An ``InvalidKeyError`` (HTTP 401)
+    with its own code, so the caller knows to fetch the new key."""
+
+    code = "rolled_key"
+    fields = ("rolled_until",)
+    default_message = "API key rolled: this secret was replaced"
+
+    def __init__(self, rolled_until: datetime, *, key_id: str | None = None) -> None:
+        KeyRejectedError.__init__(
+            self,
+            f"API key rolled: this secret stopped working at {rolled_until.isoformat()}",
+            key_id=key_id,
+        )
+        #: When the replaced secret stopped working.
+        self.rolled_until = rolled_until
 
 
 class ExpiredKeyError(KeyRejectedError):

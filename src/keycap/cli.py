@@ -136,6 +136,7 @@ _FLAGS = {
     "scopes": "--scope",
     "required_scopes": "--scope",
     "max_uses": "--max-uses",
+    "grace": "--grace",
     "name": "--name",
     "metadata": "--metadata",
     "delegated_by": "--delegated-by",
@@ -518,6 +519,17 @@ async def rate_remove(client: APIKeyClient, args: argparse.Namespace) -> int:
     return 0
 
 
+async def key_roll(client: APIKeyClient, args: argparse.Namespace) -> int:
+    rolled = await client.roll_key(args.id, grace=args.grace)
+    print(rolled.plaintext)
+    print(
+        f"keycap: {rolled.id} has a new secret (above, shown once); "
+        f"the old one works for {args.grace} more",
+        file=sys.stderr,
+    )
+    return 0
+
+
 async def key_update(client: APIKeyClient, args: argparse.Namespace) -> int:
     changes: dict[str, Any] = {}
     if args.name is not None:
@@ -783,6 +795,12 @@ def _parser() -> argparse.ArgumentParser:
     update.add_argument("--max-uses", type=_whole(1))
     update.add_argument("--metadata", help="a JSON object; replaces the metadata")
     update.set_defaults(run=key_update)
+    roll = key.add_parser("roll", help="a new secret for the key; prints it alone on stdout")
+    roll.add_argument("id")
+    roll.add_argument(
+        "--grace", default="24h", help="how long the old secret still works (0s: none)"
+    )
+    roll.set_defaults(run=key_roll, needs_secret=True)
     helps = {
         "revoke": "for good (asks first)",
         "disable": "suspend, reversibly",

@@ -67,10 +67,18 @@ def grant_predicate(
     never have a use recorded: the database re-decides at the moment of writing.
     """
     k = keys.c
-    conds: list[ColumnElement[bool]] = [
-        or_(*(and_(k.pepper_id == pid, k.digest == d) for pid, d in digests.items())),
-        *key_is_live_now(now),
-    ]
+    current = or_(*(and_(k.pepper_id == pid, k.digest == d) for pid, d in digests.items()))
+    # A rolled key's previous secret, until its grace ends (policy step 3).
+    previous = and_(
+        k.previous_until > now,
+        or_(
+            *(
+                and_(k.previous_pepper_id == pid, k.previous_digest == d)
+                for pid, d in digests.items()
+            )
+        ),
+    )
+    conds: list[ColumnElement[bool]] = [or_(current, previous), *key_is_live_now(now)]
     if req.org_id is not None:
         conds.append(k.org_id == req.org_id)
     if req.project_id is not None:

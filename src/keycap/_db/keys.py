@@ -66,7 +66,14 @@ KEY_COLUMNS = (
     keys.c.use_count,
     keys.c.max_uses,
 )
-_AUTH_COLUMNS = (*KEY_COLUMNS, keys.c.digest, keys.c.pepper_id)
+_AUTH_COLUMNS = (
+    *KEY_COLUMNS,
+    keys.c.digest,
+    keys.c.pepper_id,
+    keys.c.previous_digest,
+    keys.c.previous_pepper_id,
+    keys.c.previous_until,
+)
 
 
 def new_key_row(
@@ -204,15 +211,51 @@ async def revoke_keys_where(conn: AsyncConnection, column: str, value: str, now:
 
 
 async def upgrade_digest(
-    conn: AsyncConnection, key_id: str, old_pepper: str, new_pepper: str, new_digest: str
+    conn: AsyncConnection,
+    key_id: str,
+    old_pepper: str,
+    old_digest: str,
+    new_pepper: str,
+    new_digest: str,
 ) -> None:
-    """Re-digest a key under the newest pepper. Conditional on the old pepper, so two
-    processes upgrading at once both leave the same, valid digest."""
+    """Re-digest a key under the newest pepper. Conditional on the old pepper and
+    digest, so two processes upgrading at once both leave the same, valid digest,
+    and a rolled key's previous secret (still in its grace) never replaces the
+    current one."""
     await conn.execute(
         update(keys)
-        .where(keys.c.id == key_id, keys.c.pepper_id == old_pepper)
+        .where(keys.c.id == key_id, keys.c.pepper_id == old_pepper, keys.c.digest == old_digest)
         .values(digest=new_digest, pepper_id=new_pepper)
     )
+
+
+async def roll_key(
+    conn: AsyncConnection,
+    key_id: str,
+    *,
+    digest: str,
+    pepper_id: str,
+    previous_until: datetime,
+    now: datetime,
+) -> AnyRow | None:
+    """Give a key a new secret; the current one becomes the previous one, accepted
+    until ``previous_until``. None if the key is not there, or revoked."""
+    k = keys.c
+    stmt = (
+        update(keys)
+        .where(k.id == key_id, k.revoked_at.is_(None))
+        .ordered_values(  # the previous columns first: MySQL assigns left to right
+            (k.previous_digest, k.digest),
+            (k.previous_pepper_id, k.pepper_id),
+            (k.previous_until, previous_until),
+            (k.digest, digest),
+            (k.pepper_id, pepper_id),
+            (k.updated_at, now),
+        )
+    )
+    if (await conn.execute(stmt)).rowcount != 1:
+        return None
+    return (await conn.execute(select(*KEY_COLUMNS).where(k.id == key_id))).first()
 
 
 # --- validation: the read path --------------------------------------------------------

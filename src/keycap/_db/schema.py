@@ -119,6 +119,11 @@ keys = Table(
     # Hex HMAC-SHA256 and the id of the pepper that made it; never the plaintext.
     Column("digest", String(64), nullable=False),
     Column("pepper_id", String(16), nullable=False),
+    # After roll_key: the replaced secret's digest, and until when it still works
+    # (then it is refused as rolled_key). NULL: never rolled.
+    Column("previous_digest", String(64), nullable=True),
+    Column("previous_pepper_id", String(16), nullable=True),
+    Column("previous_until", UTCDateTime(), nullable=True),
     # " a b c ": see keycap._rules.scopes.encode.
     Column("scopes", Text(), nullable=False),
     Column("metadata", JSONText(), nullable=False),

@@ -79,5 +79,9 @@ class PepperRing:
             return False
         return hmac.compare_digest(self.digest(plaintext, pepper_id), digest)
 
+    def knows(self, pepper_id: str) -> bool:
+        """The pepper is still in the ring (a retired one verifies nothing)."""
+        return pepper_id in self._keys
+
     def needs_upgrade(self, pepper_id: str) -> bool:
         return pepper_id != self.current_id

@@ -50,6 +50,11 @@ def key_id(public_id: str) -> str:
     return f"{KEY}_{public_id}"
 
 
+def public_id(key_id: str) -> str:
+    """The public id a key's plaintext carries: its id without ``key_``."""
+    return key_id.removeprefix(f"{KEY}_")
+
+
 def resource_name(kind: str) -> str:
     return _RESOURCE[kind]
 

@@ -57,9 +57,10 @@ class KeyFormat:
     def length(self) -> int:
         return len(self.head) + BODY_LENGTH
 
-    def generate(self) -> tuple[str, str]:
-        """A new ``(public_id, plaintext)`` pair."""
-        public_id = _base62.random_string(KEY_PUBLIC_ID_LENGTH)
+    def generate(self, public_id: str | None = None) -> tuple[str, str]:
+        """A new ``(public_id, plaintext)`` pair; with ``public_id`` (a rolled key), a
+        new secret for that id."""
+        public_id = public_id or _base62.random_string(KEY_PUBLIC_ID_LENGTH)
         unsigned = self.head + public_id + _base62.random_string(SECRET_LENGTH)
         return public_id, unsigned + _checksum(unsigned)
 
