@@ -34,6 +34,7 @@ PUBLIC = {
     "InvalidArgumentError",
     "InvalidKeyError",
     "IssuedKey",
+    "KeyEvent",
     "KeyRejectedError",
     "KeyStatus",
     "KeycapError",

@@ -43,6 +43,7 @@ from keycap._models import (
     Charge,
     Hold,
     IssuedKey,
+    KeyEvent,
     KeyStatus,
     Organization,
     Product,
@@ -165,6 +166,10 @@ class APIKeyClient:
             cannot be reached is decided again on the primary. Everything else
             runs on the primary. A revocation reaches the replica's answers after
             its replication lag (docs/deployment.md).
+        on_key_event: ``async def hook(event: KeyEvent)``, awaited after a key is
+            created, updated, rolled, revoked, disabled, enabled or deleted through
+            this client, once the change has committed. A hook that fails is
+            logged; the change stands.
         on_unsettled: ``async def hook(pending: PendingSettlement)``, awaited when
             :meth:`settle_eventually` (or a FastAPI meter) cannot write a settlement
             because the database is down; persist it to replay it after a crash.
@@ -200,12 +205,16 @@ class APIKeyClient:
         read_replica: str | AsyncEngine | None = None,
         opentelemetry: bool = False,
         on_unsettled: Callable[[PendingSettlement], Awaitable[None]] | None = None,
+        on_key_event: Callable[[KeyEvent], Awaitable[None]] | None = None,
     ) -> None:
         self._format = tokens.KeyFormat(key_prefix, environment)
         self._telemetry = Telemetry(inputs.flag(opentelemetry, "opentelemetry"))
         if on_unsettled is not None and not callable(on_unsettled):
             raise ConfigurationError("on_unsettled must be an async callable")
         self._pending = Pending(self._settle_pending, self._charge_expired, on_unsettled)
+        if on_key_event is not None and not callable(on_key_event):
+            raise ConfigurationError("on_key_event must be an async callable")
+        self._on_key_event = on_key_event
         self._ring = PepperRing(signing_secret)
         self._track_usage = inputs.flag(track_usage, "track_usage")
         if clock is not None and not callable(clock):
@@ -542,6 +551,7 @@ class APIKeyClient:
         )
         await admin.create_key(self._db, values, limit_specs, budget_specs)
         key = rows.to_key({**values, "scopes": granted})
+        await self._key_event("created", key)
         return IssuedKey.model_construct(key=key, plaintext=plaintext)
 
     async def get_key(self, key_id: str) -> APIKey:
@@ -635,7 +645,7 @@ class APIKeyClient:
         self._changed()
         if row is None:
             raise NotFoundError("key", key_id)
-        return rows.to_key(row)
+        return await self._key_event("updated", rows.to_key(row))
 
     async def roll_key(self, key_id: str, *, grace: str | timedelta = "24h") -> IssuedKey:
         """Give the key a new secret: same id, scopes, budgets, limits, counts and
@@ -663,7 +673,8 @@ class APIKeyClient:
             assert existing.revoked_at is not None
             raise RevokedKeyError(existing.revoked_at, key_id=key_id)
         self._changed()
-        return IssuedKey.model_construct(key=rows.to_key(row), plaintext=plaintext)
+        key = await self._key_event("rolled", rows.to_key(row))
+        return IssuedKey.model_construct(key=key, plaintext=plaintext)
 
     async def revoke_key(self, key_id: str) -> APIKey:
         """Revoke for good. Idempotent: a second call keeps the first ``revoked_at``.
@@ -671,24 +682,20 @@ class APIKeyClient:
         Raises: NotFoundError.
         """
         key_id = ids.check(ids.KEY, key_id)
-        return self._found(
-            await self._db.run_in_transaction(keys.revoke_key, key_id, self._now()), key_id
-        )
+        row = await self._db.run_in_transaction(keys.revoke_key, key_id, self._now())
+        return await self._key_event("revoked", self._found(row, key_id))
 
     async def disable_key(self, key_id: str) -> APIKey:
         """Suspend a key until :meth:`enable_key`. Idempotent. Raises: NotFoundError."""
         key_id = ids.check(ids.KEY, key_id)
-        return self._found(
-            await self._db.run_in_transaction(keys.set_disabled, key_id, self._now(), True), key_id
-        )
+        row = await self._db.run_in_transaction(keys.set_disabled, key_id, self._now(), True)
+        return await self._key_event("disabled", self._found(row, key_id))
 
     async def enable_key(self, key_id: str) -> APIKey:
         """Lift a suspension (a revoked key stays revoked). Raises: NotFoundError."""
         key_id = ids.check(ids.KEY, key_id)
-        return self._found(
-            await self._db.run_in_transaction(keys.set_disabled, key_id, self._now(), False),
-            key_id,
-        )
+        row = await self._db.run_in_transaction(keys.set_disabled, key_id, self._now(), False)
+        return await self._key_event("enabled", self._found(row, key_id))
 
     async def delete_key(self, key_id: str) -> None:
         """Delete a key with its own limits and budgets. Prefer :meth:`revoke_key`,
@@ -699,8 +706,23 @@ class APIKeyClient:
         Raises: NotFoundError.
         """
         key_id = ids.check(ids.KEY, key_id)
+        key = await self.get_key(key_id) if self._on_key_event is not None else None
         await self._retire_keys("id", key_id)
         await self._delete(ids.KEY, key_id)
+        if key is not None:
+            await self._key_event("deleted", key)
+
+    async def _key_event(self, kind: str, key: APIKey) -> APIKey:
+        """Tell ``on_key_event`` (after commit); a failing hook is logged."""
+        if self._on_key_event is not None:
+            event = KeyEvent.model_construct(
+                kind=kind, key_id=key.id, org_id=key.org_id, at=self._now(), key=key
+            )
+            try:
+                await self._on_key_event(event)
+            except Exception:
+                log.exception("keycap: on_key_event failed for %s of %s", kind, key.id)
+        return key
 
     def _found(self, row: Any, key_id: str) -> APIKey:
         """The key a write changed (revoke, disable, enable)."""

@@ -16,6 +16,7 @@ __all__ = [
     "Charge",
     "Hold",
     "IssuedKey",
+    "KeyEvent",
     "KeyStatus",
     "Organization",
     "Product",
@@ -132,6 +133,18 @@ class BudgetStatus(_Model):
     #: When the period resets; None for lifetime budgets.
     reset_at: datetime | None
     alert_thresholds: tuple[int, ...]
+
+
+class KeyEvent(_Model):
+    """A change to a key, for ``APIKeyClient(on_key_event=...)``, after it committed."""
+
+    #: "created", "updated", "rolled", "revoked", "disabled", "enabled" or "deleted".
+    kind: str
+    key_id: str
+    org_id: str
+    at: datetime
+    #: The key after the change (as it was, for "deleted"). Never the secret.
+    key: APIKey
 
 
 class Remaining(_Model):
