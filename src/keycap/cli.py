@@ -459,25 +459,26 @@ async def budget_set(client: APIKeyClient, args: argparse.Namespace) -> int:
 
 async def budget_list(client: APIKeyClient, args: argparse.Namespace) -> int:
     found = await client.get_budgets(await _subject(client, args.subject))
-    if args.json:
-        _json([b.model_dump() for b in found])
-    elif found:
-        rows = [["ID", "METER", "PERIOD", "USED", "HELD", "LIMIT", "REMAINING", "RESETS"]]
-        for b in found:
-            rows.append(
-                [
-                    b.id,
-                    b.meter,
-                    b.period,
-                    money.plain(b.used),
-                    money.plain(b.held),
-                    money.plain(b.limit + b.credit),
-                    money.plain(b.remaining),
-                    _when(b.reset_at) if b.reset_at else "never",
-                ]
-            )
-        _table(rows)
+    header = ["ID", "METER", "PERIOD", "USED", "HELD", "LIMIT", "REMAINING", "RESETS"]
+    _shown(args, found, header, lambda b: [
+        b.id, b.meter, b.period, money.plain(b.used), money.plain(b.held),
+        money.plain(b.limit + b.credit), money.plain(b.remaining),
+        _when(b.reset_at) if b.reset_at else "never",
+    ])  # fmt: skip
     return 0
+
+
+def _shown(
+    args: argparse.Namespace,
+    found: Sequence[Any],
+    header: list[str],
+    row: Callable[[Any], list[str]],
+) -> None:
+    """A subject's budgets or limits: JSON, or a table with ``header``."""
+    if args.json:
+        _json([item.model_dump() for item in found])
+    elif found:
+        _table([header, *(row(item) for item in found)])
 
 
 async def budget_remove(client: APIKeyClient, args: argparse.Namespace) -> int:
@@ -495,21 +496,11 @@ async def rate_set(client: APIKeyClient, args: argparse.Namespace) -> int:
 
 async def rate_list(client: APIKeyClient, args: argparse.Namespace) -> int:
     found = await client.get_rate_limits(await _subject(client, args.subject))
-    if args.json:
-        _json([r.model_dump() for r in found])
-    elif found:
-        rows = [["NAME", "METER", "LIMIT", "WINDOW S", "REMAINING"]]
-        for r in found:
-            rows.append(
-                [
-                    r.name,
-                    r.meter or "calls",
-                    money.plain(r.limit),
-                    money.plain(r.window_seconds),
-                    money.plain(r.remaining),
-                ]
-            )
-        _table(rows)
+    header = ["NAME", "METER", "LIMIT", "WINDOW S", "REMAINING"]
+    _shown(args, found, header, lambda r: [
+        r.name, r.meter or "calls", money.plain(r.limit), money.plain(r.window_seconds),
+        money.plain(r.remaining),
+    ])  # fmt: skip
     return 0
 
 
@@ -716,6 +707,14 @@ def _paging(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="JSON for scripts")
 
 
+def _on_subject(group: Any, action: str, help_: str, run: Any) -> argparse.ArgumentParser:
+    """An action on a key's, project's or organization's budgets or limits."""
+    parser: argparse.ArgumentParser = group.add_parser(action, help=help_)
+    parser.add_argument("subject", help="key, project or organization id (or organization name)")
+    parser.set_defaults(run=run)
+    return parser
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="keycap", description="Issue and manage capped API keys (docs/cli.md).")
     p.add_argument("--version", action="version", version=f"keycap {__version__}")
@@ -815,34 +814,25 @@ def _parser() -> argparse.ArgumentParser:
         change.set_defaults(run=key_change, action=action)
 
     budget = _group(groups, "budget", "budgets of a key, project or organization")
-    put = budget.add_parser("set", help="set (or change) one; prints its id")
-    put.add_argument("subject", help="key, project or organization id (or organization name)")
+    put = _on_subject(budget, "set", "set (or change) one; prints its id", budget_set)
     put.add_argument("spec", help="AMOUNT[/PERIOD][:METER]: 5.00/month, 100000/day:tokens")
     put.add_argument("--anchor-day", type=_whole(1), help="monthly: the day periods start")
     put.add_argument("--alert", type=_whole(1), action="append", default=[], help="percent")
-    put.set_defaults(run=budget_set)
-    listing = budget.add_parser("list", help="the subject's own budgets")
-    listing.add_argument("subject")
-    listing.add_argument("--json", action="store_true")
-    listing.set_defaults(run=budget_list)
+    _on_subject(budget, "list", "the subject's own budgets", budget_list).add_argument(
+        "--json", action="store_true"
+    )
     remove = budget.add_parser("remove", help="remove one by id (its ledger stays)")
     remove.add_argument("id")
     remove.set_defaults(run=budget_remove)
 
     rate = _group(groups, "rate", "rate limits of a key, project or organization")
-    put = rate.add_parser("set", help="set (or change, by name) one; prints its name")
-    put.add_argument("subject", help="key, project or organization id (or organization name)")
+    put = _on_subject(rate, "set", "set (or change, by name) one; prints its name", rate_set)
     put.add_argument("spec", help="LIMIT/WINDOW[:METER]: 100/minute, 50000/minute:tokens")
     put.add_argument("--name")
-    put.set_defaults(run=rate_set)
-    listing = rate.add_parser("list", help="the subject's own rate limits")
-    listing.add_argument("subject")
-    listing.add_argument("--json", action="store_true")
-    listing.set_defaults(run=rate_list)
-    remove = rate.add_parser("remove", help="remove one by name")
-    remove.add_argument("subject")
-    remove.add_argument("name")
-    remove.set_defaults(run=rate_remove)
+    _on_subject(rate, "list", "the subject's own rate limits", rate_list).add_argument(
+        "--json", action="store_true"
+    )
+    _on_subject(rate, "remove", "remove one by name", rate_remove).add_argument("name")
 
     report = groups.add_parser("usage", help="what was charged, per day or month")
     report.add_argument("--org")

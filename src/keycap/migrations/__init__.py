@@ -35,20 +35,11 @@ def config(url: str | None = None) -> Any:
     return cfg
 
 
-def upgrade_connection(connection: Any, revision: str = "head") -> None:
-    """Upgrade keycap's tables on an open *sync* connection (inside ``run_sync``),
-    in the connection's current transaction if it has one. From an app's own
-    env.py use :func:`upgrade_with`, which also knows which command is running.
-
-    Alembic's ``context`` proxy does not nest: ``alembic.command.upgrade`` called
-    from inside another Alembic run would tear down the caller's proxy. So this
-    drives a ``MigrationContext`` directly; keycap's revisions use only ``op``.
-    """
-    from alembic.operations import Operations
-    from alembic.runtime.migration import MigrationContext, MigrationStep
+def _upgrade_steps(revision: str) -> Any:
+    """The ``fn`` of a migration context that upgrades from where it stands to
+    ``revision`` with keycap's scripts."""
+    from alembic.runtime.migration import MigrationStep
     from alembic.script import ScriptDirectory
-
-    from keycap._db.schema import metadata
 
     script = ScriptDirectory(SCRIPT_LOCATION)
 
@@ -59,6 +50,24 @@ def upgrade_connection(connection: Any, revision: str = "head") -> None:
             for rev in reversed(list(revisions))
         ]
 
+    return steps
+
+
+def upgrade_connection(connection: Any, revision: str = "head") -> None:
+    """Upgrade keycap's tables on an open *sync* connection (inside ``run_sync``),
+    in the connection's current transaction if it has one. From an app's own
+    env.py use :func:`upgrade_with`, which also knows which command is running.
+
+    Alembic's ``context`` proxy does not nest: ``alembic.command.upgrade`` called
+    from inside another Alembic run would tear down the caller's proxy. So this
+    drives a ``MigrationContext`` directly; keycap's revisions use only ``op``.
+    """
+    from alembic.operations import Operations
+    from alembic.runtime.migration import MigrationContext
+
+    from keycap._db.schema import metadata
+
+    steps = _upgrade_steps(revision)
     context = MigrationContext.configure(
         connection,
         opts={"version_table": VERSION_TABLE, "target_metadata": metadata, "fn": steps},
@@ -123,20 +132,11 @@ def _upgrade_script(app: Any, revision: str) -> None:
             "tables (batch mode), which needs the live database; run them online"
         )
     from alembic.operations import Operations
-    from alembic.runtime.migration import MigrationContext, MigrationStep
-    from alembic.script import ScriptDirectory
+    from alembic.runtime.migration import MigrationContext
 
     from keycap._db.schema import metadata
 
-    script = ScriptDirectory(SCRIPT_LOCATION)
-
-    def steps(current: Any, _context: Any) -> list[Any]:
-        revisions = script.iterate_revisions(revision, current, implicit_base=True)
-        return [
-            MigrationStep.upgrade_from_script(script.revision_map, rev)
-            for rev in reversed(list(revisions))
-        ]
-
+    steps = _upgrade_steps(revision)
     context = MigrationContext.configure(
         dialect_name=app.dialect.name,
         opts={
