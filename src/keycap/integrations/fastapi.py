@@ -38,7 +38,9 @@ from keycap.integrations.asgi import SCOPE_KEY, Meter, RequestContext
 
 __all__ = [
     "KeycapMiddleware",
+    "Manager",
     "Meter",
+    "key_management_router",
     "keycap_client",
     "metered",
     "open_meter",
@@ -374,3 +376,6 @@ class KeycapMiddleware(asgi.KeycapMiddleware):
             return app.openapi_schema
 
         app.openapi = openapi  # type: ignore[method-assign]
+
+
+from keycap.integrations._portal import Manager, key_management_router  # noqa: E402

@@ -1,0 +1,218 @@
+"""Self-serve key management: JSON endpoints an app mounts for its customers.
+
+``key_management_router(manager=...)`` returns a FastAPI ``APIRouter``. The
+``manager`` dependency is the app's own: it says who is calling (``actor``) and
+which organization they may manage (``org_id``), and optionally which scopes
+they may grant. Every endpoint works inside that organization only: another
+organization's key is a 404, as if it did not exist. docs/portal.md.
+"""
+
+# No ``from __future__ import annotations``: FastAPI reads the endpoints'
+# annotations, which name dependencies local to key_management_router.
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from decimal import Decimal
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from keycap._client import APIKeyClient
+from keycap._errors import InvalidArgumentError, NotFoundError
+from keycap._models import APIKey, KeyStatus, Remaining, UsageRow
+from keycap._rules import scopes as scope_rules
+from keycap._rules.budgets import Budget
+from keycap._rules.rate_limits import RateLimit
+
+
+@dataclass(frozen=True, slots=True)
+class Manager:
+    """Who manages keys through the router: the app's user, in one organization.
+
+    ``grantable``: the scopes this manager may put on a key (patterns allowed,
+    as in ``chat:*``); None: any scope.
+    """
+
+    actor: str
+    org_id: str
+    grantable: frozenset[str] | None = field(default=None)
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BudgetIn(_Body):
+    limit: Decimal
+    period: str = "month"
+    meter: str = "spend"
+
+
+class RateLimitIn(_Body):
+    limit: int
+    window: str = "minute"
+
+
+class KeyCreate(_Body):
+    name: str = ""
+    scopes: list[str] = Field(default_factory=list)
+    project_id: str | None = None
+    product_id: str | None = None
+    expires_in: str | None = Field(default=None, examples=["30d"])
+    budgets: list[BudgetIn] = Field(default_factory=list)
+    rate_limits: list[RateLimitIn] = Field(default_factory=list)
+
+
+class KeyUpdate(_Body):
+    name: str | None = None
+    scopes: list[str] | None = None
+
+
+class Roll(_Body):
+    grace: str = Field(default="24h", examples=["24h", "0s"])
+
+
+class KeyShown(BaseModel):
+    """A key with what it can still spend."""
+
+    key: APIKey
+    status: KeyStatus
+    remaining: list[Remaining]
+
+
+class KeyIssued(BaseModel):
+    """A new secret: shown in this response only."""
+
+    key: APIKey
+    plaintext: str
+
+
+def key_management_router(
+    *,
+    manager: Any,
+    client: APIKeyClient | None = None,
+) -> APIRouter:
+    """The key management endpoints, to mount with ``app.include_router(router,
+    prefix="/account/api-keys")``.
+
+    Args:
+        manager: a FastAPI dependency returning the :class:`Manager` of the
+            request (the app's login, or a keycap key with a management scope).
+        client: the client to use; by default the request's (KeycapMiddleware or
+            ``app.state.keycap``).
+    """
+    from keycap.integrations.fastapi import keycap_client
+
+    router = APIRouter(tags=["API keys"])
+    Who = Annotated[Manager, Depends(manager)]
+
+    def _client(request: Request) -> APIKeyClient:
+        return client if client is not None else keycap_client(request)
+
+    Client = Annotated[APIKeyClient, Depends(_client)]
+
+    async def _own(kc: APIKeyClient, who: Manager, key_id: str) -> APIKey:
+        """The key, if it is in the manager's organization; else a 404."""
+        try:
+            key = await kc.get_key(key_id)
+        except NotFoundError:
+            raise NotFoundError("key", key_id) from None
+        if key.org_id != who.org_id:
+            raise NotFoundError("key", key_id)
+        return key
+
+    def _grantable(who: Manager, scopes: Sequence[str]) -> list[str]:
+        wanted = scope_rules.normalize(scopes, "scopes")
+        if who.grantable is not None and (beyond := scope_rules.missing(who.grantable, wanted)):
+            raise InvalidArgumentError("scopes", "not yours to grant: " + ", ".join(beyond))
+        return list(wanted)
+
+    async def _shown(kc: APIKeyClient, key: APIKey) -> KeyShown:
+        return KeyShown(
+            key=key, status=key.status_at(kc.now()), remaining=await kc.remaining(key.id)
+        )
+
+    @router.get("/keys", summary="The organization's keys, newest first")
+    async def list_keys(
+        who: Who,
+        kc: Client,
+        limit: Annotated[int, Query(ge=1, le=100)] = 50,
+        offset: Annotated[int, Query(ge=0)] = 0,
+        status: KeyStatus | None = None,
+        project_id: str | None = None,
+    ) -> list[APIKey]:
+        return await kc.list_keys(
+            org_id=who.org_id,
+            project_id=project_id,
+            status=status,
+            limit=limit,
+            offset=offset,
+            newest_first=True,
+        )
+
+    @router.post("/keys", status_code=201, summary="Create a key (its secret is shown once)")
+    async def create_key(body: KeyCreate, who: Who, kc: Client) -> KeyIssued:
+        issued = await kc.create_key(
+            who.org_id,
+            name=body.name,
+            scopes=_grantable(who, body.scopes),
+            project_id=body.project_id,
+            product_id=body.product_id,
+            expires_in=body.expires_in,
+            budgets=[Budget(b.limit, b.period, meter=b.meter) for b in body.budgets],
+            rate_limits=[RateLimit(r.limit, r.window) for r in body.rate_limits],
+            delegated_by=who.actor,
+        )
+        return KeyIssued(key=issued.key, plaintext=issued.plaintext)
+
+    @router.get("/keys/{key_id}", summary="A key, with what it can still spend")
+    async def show_key(key_id: str, who: Who, kc: Client) -> KeyShown:
+        return await _shown(kc, await _own(kc, who, key_id))
+
+    @router.patch("/keys/{key_id}", summary="Rename a key, or change its scopes")
+    async def update_key(key_id: str, body: KeyUpdate, who: Who, kc: Client) -> KeyShown:
+        await _own(kc, who, key_id)
+        changes: dict[str, Any] = {}
+        if body.name is not None:
+            changes["name"] = body.name
+        if body.scopes is not None:
+            changes["scopes"] = _grantable(who, body.scopes)
+        return await _shown(kc, await kc.update_key(key_id, **changes))
+
+    @router.post("/keys/{key_id}/roll", summary="A new secret; the old one works for the grace")
+    async def roll_key(key_id: str, body: Roll, who: Who, kc: Client) -> KeyIssued:
+        await _own(kc, who, key_id)
+        rolled = await kc.roll_key(key_id, grace=body.grace)
+        return KeyIssued(key=rolled.key, plaintext=rolled.plaintext)
+
+    for action in ("revoke", "disable", "enable"):
+
+        def _changer(action: str = action) -> Any:
+            async def change(key_id: str, who: Who, kc: Client) -> KeyShown:
+                await _own(kc, who, key_id)
+                method = {
+                    "revoke": kc.revoke_key,
+                    "disable": kc.disable_key,
+                    "enable": kc.enable_key,
+                }[action]
+                return await _shown(kc, await method(key_id))
+
+            change.__name__ = f"{action}_key"
+            return change
+
+        router.post(f"/keys/{{key_id}}/{action}", summary=f"{action.capitalize()} a key")(
+            _changer()
+        )
+
+    @router.get("/keys/{key_id}/usage", summary="Spending per day, per meter, from the ledger")
+    async def usage(
+        key_id: str,
+        who: Who,
+        kc: Client,
+        days: Annotated[int, Query(ge=1, le=366)] = 30,
+    ) -> list[UsageRow]:
+        await _own(kc, who, key_id)
+        return await kc.usage(key_id=key_id, since=kc.now() - timedelta(days=days), per="day")
+
+    return router
