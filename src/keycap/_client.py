@@ -226,8 +226,9 @@ class APIKeyClient:
         self._rate_limited: dict[str, None] = {}  # insertion-ordered: oldest first
         self._cache = _auth_cache(auth_cache_ttl)
         pooled = inputs.flag(transaction_pooler, "transaction_pooler")
+        made_pooled = isinstance(database, AsyncEngine) and made_for_pooler(database)
         if isinstance(database, AsyncEngine):
-            pooled = pooled or made_for_pooler(database)
+            pooled = pooled or made_pooled
         else:
             pooled = pooled or pooler_flag(normalize_url(database))
         if lock_timeout is UNSET:
@@ -237,7 +238,7 @@ class APIKeyClient:
             lock=None if lock_timeout is None else _seconds(lock_timeout, "lock_timeout"),
         )
         if isinstance(database, AsyncEngine):
-            if pooled and not made_for_pooler(database):
+            if pooled and not made_pooled:
                 require_pooler_settings(database)
             engine, owned = database, False
         else:

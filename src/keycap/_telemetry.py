@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, TypeVar
 
 from keycap._errors import ConfigurationError, DatabaseError, KeycapError
 from keycap._models import APIKey, BudgetStatus, Charge, Hold, Settlement
@@ -29,7 +29,6 @@ from keycap._models import APIKey, BudgetStatus, Charge, Hold, Settlement
 refusals = logging.getLogger("keycap.refusals")
 database = logging.getLogger("keycap.database")
 
-P = ParamSpec("P")
 T = TypeVar("T")
 
 

@@ -334,7 +334,7 @@ def _used(row: dict[str, Any]) -> tuple[str, str]:
         f"{money.plain(b['used'])}/{money.plain(b['limit'])} {b['meter']}" for b in row["budgets"]
     ]
     resets = [b["reset_at"] for b in row["budgets"] if b["reset_at"] is not None]
-    reset = min(resets).strftime("%Y-%m-%d %H:%M") if resets else "never"
+    reset = _when(min(resets)) if resets else "never"
     return ", ".join(parts), reset
 
 

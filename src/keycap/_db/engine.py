@@ -37,7 +37,7 @@ _ASYNC_DRIVERS = {
 
 #: The URL query parameter that says the URL leads to a transaction pooler.
 POOLER_PARAMETER = "transaction_pooler"
-_TRUE = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+_FLAG_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 def normalize_url(raw: object) -> URL:
@@ -89,7 +89,7 @@ def pooler_flag(url: URL) -> bool:
     raw = url.query.get(POOLER_PARAMETER)
     if raw is None:
         return False
-    value = _TRUE.get(str(raw).strip().lower()) if isinstance(raw, str) else None
+    value = _FLAG_WORDS.get(str(raw).strip().lower()) if isinstance(raw, str) else None
     if value is None:
         raise ConfigurationError(f"{POOLER_PARAMETER} in the database URL must be true or false")
     if value and url.get_backend_name() != "postgresql":
@@ -152,12 +152,14 @@ def create_engine(
             )
     kwargs: dict[str, Any] = {}
     connect: dict[str, Any] = {}
+    # aiomysql: the pool's reset is keycap's own (_skip_needless_rollback).
+    own_reset = backend in ("mysql", "mariadb") and url.get_driver_name() == "aiomysql"
     if backend != "sqlite":
         kwargs["pool_timeout"] = waits.call
+    if own_reset:
+        kwargs["pool_reset_on_return"] = None
     if backend in ("mysql", "mariadb"):
         kwargs["pool_recycle"] = 3600  # MySQL drops idle connections after wait_timeout
-        if url.get_driver_name() == "aiomysql":
-            kwargs["pool_reset_on_return"] = None  # _skip_needless_rollback resets
         connect["connect_timeout"] = max(1, math.ceil(waits.call))
         if waits.lock is not None:
             seconds = max(1, math.ceil(waits.lock))
@@ -183,7 +185,7 @@ def create_engine(
         ) from None
     if pooled:
         _POOLED.add(engine.sync_engine)
-    if kwargs.get("pool_reset_on_return", "rollback") is None:
+    if own_reset:
         _skip_needless_rollback(engine)
     if backend == "sqlite":
         busy_ms = 30_000 if waits.lock is None else math.ceil(waits.lock * 1000)
@@ -446,7 +448,9 @@ class Database:
         # switch per checkout (local with asyncpg, a round trip each way with
         # aiomysql) but double the connections an app's database must allow.
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
-        # (MySQL/MariaDB use it for nothing: see run() and reading().)
+        # Behind a pooler, and on MySQL/MariaDB, a statement gets a transaction of
+        # its own instead (autocommit()).
+        self._own_transaction = self.transaction_pooler or self.is_mysql
 
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[AsyncConnection]:
@@ -455,7 +459,12 @@ class Database:
 
     @asynccontextmanager
     async def autocommit(self) -> AsyncIterator[AsyncConnection]:
-        connecting = self.engine.begin() if self.transaction_pooler else self._autocommit.connect()
+        """A connection for one statement that is atomic on its own: AUTOCOMMIT on
+        PostgreSQL and SQLite. Behind a transaction pooler, and on MySQL/MariaDB,
+        a transaction of its own instead: the statement and its COMMIT (switching
+        a pooled aiomysql connection to AUTOCOMMIT and back costs four more round
+        trips; see :meth:`reading`)."""
+        connecting = self.engine.begin() if self._own_transaction else self._autocommit.connect()
         async with _translated(connecting) as conn:
             yield conn
 
@@ -523,16 +532,11 @@ class Database:
         *args: P.args,
         **kwargs: P.kwargs,
     ) -> T:
-        """``statement(conn, ...)`` on an autocommit connection (:meth:`guarded`): for a
-        statement that is atomic on its own.
-
-        MySQL/MariaDB: in a transaction instead, the statement and its COMMIT,
-        two round trips; AUTOCOMMIT costs four more to switch the pooled
-        connection there and back (see :meth:`reading`)."""
+        """``statement(conn, ...)`` on an :meth:`autocommit` connection
+        (:meth:`guarded`): for a statement that is atomic on its own."""
 
         async def work() -> T:
-            connecting = self.begin() if self.is_mysql else self.autocommit()
-            async with connecting as conn:
+            async with self.autocommit() as conn:
                 return await statement(conn, *args, **kwargs)
 
         return await self.guarded(work)

@@ -114,10 +114,7 @@ def key_management_router(
 
     async def _own(kc: APIKeyClient, who: Manager, key_id: str) -> APIKey:
         """The key, if it is in the manager's organization; else a 404."""
-        try:
-            key = await kc.get_key(key_id)
-        except NotFoundError:
-            raise NotFoundError("key", key_id) from None
+        key = await kc.get_key(key_id)  # NotFoundError: a 404 too
         if key.org_id != who.org_id:
             raise NotFoundError("key", key_id)
         return key
