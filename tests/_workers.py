@@ -102,3 +102,31 @@ def charge_forever(url: str, key_id: str, ready: Any) -> None:
                     ready.set()  # a multiprocessing.Event: the test may kill us now
 
     asyncio.run(run())
+
+
+def charge_storm(url: str, key_id: str, amount: str, calls: int, lock_pass: bool) -> int:
+    """``calls`` concurrent charges of ``amount``; how many were admitted. With
+    ``lock_pass=False``, PostgreSQL's one-statement charge without its lock pass:
+    the negative control of tests/test_one_statement.py."""
+    from keycap._db import metering
+
+    if not lock_pass:
+        exact = metering.charge_statement
+        metering.charge_statement = lambda count, lock_pass=True: exact(count, False)  # type: ignore[assignment, misc]
+
+    async def run() -> int:
+        admitted = 0
+        async with APIKeyClient(url, signing_secret=SECRET) as client:
+
+            async def one() -> None:
+                nonlocal admitted
+                try:
+                    await client.charge(key_id, Decimal(amount))
+                    admitted += 1
+                except KeycapError as error:
+                    assert error.code == "budget_exceeded", error
+
+            await asyncio.gather(*(one() for _ in range(calls)))
+        return admitted
+
+    return asyncio.run(run())

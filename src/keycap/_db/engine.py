@@ -451,6 +451,8 @@ class Database:
         # Behind a pooler, and on MySQL/MariaDB, a statement gets a transaction of
         # its own instead (autocommit()).
         self._own_transaction = self.transaction_pooler or self.is_mysql
+        #: A charge runs as one statement (``keycap._db.metering``): PostgreSQL only.
+        self.one_statement: bool = self.dialect == "postgresql"
 
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[AsyncConnection]:

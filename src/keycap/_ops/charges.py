@@ -4,13 +4,13 @@ organization, or none; with its ledger entries.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from keycap._db import budgets, ledger, operations
+from keycap._db import budgets, ledger, metering, operations
 from keycap._db.build import AnyRow, KeyRef
 from keycap._db.engine import Database
 from keycap._models import BudgetAlert, Charge
@@ -35,18 +35,12 @@ async def charge(
     # What the charge moves decides a conflict; metadata is a label, and a retry
     # may leave it out (docs/limits-and-budgets.md).
     idem = Idempotency.of("charge", key_id, idempotency_key, amounts=dict(amounts))
-    if (replay := await stored_replay(db, Charge, idem)) is not None:
+    if idempotency_key is None and db.one_statement:
+        unit = _at_once(db, key_id, amounts, metadata, now)
+    elif (replay := await stored_replay(db, Charge, idem)) is not None:
         return replay  # type: ignore[no-any-return]
-
-    async def unit() -> tuple[Charge, tuple[BudgetAlert, ...]]:
-        async with db.begin() as conn:
-            key = await live_key(conn, key_id, now)
-            op_id = await claim(conn, key.org_id, idem, now)
-            result = await charge_in(conn, key, amounts, now, idempotency_key, metadata)
-            if op_id is not None:
-                await operations.store_result(conn, op_id, result.model_dump(mode="json"))
-            return result, result.alerts
-
+    else:
+        unit = _in_transaction(db, key_id, amounts, idem, metadata, now)
     result, alerts = await run(
         db,
         unit,
@@ -58,6 +52,56 @@ async def charge(
     )
     await deliver(alerts, on_alert)
     return result  # type: ignore[no-any-return]
+
+
+Unit = Callable[[], Awaitable[tuple[Charge, tuple[BudgetAlert, ...]]]]
+
+
+def _at_once(
+    db: Database,
+    key_id: str,
+    amounts: Mapping[str, int],
+    metadata: Mapping[str, Any] | None,
+    now: datetime,
+) -> Unit:
+    """PostgreSQL: the whole charge in one statement (``keycap._db.metering``)."""
+
+    async def unit() -> tuple[Charge, tuple[BudgetAlert, ...]]:
+        async with db.autocommit() as conn:
+            rows = await metering.charge_at_once(conn, key_id, amounts, metadata, now)
+        first = rows[0]
+        if not first.ok:
+            if first.key_org_id is None:
+                raise Refused("key")
+            raise Refused("budget", key=KeyRef(key_id, first.key_org_id, first.key_project_id))
+        debited = [(row, amounts[row.meter]) for row in rows if row.id is not None]
+        result = _charged(key_id, amounts, debited, now)
+        return result, result.alerts
+
+    return unit
+
+
+def _in_transaction(
+    db: Database,
+    key_id: str,
+    amounts: Mapping[str, int],
+    idem: Idempotency,
+    metadata: Mapping[str, Any] | None,
+    now: datetime,
+) -> Unit:
+    """The charge as a transaction: lock the key, claim the idempotency key, debit,
+    write the ledger, store the result."""
+
+    async def unit() -> tuple[Charge, tuple[BudgetAlert, ...]]:
+        async with db.begin() as conn:
+            key = await live_key(conn, key_id, now)
+            op_id = await claim(conn, key.org_id, idem, now)
+            result = await charge_in(conn, key, amounts, now, idem.key, metadata)
+            if op_id is not None:
+                await operations.store_result(conn, op_id, result.model_dump(mode="json"))
+            return result, result.alerts
+
+    return unit
 
 
 async def charge_in(
@@ -80,11 +124,18 @@ async def charge_in(
         metadata=metadata,
     )
     await ledger.insert_ledger(conn, movements.charges(origin, debited, amounts))
+    return _charged(key.id, amounts, debited, now)
+
+
+def _charged(
+    key_id: str, amounts: Mapping[str, int], debited: list[tuple[AnyRow, int]], now: datetime
+) -> Charge:
+    """The charge's result, from every budget it debited (the row after, the amount)."""
     return Charge.model_construct(
-        key_id=key.id,
+        key_id=key_id,
         amounts={meter: from_micros(a) for meter, a in amounts.items()},
         budgets=by_remaining([budget_status(after, now) for after, _ in debited]),
-        alerts=crossed_alerts(debited, now, key.id),
+        alerts=crossed_alerts(debited, now, key_id),
         replayed=False,
     )
 

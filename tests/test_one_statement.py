@@ -1,0 +1,161 @@
+"""PostgreSQL's one-statement charge (``keycap._db.metering``): exact because it
+reads every row it decides on ``FOR NO KEY UPDATE``.
+
+The version without that lock pass is kept as a negative control: it decides on
+the budgets as they were when its statement started, so a charge that waited
+for another's lock on the key spends what that one already spent. Each test
+shows the control failing where the real statement holds, so the tests are
+known to catch the race.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ProcessPoolExecutor
+from datetime import datetime
+from decimal import Decimal as D
+from typing import TypeVar
+
+import pytest
+from sqlalchemy import func, select, text
+
+from keycap import APIKeyClient, Budget, BudgetExceededError
+from keycap._db import metering
+from keycap._db.schema import budgets, ledger
+from keycap._rules.money import DEFAULT_METER
+from tests import _workers
+from tests._ledger import assert_balances_match_ledger
+from tests.conftest import DATABASES, REPORT, FakeClock
+
+POSTGRESQL = [name for name in DATABASES if name in ("postgresql", "pgbouncer")]
+pytestmark = pytest.mark.parametrize("database", POSTGRESQL, indirect=True)
+T = TypeVar("T")
+
+
+async def _while_a_charge_is_open(
+    client: APIKeyClient, key_id: str, now: datetime, second: Callable[[], Awaitable[T]]
+) -> T:
+    """Charge 0.60 in a transaction, start ``second`` while it is open, commit once
+    ``second`` waits on its locks (seen in pg_stat_activity); what ``second`` returns."""
+    engine = client.engine
+    async with engine.connect() as holder, engine.connect() as watcher, holder.begin():
+        await holder.execute(
+            metering.charge_statement(1),
+            metering.charge_params(key_id, {DEFAULT_METER: 600_000}, None, now),
+        )
+        blocked = asyncio.ensure_future(second())
+        while True:  # until the other charge waits for our lock on the key
+            waiting = await watcher.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                )
+            )
+            await watcher.commit()
+            if waiting or blocked.done():
+                break
+            await asyncio.sleep(0.01)
+    return await blocked
+
+
+async def _used_and_ledger(client: APIKeyClient, key_id: str) -> tuple[int, int]:
+    async with client.engine.connect() as conn:
+        used = await conn.scalar(select(budgets.c.used_micros).where(budgets.c.key_id == key_id))
+        spent = await conn.scalar(
+            select(func.sum(ledger.c.delta_used)).where(ledger.c.key_id == key_id)
+        )
+    return int(used or 0), int(spent or 0)
+
+
+async def test_a_charge_that_waited_for_the_key_decides_on_the_budget_as_committed(
+    client: APIKeyClient, clock: FakeClock
+) -> None:
+    issued = await client.create_key(
+        (await client.create_organization("A")).id, budgets=[Budget(D("1.00"))]
+    )
+    with pytest.raises(BudgetExceededError):
+        await _while_a_charge_is_open(
+            client, issued.id, clock(), lambda: client.charge(issued.id, D("0.60"))
+        )
+    assert await _used_and_ledger(client, issued.id) == (600_000, 600_000)
+
+
+async def test_without_the_lock_pass_the_waiting_charge_spends_the_budget_twice(
+    client: APIKeyClient, clock: FakeClock
+) -> None:
+    issued = await client.create_key(
+        (await client.create_organization("A")).id, budgets=[Budget(D("1.00"))]
+    )
+    params = metering.charge_params(issued.id, {DEFAULT_METER: 600_000}, None, clock())
+
+    async def unlocked_charge() -> bool:
+        async with client.engine.connect() as conn, conn.begin():
+            row = (await conn.execute(metering.charge_statement(1, False), params)).first()
+        assert row is not None
+        return bool(row.ok)
+
+    # Admitted: 1.20 charged on a 1.00 budget, and the budget's row says 0.60.
+    assert await _while_a_charge_is_open(client, issued.id, clock(), unlocked_charge)
+    used, spent = await _used_and_ledger(client, issued.id)
+    assert spent == 1_200_000 and used != spent
+
+
+@pytest.mark.concurrency
+@pytest.mark.parametrize("lock_pass", [True, False], ids=["exact", "negative-control"])
+async def test_a_storm_of_charges_from_four_processes_admits_exactly_the_budget(
+    client: APIKeyClient, db_url: str, backend: str, lock_pass: bool
+) -> None:
+    issued = await client.create_key(
+        (await client.create_organization("A")).id, budgets=[Budget(D("1.00"))]
+    )
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(4, mp_context=ctx) as pool:
+        jobs = [
+            pool.submit(_workers.charge_storm, db_url, issued.id, "0.01", 64, lock_pass)
+            for _ in range(4)
+        ]
+        admitted = sum(job.result() for job in jobs)
+    REPORT.append(
+        f"{backend}: one-statement charge {'with' if lock_pass else 'WITHOUT'} its lock pass, "
+        f"4x64 charges of 0.01 on a 1.00 budget -> admitted={admitted}"
+    )
+    if lock_pass:
+        assert admitted == 100
+        await assert_balances_match_ledger(client)
+    else:
+        assert admitted > 100  # the race the lock pass closes, caught
+
+
+@pytest.mark.concurrency
+async def test_one_statement_charges_and_transactional_validations_share_a_budget_exactly(
+    client: APIKeyClient, db_url: str, backend: str
+) -> None:
+    # Mixed traffic on the same rows: charges (one statement) through one key,
+    # metered validations (a transaction) through another, on their org's budget.
+    org = (await client.create_organization("A")).id
+    await client.set_budget(org, Budget(D("1.00")))
+    charged = await client.create_key(org, budgets=[Budget(D("0.80"))])
+    validated = await client.create_key(org, budgets=[Budget(D("0.80"))])
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(4, mp_context=ctx) as pool:
+        charges = [
+            pool.submit(_workers.charge_storm, db_url, charged.id, "0.01", 64, True)
+            for _ in range(2)
+        ]
+        validations = [
+            pool.submit(
+                _workers.metered_many, db_url, "validate", validated.plaintext, "0.01", 64, None
+            )
+            for _ in range(2)
+        ]
+        admitted = sum(job.result() for job in charges)
+        admitted += sum(job.result()["outcomes"].get("ok", 0) for job in validations)
+    (status,) = await client.get_budgets(org)
+    ledger_lines = await assert_balances_match_ledger(client)
+    REPORT.append(
+        f"{backend}: 2x64 one-statement charges + 2x64 metered validations of 0.01 on an org "
+        f"budget of 1.00 -> admitted={admitted}, org used={status.used}; {'; '.join(ledger_lines)}"
+    )
+    assert admitted == 100 and status.used == D("1.00")
