@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections import Counter
 from datetime import datetime
 from decimal import Decimal
@@ -104,27 +105,50 @@ def charge_forever(url: str, key_id: str, ready: Any) -> None:
     asyncio.run(run())
 
 
-def charge_storm(url: str, key_id: str, amount: str, calls: int, lock_pass: bool) -> int:
-    """``calls`` concurrent charges of ``amount``; how many were admitted. With
-    ``lock_pass=False``, PostgreSQL's one-statement charge without its lock pass:
-    the negative control of tests/test_one_statement.py."""
+def storm(
+    url: str,
+    op: str,
+    target: str,
+    amount: str | None,
+    calls: int,
+    lock_pass: bool = True,
+    clock_iso: str | None = None,
+) -> int:
+    """``calls`` concurrent charges (``op="charge"`` or ``"idempotent charge"``, of the
+    key id ``target``) or validations (of the plaintext ``target``, with ``amount`` as their cost);
+    how many were admitted. With ``lock_pass=False``, PostgreSQL's one-statement
+    forms without their lock pass: the negative control of
+    tests/test_one_statement.py."""
     from keycap._db import metering
 
     if not lock_pass:
-        exact = metering.charge_statement
-        metering.charge_statement = lambda count, lock_pass=True: exact(count, False)  # type: ignore[assignment, misc]
+        charge, validation = metering.charge_statement, metering.validation_statement
+        metering.charge_statement = lambda count, lock_pass=True: charge(count, False)  # type: ignore[assignment, misc]
+        metering.validation_statement = (  # type: ignore[assignment]
+            lambda req, peppers, count, track, lock_pass=True: validation(
+                req, peppers, count, track, False
+            )
+        )
 
     async def run() -> int:
         admitted = 0
-        async with APIKeyClient(url, signing_secret=SECRET) as client:
+        clock = FixedClock(clock_iso) if clock_iso else None
+        cost = None if amount is None else Decimal(amount)
+        async with APIKeyClient(url, signing_secret=SECRET, clock=clock) as client:
 
             async def one() -> None:
                 nonlocal admitted
                 try:
-                    await client.charge(key_id, Decimal(amount))
+                    if op == "charge":
+                        await client.charge(target, cost)  # type: ignore[arg-type]
+                    elif op == "idempotent charge":  # a transaction on every database
+                        idem = uuid.uuid4().hex
+                        await client.charge(target, cost, idempotency_key=idem)  # type: ignore[arg-type]
+                    else:
+                        await client.validate_key(target, cost=cost)
                     admitted += 1
                 except KeycapError as error:
-                    assert error.code == "budget_exceeded", error
+                    assert error.code in ("budget_exceeded", "rate_limited"), error
 
             await asyncio.gather(*(one() for _ in range(calls)))
         return admitted

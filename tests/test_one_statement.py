@@ -14,14 +14,14 @@ import asyncio
 import multiprocessing
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ProcessPoolExecutor
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal as D
 from typing import TypeVar
 
 import pytest
 from sqlalchemy import func, select, text
 
-from keycap import APIKeyClient, Budget, BudgetExceededError
+from keycap import APIKeyClient, Budget, BudgetExceededError, RateLimit
 from keycap._db import metering
 from keycap._db.schema import budgets, ledger
 from keycap._rules.money import DEFAULT_METER
@@ -102,25 +102,28 @@ async def test_without_the_lock_pass_the_waiting_charge_spends_the_budget_twice(
     assert spent == 1_200_000 and used != spent
 
 
+def _storm(*job: object) -> int:
+    """Four processes each running ``_workers.storm(*job)``; the calls admitted."""
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(4, mp_context=ctx) as pool:
+        return sum(f.result() for f in [pool.submit(_workers.storm, *job) for _ in range(4)])
+
+
+EXACT_AND_CONTROL = pytest.mark.parametrize(
+    "lock_pass", [True, False], ids=["exact", "negative-control"]
+)
+
+
 @pytest.mark.concurrency
-@pytest.mark.parametrize("lock_pass", [True, False], ids=["exact", "negative-control"])
+@EXACT_AND_CONTROL
 async def test_a_storm_of_charges_from_four_processes_admits_exactly_the_budget(
     client: APIKeyClient, db_url: str, backend: str, lock_pass: bool
 ) -> None:
     issued = await client.create_key(
         (await client.create_organization("A")).id, budgets=[Budget(D("1.00"))]
     )
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(4, mp_context=ctx) as pool:
-        jobs = [
-            pool.submit(_workers.charge_storm, db_url, issued.id, "0.01", 64, lock_pass)
-            for _ in range(4)
-        ]
-        admitted = sum(job.result() for job in jobs)
-    REPORT.append(
-        f"{backend}: one-statement charge {'with' if lock_pass else 'WITHOUT'} its lock pass, "
-        f"4x64 charges of 0.01 on a 1.00 budget -> admitted={admitted}"
-    )
+    admitted = _storm(db_url, "charge", issued.id, "0.01", 64, lock_pass)
+    _report(backend, lock_pass, "4x64 charges of 0.01 on a 1.00 budget", admitted)
     if lock_pass:
         assert admitted == 100
         await assert_balances_match_ledger(client)
@@ -129,33 +132,70 @@ async def test_a_storm_of_charges_from_four_processes_admits_exactly_the_budget(
 
 
 @pytest.mark.concurrency
-async def test_one_statement_charges_and_transactional_validations_share_a_budget_exactly(
+@EXACT_AND_CONTROL
+async def test_a_storm_of_metered_validations_admits_exactly_the_org_budget(
+    client: APIKeyClient, db_url: str, backend: str, lock_pass: bool
+) -> None:
+    org = (await client.create_organization("A")).id
+    await client.set_budget(org, Budget(D("1.00")))
+    issued = await client.create_key(
+        org, budgets=[Budget(D("5.00"))], rate_limits=[RateLimit(10_000, "minute")]
+    )
+    admitted = _storm(db_url, "validate", issued.plaintext, "0.01", 64, lock_pass)
+    _report(backend, lock_pass, "4x64 validations costing 0.01 on an org budget of 1.00", admitted)
+    if lock_pass:
+        assert admitted == 100
+        assert (await client.get_key(issued.id)).use_count == 100
+        await assert_balances_match_ledger(client)
+    else:
+        assert admitted > 100
+
+
+@pytest.mark.concurrency
+@EXACT_AND_CONTROL
+async def test_a_storm_of_validations_admits_exactly_the_rate_limit(
+    client: APIKeyClient, db_url: str, backend: str, lock_pass: bool
+) -> None:
+    issued = await client.create_key(
+        (await client.create_organization("A")).id, rate_limits=[RateLimit(100, "minute")]
+    )
+    at = datetime(2026, 1, 15, 12, 0, 15, tzinfo=UTC).isoformat()  # one instant everywhere
+    # Known rate-limited in every process: the first call takes the read path.
+    admitted = _storm(db_url, "validate", issued.plaintext, None, 64, lock_pass, at)
+    _report(backend, lock_pass, "4x64 validations on a limit of 100/minute", admitted)
+    if lock_pass:
+        assert admitted == 100
+        assert (await client.get_key(issued.id)).use_count == 100
+    else:
+        assert admitted > 100
+
+
+def _report(backend: str, lock_pass: bool, what: str, admitted: int) -> None:
+    how = "one statement" if lock_pass else "one statement WITHOUT its lock pass"
+    REPORT.append(f"{backend}: {how}, {what} -> admitted={admitted}")
+
+
+@pytest.mark.concurrency
+async def test_one_statement_and_transactional_charges_share_a_budget_exactly(
     client: APIKeyClient, db_url: str, backend: str
 ) -> None:
     # Mixed traffic on the same rows: charges (one statement) through one key,
-    # metered validations (a transaction) through another, on their org's budget.
+    # idempotent charges (a transaction) through another, on their org's budget.
     org = (await client.create_organization("A")).id
     await client.set_budget(org, Budget(D("1.00")))
-    charged = await client.create_key(org, budgets=[Budget(D("0.80"))])
-    validated = await client.create_key(org, budgets=[Budget(D("0.80"))])
+    plain = await client.create_key(org, budgets=[Budget(D("0.80"))])
+    idempotent = await client.create_key(org, budgets=[Budget(D("0.80"))])
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(4, mp_context=ctx) as pool:
-        charges = [
-            pool.submit(_workers.charge_storm, db_url, charged.id, "0.01", 64, True)
-            for _ in range(2)
+        jobs = [
+            pool.submit(_workers.storm, db_url, op, key.id, "0.01", 64)
+            for op, key in [("charge", plain), ("idempotent charge", idempotent)] * 2
         ]
-        validations = [
-            pool.submit(
-                _workers.metered_many, db_url, "validate", validated.plaintext, "0.01", 64, None
-            )
-            for _ in range(2)
-        ]
-        admitted = sum(job.result() for job in charges)
-        admitted += sum(job.result()["outcomes"].get("ok", 0) for job in validations)
+        admitted = sum(job.result() for job in jobs)
     (status,) = await client.get_budgets(org)
     ledger_lines = await assert_balances_match_ledger(client)
     REPORT.append(
-        f"{backend}: 2x64 one-statement charges + 2x64 metered validations of 0.01 on an org "
+        f"{backend}: 2x64 one-statement + 2x64 transactional charges of 0.01 on an org "
         f"budget of 1.00 -> admitted={admitted}, org used={status.used}; {'; '.join(ledger_lines)}"
     )
     assert admitted == 100 and status.used == D("1.00")

@@ -27,8 +27,8 @@ PINNED: dict[str, dict[str, int]] = {
     "postgresql": {
         "validate (read)": 1,
         "validate (tracked)": 1,
-        "validate (rate-limited)": 4,
-        "validate (metered)": 7,
+        "validate (rate-limited)": 1,
+        "validate (metered)": 1,
         "charge": 1,
         "reserve": 7,
         "settle": 8,
@@ -39,8 +39,8 @@ PINNED: dict[str, dict[str, int]] = {
     "pgbouncer": {
         "validate (read)": 4,
         "validate (tracked)": 4,
-        "validate (rate-limited)": 6,
-        "validate (metered)": 12,
+        "validate (rate-limited)": 4,
+        "validate (metered)": 4,
         "charge": 4,
         "reserve": 12,
         "settle": 16,

@@ -372,11 +372,11 @@ async def test_a_metered_call_costs_its_pinned_number_of_statements(
         # limits apply); UPDATE every rate limit (one statement); SELECT budgets;
         # UPDATE both budgets (one statement); INSERT ledger. No SELECT of the key
         # first: that only runs to explain a refusal.
-        (lambda: client.validate_key(metered.plaintext, cost=Decimal("0.01")), 5, 8),
+        # PostgreSQL: each call below is one statement (keycap._db.metering).
+        (lambda: client.validate_key(metered.plaintext, cost=Decimal("0.01")), 5, 8, 1),
         # UPDATE key; UPDATE rate limits (the key is known to be rate-limited).
-        (lambda: client.validate_key(metered.plaintext), 2, 4),
+        (lambda: client.validate_key(metered.plaintext), 2, 4, 1),
         # UPDATE key (live, lock); SELECT budgets; UPDATE both; INSERT ledger.
-        # PostgreSQL: all of it in one statement (keycap._db.metering).
         (lambda: client.charge(charged.id, Decimal("0.01")), 4, 6, 1),
     ]
     for call, with_returning, without, *one_statement in cases:

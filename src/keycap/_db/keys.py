@@ -386,28 +386,40 @@ async def record_metered_use(
     return await changed(conn, stmt, hot_params(key_id, now, digests))
 
 
+def metered_use(track: bool, now: Any) -> tuple[tuple[Any, Any], ...]:
+    """What a metered validation writes to the key's row: the use counted, unless
+    tracking is off and the key has no cap."""
+    k = keys.c
+    capped = k.max_uses.is_not(None)
+    if track:
+        return ((k.use_count, k.use_count + 1), (k.last_used_at, now))
+    # A capped key is counted all the same. An uncapped one is written to
+    # itself: the UPDATE is what takes the key's lock and re-decides the rule,
+    # but it records nothing. (use_count first: last_used_at's CASE reads
+    # only max_uses, so MySQL's left-to-right SET gives the same result.)
+    return (
+        (k.use_count, case((capped, k.use_count + 1), else_=k.use_count)),
+        (k.last_used_at, case((capped, now), else_=k.last_used_at)),
+    )
+
+
+def usage_cap_open() -> ColumnElement[bool]:
+    """The key's usage cap leaves room for one more use."""
+    k = keys.c
+    return or_(k.max_uses.is_(None), k.use_count < k.max_uses)
+
+
 @lru_cache(maxsize=HOT_CACHE)
 def _metered_use(req: Requirement, peppers: tuple[str, ...], dialect: str, track: bool) -> Changing:
     k = keys.c
     key_id, digests, now = hot_binds(peppers)
-    capped = k.max_uses.is_not(None)
-    if track:
-        values: Any = ((k.use_count, k.use_count + 1), (k.last_used_at, now))
-    else:
-        # A capped key is counted all the same. An uncapped one is written to
-        # itself: the UPDATE is what takes the key's lock and re-decides the rule,
-        # but it records nothing. (use_count first: last_used_at's CASE reads
-        # only max_uses, so MySQL's left-to-right SET gives the same result.)
-        values = (
-            (k.use_count, case((capped, k.use_count + 1), else_=k.use_count)),
-            (k.last_used_at, case((capped, now), else_=k.last_used_at)),
-        )
+    values = metered_use(track, now)
     stmt = (
         update(keys)
         .where(
             k.id == key_id,
             grant_predicate(digests, req, now, dialect),
-            or_(k.max_uses.is_(None), k.use_count < k.max_uses),
+            usage_cap_open(),
         )
         .ordered_values(*values)
     )

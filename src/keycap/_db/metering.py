@@ -28,6 +28,7 @@ The lock order, key then budgets in id order, is the one the transactions of
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from functools import lru_cache
 from typing import Any
@@ -51,11 +52,14 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.expression import Grouping
 
-from keycap._db.build import HOT_CACHE, KEY_ID, NOW, AnyRow, big, int_param
-from keycap._db.grant import applies_to, key_is_live_now
-from keycap._db.schema import budgets, keys, ledger
+from keycap._db.build import HOT_CACHE, KEY_ID, NOW, AnyRow, big, hot_binds, int_param
+from keycap._db.grant import applies_to, grant_predicate, key_is_live_now
+from keycap._db.keys import KEY_COLUMNS, metered_use, usage_cap_open
+from keycap._db.rate_limits import call_cost, window_step
+from keycap._db.schema import budgets, keys, ledger, rate_limits
 from keycap._db.types import JSONText, UTCDateTime
 from keycap._rules import periods
+from keycap._rules.policy import Requirement
 
 
 def charge_params(
@@ -127,15 +131,242 @@ def charge_statement(meter_count: int, lock_pass: bool = True) -> Any:
     """The charge of ``meter_count`` meters as one statement. ``lock_pass=False``
     leaves the budgets unlocked until their UPDATE: the over-spending version,
     kept for the tests' negative control only."""
-    k, b = keys.c, budgets.c
-    meters = [bindparam(f"m_meter_{i}", type_=b.meter.type) for i in range(meter_count)]
-    amounts = [int_param(f"m_amount_{i}") for i in range(meter_count)]
-
+    k = keys.c
+    cost = _Cost(meter_count)
     key_q = select(k.id, k.org_id, k.project_id).where(k.id == KEY_ID, *key_is_live_now(NOW))
     key = key_q.with_for_update(key_share=True).cte("hot_key")
+    room = _budget_pass(key, cost, lock_pass)
 
-    # The lock pass: the rows as they are now, each with its current period's start.
-    budgets_q = (
+    ok = and_(exists(select(key.c.id)), ~exists(select(room.c.id).where(~room.c.fits)))
+    decision = select(ok.label("ok")).cte("hot_ok")
+    decided = select(decision.c.ok).scalar_subquery()
+
+    debited = _debit(room, decided)
+    used = (
+        update(keys)
+        .where(k.id == KEY_ID, decided)
+        .values(last_used_at=NOW)
+        .returning(k.id)
+        .cte("hot_used")
+    )
+    written = _ledger(key, room, debited, decided, cost)
+    return (
+        select(
+            decision.c.ok,
+            key.c.org_id.label("key_org_id"),
+            key.c.project_id.label("key_project_id"),
+            *(debited.c[c.name] for c in budgets.c),
+        )
+        .select_from(decision.outerjoin(key, true()).outerjoin(debited, true()))
+        .add_cte(used, written)
+    )
+
+
+def validation_params(
+    key_id: str,
+    digests: Mapping[str, str],
+    amounts: Mapping[str, int],
+    now: datetime,
+    now_ms: int,
+) -> dict[str, Any]:
+    """The values of :func:`validation_statement`'s bind parameters."""
+    params = charge_params(key_id, amounts, None, now)
+    params["m_now_ms"] = now_ms
+    for i, digest in enumerate(digests.values()):
+        params[f"hot_digest_{i}"] = digest
+    return params
+
+
+async def validate_at_once(
+    conn: AsyncConnection,
+    key_id: str,
+    digests: Mapping[str, str],
+    req: Requirement,
+    amounts: Mapping[str, int],
+    track: bool,
+    now: datetime,
+    now_ms: int,
+) -> Metered:
+    """Run :func:`validation_statement`; what it decided and wrote."""
+    stmt = validation_statement(req, tuple(digests), len(amounts), track)
+    params = validation_params(key_id, digests, amounts, now, now_ms)
+    rows = (await conn.execute(stmt, params)).all()
+    return Metered.of(rows)
+
+
+@dataclass(frozen=True, slots=True)
+class Metered:
+    """What a metered validation's statement returned: the decision (``ok``; else
+    which part refused), the key's row after it, and every rate limit and budget
+    after it, in id order (empty unless ``ok``)."""
+
+    ok: bool
+    key_found: bool
+    rates_ok: bool
+    key_org_id: str | None
+    key_project_id: str | None
+    key: AnyRow | None
+    rate_limits: list[TableRow]
+    budgets: list[TableRow]
+
+    @classmethod
+    def of(cls, rows: Sequence[AnyRow]) -> Metered:
+        first = rows[0]
+        return cls(
+            ok=bool(first.ok),
+            key_found=first.key_org_id is not None,
+            rates_ok=bool(first.rates_ok),
+            key_org_id=first.key_org_id,
+            key_project_id=first.key_project_id,
+            key=first if first.ok else None,
+            rate_limits=_distinct(rows, "r_"),
+            budgets=_distinct(rows, "b_"),
+        )
+
+
+class TableRow(dict[str, Any]):
+    """One table's columns out of a wider result row, read as a row is: by
+    attribute, or by name through ``_mapping``."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    @property
+    def _mapping(self) -> dict[str, Any]:
+        return self
+
+
+def _distinct(rows: Sequence[AnyRow], prefix: str) -> list[TableRow]:
+    """The rows of one table in a cross join's result, once each, in id order."""
+    width = len(prefix)
+    seen: dict[str, TableRow] = {}
+    for row in rows:
+        values = {name[width:]: v for name, v in row._mapping.items() if name.startswith(prefix)}
+        if values["id"] is not None and values["id"] not in seen:
+            seen[values["id"]] = TableRow(values)
+    return [seen[i] for i in sorted(seen)]
+
+
+@lru_cache(maxsize=HOT_CACHE)
+def validation_statement(
+    req: Requirement,
+    peppers: tuple[str, ...],
+    meter_count: int,
+    track: bool,
+    lock_pass: bool = True,
+) -> Any:
+    """A metered validation as one statement: the key (the whole grant rule and
+    the usage cap), every rate limit and budget that applies, the use, the
+    debits and the ledger. ``lock_pass=False``: the negative control."""
+    k, rl = keys.c, rate_limits.c
+    _, digests, _ = hot_binds(peppers)
+    cost = _Cost(meter_count)
+    key_q = select(*KEY_COLUMNS, k.pepper_id).where(
+        k.id == KEY_ID, grant_predicate(digests, req, NOW, "postgresql"), usage_cap_open()
+    )
+    key = key_q.with_for_update(key_share=True, of=keys).cte("hot_key")
+
+    # Rate limits after the key, in id order; then what the call does to each.
+    limits_q = (
+        select(*rate_limits.c)
+        .select_from(
+            rate_limits.join(key, applies_to(rate_limits, key.c.id, key.c.org_id, key.c.project_id))
+        )
+        .order_by(rl.id)
+    )
+    limits = _locked(limits_q, rate_limits, lock_pass).cte("hot_limits")
+    step = window_step(limits.c, call_cost(limits.c, cost.meters, cost.amounts), NOW_MS)
+    rates = select(
+        limits.c.id,
+        step.admits.label("admits"),
+        step.previous_units.label("previous_units"),
+        step.current_units.label("current_units"),
+        step.window_start.label("window_start"),
+    ).cte("hot_rates")
+    rates_ok = ~exists(select(rates.c.id).where(~rates.c.admits))
+
+    # Budgets after the rate limits (their lock pass waits for the rate limits'
+    # decision), only when the rate limits admit the call.
+    conds = [exists(select(key.c.id)), rates_ok]
+    room = None
+    if meter_count:
+        room = _budget_pass(key, cost, lock_pass, after=rates_ok)
+        conds.append(~exists(select(room.c.id).where(~room.c.fits)))
+    decision = select(and_(*conds).label("ok"), rates_ok.label("rates_ok")).cte("hot_ok")
+    decided = select(decision.c.ok).scalar_subquery()
+
+    used = (
+        update(keys)
+        .where(k.id == KEY_ID, decided)
+        .ordered_values(*metered_use(track, NOW))
+        .returning(*KEY_COLUMNS, k.pepper_id)
+        .cte("hot_used")
+    )
+    counted = (
+        update(rate_limits)
+        .where(rl.id == rates.c.id, decided)
+        .ordered_values(
+            (rl.previous_units, rates.c.previous_units),
+            (rl.current_units, rates.c.current_units),
+            (rl.window_start, rates.c.window_start),
+        )
+        .returning(*rate_limits.c)
+        .cte("hot_counted")
+    )
+    columns = [
+        decision.c.ok,
+        decision.c.rates_ok,
+        key.c.org_id.label("key_org_id"),
+        key.c.project_id.label("key_project_id"),
+        *used.c,
+        *(counted.c[c.name].label(f"r_{c.name}") for c in rate_limits.c),
+    ]
+    joined = decision.outerjoin(key, true()).outerjoin(used, true()).outerjoin(counted, true())
+    extra: list[Any] = []
+    if room is not None:
+        debited = _debit(room, decided)
+        columns += [debited.c[c.name].label(f"b_{c.name}") for c in budgets.c]
+        joined = joined.outerjoin(debited, true())
+        extra.append(_ledger(key, room, debited, decided, cost))
+    else:
+        columns += [null().label(f"b_{c.name}") for c in budgets.c]
+    stmt = select(*columns).select_from(joined)
+    return stmt.add_cte(*extra) if extra else stmt
+
+
+def _locked(query: Any, table: Any, lock_pass: bool) -> Any:
+    """``query`` reading ``table``'s rows ``FOR NO KEY UPDATE`` (the lock pass)."""
+    return query.with_for_update(key_share=True, of=table) if lock_pass else query
+
+
+NOW_MS = int_param("m_now_ms")
+
+
+class _Cost:
+    """The per-meter amounts of a call, as bind parameters ``m_meter_i``/``m_amount_i``."""
+
+    def __init__(self, meter_count: int) -> None:
+        self.meters = [
+            bindparam(f"m_meter_{i}", type_=budgets.c.meter.type) for i in range(meter_count)
+        ]
+        self.amounts = [int_param(f"m_amount_{i}") for i in range(meter_count)]
+
+    def on(self, meter: Any) -> Any:
+        """The amount of ``meter`` (0 if the call has none of it)."""
+        pairs = zip(self.meters, self.amounts, strict=True)
+        return case(*((meter == m, a) for m, a in pairs), else_=big(0))
+
+
+def _budget_pass(key: Any, cost: _Cost, lock_pass: bool, after: Any = None) -> Any:
+    """The lock pass over every budget of the call's meters that applies to ``key``
+    (a CTE of one key's row), in id order; then what the call does to each,
+    decided from the locked rows' values only: ``amount``, the rolled-over
+    ``eff_used`` and ``eff_credit``, ``new_start``, and whether it ``fits``."""
+    b = budgets.c
+    locking = (
         select(
             b.id,
             b.meter,
@@ -149,20 +380,17 @@ def charge_statement(meter_count: int, lock_pass: bool = True) -> Any:
         .select_from(
             budgets.join(key, applies_to(budgets, key.c.id, key.c.org_id, key.c.project_id))
         )
-        .where(b.meter.in_(meters))
+        .where(b.meter.in_(cost.meters))
         .order_by(b.id)
     )
-    if lock_pass:
-        budgets_q = budgets_q.with_for_update(key_share=True, of=budgets)
-    rows = budgets_q.cte("hot_budgets")
-
-    # What the charge does to each, decided from the locked rows' values only.
-    r = rows.c
+    if after is not None:
+        locking = locking.where(after)
+    r = _locked(locking, budgets, lock_pass).cte("hot_budgets").c
     new_period = r.period_start < r.current_start
     eff_used = case((new_period, big(0)), else_=r.used_micros)
     eff_credit = case((new_period, big(0)), else_=r.credit_micros)
-    amount = case(*((r.meter == meters[i], amounts[i]) for i in range(meter_count)), else_=big(0))
-    locked = select(
+    amount = cost.on(r.meter)
+    return select(
         r.id,
         r.meter,
         amount.label("amount"),
@@ -172,45 +400,27 @@ def charge_statement(meter_count: int, lock_pass: bool = True) -> Any:
         (eff_used + r.held_micros + amount <= r.limit_micros + eff_credit).label("fits"),
     ).cte("hot_room")
 
-    ok = and_(exists(select(key.c.id)), ~exists(select(locked.c.id).where(~locked.c.fits))).label(
-        "ok"
-    )
-    decision = select(ok).cte("hot_ok")
-    decided = select(decision.c.ok).scalar_subquery()
 
-    debited = (
+def _debit(room: Any, decided: Any) -> Any:
+    """Every budget of ``room`` debited, if ``decided``; the rows after it."""
+    return (
         update(budgets)
-        .where(b.id == locked.c.id, decided)
+        .where(budgets.c.id == room.c.id, decided)
         .values(
-            used_micros=locked.c.eff_used + locked.c.amount,
-            credit_micros=locked.c.eff_credit,
-            period_start=locked.c.new_start,
+            used_micros=room.c.eff_used + room.c.amount,
+            credit_micros=room.c.eff_credit,
+            period_start=room.c.new_start,
         )
         .returning(*budgets.c)
         .cte("hot_debited")
     )
-    used = (
-        update(keys)
-        .where(k.id == KEY_ID, decided)
-        .values(last_used_at=NOW)
-        .returning(k.id)
-        .cte("hot_used")
-    )
-    entries = insert(ledger).from_select(
-        _LEDGER_COLUMNS, _entries(key, locked, debited, decision, meters, amounts)
-    )
-    written = entries.returning(ledger.c.id).cte("hot_ledger")
 
-    return (
-        select(
-            decision.c.ok,
-            key.c.org_id.label("key_org_id"),
-            key.c.project_id.label("key_project_id"),
-            *(debited.c[c.name] for c in budgets.c),
-        )
-        .select_from(decision.outerjoin(key, true()).outerjoin(debited, true()))
-        .add_cte(used, written)
+
+def _ledger(key: Any, room: Any, debited: Any, decided: Any, cost: _Cost) -> Any:
+    entries = insert(ledger).from_select(
+        _LEDGER_COLUMNS, _entries(key, room, debited, decided, cost)
     )
+    return entries.returning(ledger.c.id).cte("hot_ledger")
 
 
 _LEDGER_COLUMNS = [
@@ -232,16 +442,12 @@ _LEDGER_COLUMNS = [
 ]
 
 
-def _entries(
-    key: Any, locked: Any, debited: Any, decision: Any, meters: list[Any], amounts: list[Any]
-) -> Any:
+def _entries(key: Any, room: Any, debited: Any, decided: Any, cost: _Cost) -> Any:
     """``keycap._rules.movements.charges`` as a SELECT: the ledger's entries of the charge."""
     metadata = bindparam("m_metadata", type_=JSONText())
     none = null()
     first = func.row_number().over(partition_by=debited.c.meter, order_by=debited.c.id) == 1
-    amount = case(
-        *((debited.c.meter == meters[i], amounts[i]) for i in range(len(meters))), else_=big(0)
-    )
+    amount = cost.on(debited.c.meter)
     budgeted = select(
         debited.c.org_id,
         key.c.project_id,
@@ -266,19 +472,17 @@ def _entries(
             KEY_ID,
             none,
             none,
-            meters[i],
+            meter,
             literal("charge"),
-            amounts[i],
-            amounts[i],
+            amount,
+            amount,
             big(0),
             null(),
             true(),
             none,
             metadata,
             NOW,
-        )
-        .select_from(key.join(decision, decision.c.ok))
-        .where(~exists(select(locked.c.id).where(locked.c.meter == meters[i])))
-        for i in range(len(meters))
+        ).where(decided, ~exists(select(room.c.id).where(room.c.meter == meter)))
+        for meter, amount in zip(cost.meters, cost.amounts, strict=True)
     ]
     return union_all(budgeted, *unbudgeted)

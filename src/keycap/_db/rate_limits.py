@@ -5,6 +5,7 @@ consumed in one UPDATE.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -116,13 +117,9 @@ async def consume_rates(
     limits counted by the key's UPDATE, earlier in this transaction) were
     admitted: refused, and the caller rolls back.
 
-    A call consumes one unit of a plain limit, and its cost on the meter of a
-    metered one (none, if it has no cost on that meter: such a row always
-    passes). The window arithmetic of ``keycap._rules.rate_limits.view`` is done in SQL
-    from the row's own ``window_ms`` and the client's clock, in integers, so
-    it gives exactly the numbers the Python side computes; which counters the
-    weight applies to depends on the stored ``window_start``, chosen by the
-    CASEs, so the decision uses the row as it is under the lock.
+    What a call consumes is :func:`call_cost` (a row it costs nothing always
+    passes); the window arithmetic is :func:`window_step`, decided on the row
+    as it is under the UPDATE's lock.
     """
     if not count:
         return []
@@ -136,16 +133,56 @@ async def consume_rates(
 @lru_cache(maxsize=16)
 def _consume_rates(meter_count: int) -> Changing:
     c = rate_limits.c
-    now_ms, win, r = int_param("m_now_ms"), c.window_ms, big(ratelimit.RESOLUTION)
+    meters = [bindparam(f"m_rate_meter_{i}", type_=c.meter.type) for i in range(meter_count)]
+    units = [int_param(f"m_rate_units_{i}") for i in range(meter_count)]
+    step = window_step(c, call_cost(c, meters, units), int_param("m_now_ms"))
+    stmt = (
+        update(rate_limits)
+        .where(applies_to_key(rate_limits), step.admits)
+        .ordered_values(  # window_start last: the CASEs above read the stored one
+            (c.previous_units, step.previous_units),
+            (c.current_units, step.current_units),
+            (c.window_start, step.window_start),
+        )
+    )
+    reread = select(rate_limits).where(applies_to_key(rate_limits)).order_by(c.id)
+    return changing(stmt, reread)
+
+
+def call_cost(c: Any, meters: Sequence[Any], units: Sequence[Any]) -> Any:
+    """What one call consumes of the limit of columns ``c``: one unit of a plain
+    limit, the call's cost on the meter of a metered one (``units[i]`` of
+    ``meters[i]``; none if it has no cost on that meter)."""
+    return case(
+        (c.meter.is_(None), big(1)),
+        *((c.meter == meter, unit) for meter, unit in zip(meters, units, strict=True)),
+        else_=big(0),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class WindowStep:
+    """One call's step of a rate limit's sliding window, as SQL over its columns:
+    whether it admits the call, and the counters after it."""
+
+    admits: Any
+    previous_units: Any
+    current_units: Any
+    window_start: Any
+
+
+def window_step(c: Any, cost: Any, now_ms: Any) -> WindowStep:
+    """The sliding-window step of ``keycap._rules.rate_limits`` for the limit of
+    columns ``c`` (the table's, or a CTE's), a call of ``cost`` at ``now_ms``.
+
+    The window arithmetic of ``keycap._rules.rate_limits.view`` is done from the
+    row's own ``window_ms`` and the client's clock, in integers, so it gives
+    exactly the numbers the Python side computes; which counters the weight
+    applies to depends on the stored ``window_start``, chosen by the CASEs."""
+    win, r = c.window_ms, big(ratelimit.RESOLUTION)
     into = now_ms % win  # how far into its current window the clock is
     at = now_ms - into
     weight = ((win - into) * r + win - big(1)) // win  # ceil, as ratelimit.view
-    meters = [bindparam(f"m_rate_meter_{i}", type_=c.meter.type) for i in range(meter_count)]
-    cost = case(
-        (c.meter.is_(None), big(1)),
-        *((c.meter == meters[i], int_param(f"m_rate_units_{i}")) for i in range(meter_count)),
-        else_=big(0),
-    )
     ahead, same = c.window_start > at, c.window_start == at
     previous = c.window_start == at - win
     weighted_previous = case(
@@ -162,21 +199,13 @@ def _consume_rates(meter_count: int) -> Changing:
         (current + cost > c.limit_units, false()),
         else_=weighted_previous + (current + cost) * r <= c.limit_units * r,
     )
-    stmt = (
-        update(rate_limits)
-        .where(applies_to_key(rate_limits), or_(cost == big(0), fits))
-        .ordered_values(  # window_start last: the CASEs above read the stored one
-            (
-                c.previous_units,
-                case(
-                    (c.window_start >= at, c.previous_units),
-                    (previous, c.current_units),
-                    else_=big(0),
-                ),
-            ),
-            (c.current_units, current + cost),
-            (c.window_start, case((ahead, c.window_start), else_=at)),
-        )
+    return WindowStep(
+        admits=or_(cost == big(0), fits),
+        previous_units=case(
+            (c.window_start >= at, c.previous_units),
+            (previous, c.current_units),
+            else_=big(0),
+        ),
+        current_units=current + cost,
+        window_start=case((ahead, c.window_start), else_=at),
     )
-    reread = select(rate_limits).where(applies_to_key(rate_limits)).order_by(c.id)
-    return changing(stmt, reread)

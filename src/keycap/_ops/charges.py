@@ -75,7 +75,7 @@ def _at_once(
                 raise Refused("key")
             raise Refused("budget", key=KeyRef(key_id, first.key_org_id, first.key_project_id))
         debited = [(row, amounts[row.meter]) for row in rows if row.id is not None]
-        result = _charged(key_id, amounts, debited, now)
+        result = charged(key_id, amounts, debited, now)
         return result, result.alerts
 
     return unit
@@ -124,10 +124,10 @@ async def charge_in(
         metadata=metadata,
     )
     await ledger.insert_ledger(conn, movements.charges(origin, debited, amounts))
-    return _charged(key.id, amounts, debited, now)
+    return charged(key.id, amounts, debited, now)
 
 
-def _charged(
+def charged(
     key_id: str, amounts: Mapping[str, int], debited: list[tuple[AnyRow, int]], now: datetime
 ) -> Charge:
     """The charge's result, from every budget it debited (the row after, the amount)."""

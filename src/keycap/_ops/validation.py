@@ -7,12 +7,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import datetime
 
-from keycap._db import keys, rate_limits
+from keycap._db import keys, metering, rate_limits
 from keycap._db.build import AnyRow, KeyRef
 from keycap._db.engine import Database
 from keycap._errors import DatabaseError
 from keycap._models import BudgetAlert, Charge, RateLimitStatus
-from keycap._ops.charges import charge_in
+from keycap._ops.charges import charge_in, charged
 from keycap._ops.refusals import rate_refusal, refusal
 from keycap._ops.results import AlertHandler, deliver, epoch_ms, rate_limit_status, rate_order
 from keycap._ops.units import Refused, retrying
@@ -36,6 +36,28 @@ async def validate(
     raises RateLimitedError or BudgetExceededError naming what refused.
     """
 
+    async def at_once() -> tuple[
+        AnyRow, RateLimitStatus | None, Charge | None, tuple[BudgetAlert, ...]
+    ]:
+        async with db.autocommit() as conn:
+            done = await metering.validate_at_once(
+                conn, key_id, digests, req, amounts, track, now, epoch_ms(now)
+            )
+        if not done.ok:
+            if not done.key_found:
+                raise Refused("key")
+            key = KeyRef(key_id, done.key_org_id or "", done.key_project_id)
+            raise Refused("budget" if done.rates_ok else "rate", key=key)
+        assert done.key is not None
+        statuses = [rate_limit_status(row, now) for row in done.rate_limits]  # type: ignore[arg-type]
+        tightest = min(statuses, key=rate_order) if statuses else None
+        charge_result = None
+        if amounts:
+            debited = [(row, amounts[row.meter]) for row in done.budgets]
+            charge_result = charged(key_id, amounts, debited, now)  # type: ignore[arg-type]
+        alerts = charge_result.alerts if charge_result is not None else ()
+        return done.key, tightest, charge_result, alerts
+
     async def unit() -> tuple[
         AnyRow, RateLimitStatus | None, Charge | None, tuple[BudgetAlert, ...]
     ]:
@@ -57,7 +79,9 @@ async def validate(
 
     for _ in range(3):
         try:
-            key_row, tightest, charge_result, alerts = await retrying(db, unit)
+            key_row, tightest, charge_result, alerts = await retrying(
+                db, at_once if db.one_statement else unit
+            )
         except Refused as refused:
             if refused.what == "key":
                 return None
