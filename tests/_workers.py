@@ -114,11 +114,11 @@ def storm(
     lock_pass: bool = True,
     clock_iso: str | None = None,
 ) -> int:
-    """``calls`` concurrent charges (``op="charge"`` or ``"idempotent charge"``, of the
-    key id ``target``) or validations (of the plaintext ``target``, with ``amount`` as their cost);
-    how many were admitted. With ``lock_pass=False``, PostgreSQL's one-statement
-    forms without their lock pass: the negative control of
-    tests/test_one_statement.py."""
+    """``calls`` concurrent charges (``op="charge"`` or ``"idempotent charge"``) or
+    reserves (``"reserve"``) of the key id ``target``, or validations (of the
+    plaintext ``target``, with ``amount`` as their cost); how many were admitted.
+    With ``lock_pass=False``, PostgreSQL's one-statement forms without their lock
+    pass: the negative control of tests/test_one_statement.py."""
     from keycap._db import metering
 
     if not lock_pass:
@@ -141,6 +141,8 @@ def storm(
                 try:
                     if op == "charge":
                         await client.charge(target, cost)  # type: ignore[arg-type]
+                    elif op == "reserve":
+                        await client.reserve(target, cost)  # type: ignore[arg-type]
                     elif op == "idempotent charge":  # a transaction on every database
                         idem = uuid.uuid4().hex
                         await client.charge(target, cost, idempotency_key=idem)  # type: ignore[arg-type]

@@ -132,6 +132,20 @@ async def test_a_storm_of_charges_from_four_processes_admits_exactly_the_budget(
 
 
 @pytest.mark.concurrency
+async def test_a_storm_of_reserves_from_four_processes_holds_exactly_the_budget(
+    client: APIKeyClient, db_url: str, backend: str
+) -> None:
+    issued = await client.create_key(
+        (await client.create_organization("A")).id, budgets=[Budget(D("1.00"))]
+    )
+    admitted = _storm(db_url, "reserve", issued.id, "0.01", 64)
+    _report(backend, True, "4x64 reserves of 0.01 on a 1.00 budget", admitted)
+    (status,) = await client.get_budgets(issued.id)
+    assert admitted == 100 and status.held == D("1.00") and status.used == 0
+    await assert_balances_match_ledger(client)
+
+
+@pytest.mark.concurrency
 @EXACT_AND_CONTROL
 async def test_a_storm_of_metered_validations_admits_exactly_the_org_budget(
     client: APIKeyClient, db_url: str, backend: str, lock_pass: bool

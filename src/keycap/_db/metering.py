@@ -1,28 +1,33 @@
-"""PostgreSQL: a whole charge as one statement, run in autocommit (one round trip).
+"""PostgreSQL: a metered validation, a charge or a reserve as one statement, run
+in autocommit (one round trip).
 
 The statement is a chain of common table expressions:
 
-1. ``hot_key``: the key's row, if live, locked ``FOR NO KEY UPDATE``;
-2. ``hot_budgets``: every budget of the charged meters that applies to the key,
-   locked ``FOR NO KEY UPDATE`` in id order (after the key: each of its rows
-   joins the key's), each with its rollover, its amount and whether it fits;
-3. ``hot_ok``: the decision: the key is live and every budget fits;
-4. the writes, each only if ``hot_ok``: the budgets (from the locked rows'
-   values), the key's ``last_used_at``, and the ledger's entries
-   (``keycap._rules.movements.charges`` written as SQL: an entry per budget
-   debited, the first of each meter primary, and a budget-less one for each
-   meter no budget applies to).
+1. ``hot_key``: the key's row, locked ``FOR NO KEY UPDATE``, if live (a
+   validation: if the whole grant rule and the usage cap hold);
+2. ``hot_limits`` (a validation): every rate limit that applies to the key,
+   locked in id order after the key (each joins the key's row); ``hot_rates``:
+   each one's sliding-window step, from the locked values;
+3. ``hot_budgets``: every budget of the call's meters that applies to the key,
+   locked in id order (a validation: only if the rate limits admit the call,
+   which also makes them wait for the rate limits' locks); ``hot_room``: each
+   one's rollover, amount, and whether it fits;
+4. ``hot_ok``: the decision: the key, every limit and every budget say yes;
+5. the writes, each only if ``hot_ok``: the key's use, the rate limits, the
+   budgets (``used``, or ``held`` for a reserve), the hold's row, and the
+   ledger's entries (``keycap._rules.movements.charges`` and ``holds`` as SQL).
 
 The lock pass is what makes one statement exact. A statement keeps the
 snapshot it started with, and waiting for a row lock does not refresh it; a
 row read ``FOR NO KEY UPDATE`` is read again at its newest committed version
-once the lock is granted. Without it, a charge that waited on the key for
-another charge to commit would decide on the budgets as they were before that
-charge, and spend them again (``tests/test_one_statement.py`` keeps that
-version as a negative control and shows the tests catch it).
+once the lock is granted. Without it, a call that waited on the key for
+another to commit would decide on the rate limits and budgets as they were
+before that call, and spend them again (``tests/test_one_statement.py`` keeps
+that version as a negative control and shows the tests catch it).
 
-The lock order, key then budgets in id order, is the one the transactions of
-``keycap._ops`` take, so mixed traffic on the same rows cannot deadlock on it.
+The lock order, key, then rate limits, then budgets, each in id order, is the
+one the transactions of ``keycap._ops`` take, so mixed traffic on the same rows
+cannot deadlock on it.
 """
 
 from __future__ import annotations
@@ -48,15 +53,15 @@ from sqlalchemy import (
     union_all,
     update,
 )
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.postgresql import ARRAY, aggregate_order_by
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.expression import Grouping
 
-from keycap._db.build import HOT_CACHE, KEY_ID, NOW, AnyRow, big, hot_binds, int_param
+from keycap._db.build import HOLD_ID, HOT_CACHE, KEY_ID, NOW, AnyRow, big, hot_binds, int_param
 from keycap._db.grant import applies_to, grant_predicate, key_is_live_now
 from keycap._db.keys import KEY_COLUMNS, metered_use, usage_cap_open
 from keycap._db.rate_limits import call_cost, window_step
-from keycap._db.schema import budgets, keys, ledger, rate_limits
+from keycap._db.schema import budgets, holds, keys, ledger, rate_limits
 from keycap._db.types import JSONText, UTCDateTime
 from keycap._rules import periods
 from keycap._rules.policy import Requirement
@@ -91,12 +96,18 @@ async def charge_at_once(
     metadata: Mapping[str, Any] | None,
     now: datetime,
 ) -> Sequence[AnyRow]:
-    """Run :func:`charge_statement`: one row per budget debited (its row after the
-    charge, in id order) or a single row without budget columns; each row has
-    ``ok`` (the charge was made) and the key's ``key_org_id`` and
-    ``key_project_id`` (NULL: the key was not live)."""
-    stmt = charge_statement(len(amounts))
-    rows = (await conn.execute(stmt, charge_params(key_id, amounts, metadata, now))).all()
+    """Run :func:`charge_statement` (see :func:`run`)."""
+    return await run(
+        conn, charge_statement(len(amounts)), charge_params(key_id, amounts, metadata, now)
+    )
+
+
+async def run(conn: AsyncConnection, stmt: Any, params: Mapping[str, Any]) -> Sequence[AnyRow]:
+    """A charge's or reserve's statement: one row per budget debited (its row after,
+    in id order) or a single row without budget columns; each row has ``ok``
+    (done) and the key's ``key_org_id`` and ``key_project_id`` (NULL: the key
+    was not live)."""
+    rows = (await conn.execute(stmt, params)).all()
     return sorted(rows, key=lambda row: row.id or "")
 
 
@@ -131,6 +142,27 @@ def charge_statement(meter_count: int, lock_pass: bool = True) -> Any:
     """The charge of ``meter_count`` meters as one statement. ``lock_pass=False``
     leaves the budgets unlocked until their UPDATE: the over-spending version,
     kept for the tests' negative control only."""
+    return _spend(meter_count, hold=False, lock_pass=lock_pass)
+
+
+@lru_cache(maxsize=1)
+def reserve_statement() -> Any:
+    """A hold of one meter's amount as one statement: the charge's lock pass and
+    decision, the budgets' ``held`` raised, the hold's row, its ledger entries."""
+    return _spend(1, hold=True, lock_pass=True)
+
+
+def reserve_params(
+    key_id: str, hold_id: str, meter: str, amount: int, now: datetime, expires_at: datetime
+) -> dict[str, Any]:
+    """The values of :func:`reserve_statement`'s bind parameters."""
+    params = charge_params(key_id, {meter: amount}, None, now)
+    params["m_hold_id"] = hold_id
+    params["m_expires_at"] = expires_at
+    return params
+
+
+def _spend(meter_count: int, *, hold: bool, lock_pass: bool) -> Any:
     k = keys.c
     cost = _Cost(meter_count)
     key_q = select(k.id, k.org_id, k.project_id).where(k.id == KEY_ID, *key_is_live_now(NOW))
@@ -141,7 +173,7 @@ def charge_statement(meter_count: int, lock_pass: bool = True) -> Any:
     decision = select(ok.label("ok")).cte("hot_ok")
     decided = select(decision.c.ok).scalar_subquery()
 
-    debited = _debit(room, decided)
+    debited = _debit(room, decided, hold=hold)
     used = (
         update(keys)
         .where(k.id == KEY_ID, decided)
@@ -149,7 +181,9 @@ def charge_statement(meter_count: int, lock_pass: bool = True) -> Any:
         .returning(k.id)
         .cte("hot_used")
     )
-    written = _ledger(key, room, debited, decided, cost)
+    writes = [used, _ledger(key, room, debited, decided, cost, hold=hold)]
+    if hold:
+        writes.append(_open_hold(key, room, decided, cost))
     return (
         select(
             decision.c.ok,
@@ -158,8 +192,40 @@ def charge_statement(meter_count: int, lock_pass: bool = True) -> Any:
             *(debited.c[c.name] for c in budgets.c),
         )
         .select_from(decision.outerjoin(key, true()).outerjoin(debited, true()))
-        .add_cte(used, written)
+        .add_cte(*writes)
     )
+
+
+def _open_hold(key: Any, room: Any, decided: Any, cost: _Cost) -> Any:
+    """The hold's row, if ``decided``: on the budgets of ``room``, " bud_a bud_b "."""
+    listed = select(
+        func.string_agg(room.c.id, aggregate_order_by(literal(" "), room.c.id))
+    ).scalar_subquery()
+    row = select(
+        HOLD_ID,
+        key.c.org_id,
+        key.c.project_id,
+        KEY_ID,
+        cost.meters[0],
+        cost.amounts[0],
+        literal(" ") + func.coalesce(listed, literal("")) + literal(" "),
+        literal("open"),
+        NOW,
+        bindparam("m_expires_at", type_=UTCDateTime()),
+    ).where(decided)
+    columns = [
+        "id",
+        "org_id",
+        "project_id",
+        "key_id",
+        "meter",
+        "amount_micros",
+        "budget_ids",
+        "status",
+        "created_at",
+        "expires_at",
+    ]
+    return insert(holds).from_select(columns, row).returning(holds.c.id).cte("hot_hold")
 
 
 def validation_params(
@@ -396,18 +462,22 @@ def _budget_pass(key: Any, cost: _Cost, lock_pass: bool, after: Any = None) -> A
         amount.label("amount"),
         eff_used.label("eff_used"),
         eff_credit.label("eff_credit"),
+        r.held_micros,
         case((new_period, r.current_start), else_=r.period_start).label("new_start"),
         (eff_used + r.held_micros + amount <= r.limit_micros + eff_credit).label("fits"),
     ).cte("hot_room")
 
 
-def _debit(room: Any, decided: Any) -> Any:
-    """Every budget of ``room`` debited, if ``decided``; the rows after it."""
+def _debit(room: Any, decided: Any, *, hold: bool = False) -> Any:
+    """Every budget of ``room`` debited (with ``hold``: its ``held`` raised), if
+    ``decided``; the rows after it."""
+    amount = room.c.amount
     return (
         update(budgets)
         .where(budgets.c.id == room.c.id, decided)
         .values(
-            used_micros=room.c.eff_used + room.c.amount,
+            used_micros=room.c.eff_used if hold else room.c.eff_used + amount,
+            held_micros=room.c.held_micros + amount if hold else room.c.held_micros,
             credit_micros=room.c.eff_credit,
             period_start=room.c.new_start,
         )
@@ -416,9 +486,11 @@ def _debit(room: Any, decided: Any) -> Any:
     )
 
 
-def _ledger(key: Any, room: Any, debited: Any, decided: Any, cost: _Cost) -> Any:
+def _ledger(
+    key: Any, room: Any, debited: Any, decided: Any, cost: _Cost, *, hold: bool = False
+) -> Any:
     entries = insert(ledger).from_select(
-        _LEDGER_COLUMNS, _entries(key, room, debited, decided, cost)
+        _LEDGER_COLUMNS, _entries(key, room, debited, decided, cost, hold)
     )
     return entries.returning(ledger.c.id).cte("hot_ledger")
 
@@ -442,8 +514,9 @@ _LEDGER_COLUMNS = [
 ]
 
 
-def _entries(key: Any, room: Any, debited: Any, decided: Any, cost: _Cost) -> Any:
-    """``keycap._rules.movements.charges`` as a SELECT: the ledger's entries of the charge."""
+def _entries(key: Any, room: Any, debited: Any, decided: Any, cost: _Cost, hold: bool) -> Any:
+    """``keycap._rules.movements.charges`` (with ``hold``: ``movements.holds``) as a
+    SELECT: the ledger's entries of the charge or hold."""
     metadata = bindparam("m_metadata", type_=JSONText())
     none = null()
     first = func.row_number().over(partition_by=debited.c.meter, order_by=debited.c.id) == 1
@@ -453,18 +526,20 @@ def _entries(key: Any, room: Any, debited: Any, decided: Any, cost: _Cost) -> An
         key.c.project_id,
         KEY_ID,
         debited.c.id,
-        none,
+        HOLD_ID if hold else none,
         debited.c.meter,
-        literal("charge"),
+        literal("hold" if hold else "charge"),
         amount,
-        amount,
-        big(0),
+        big(0) if hold else amount,
+        amount if hold else big(0),
         debited.c.period_start,
         first,
         none,
         case((first, metadata), else_=null()),
         NOW,
     ).select_from(debited.join(key, true()))
+    if hold:  # a hold on no budget holds nothing, and writes no entry
+        return budgeted
     unbudgeted = [
         select(
             key.c.org_id,

@@ -4,12 +4,13 @@ afterwards, then charge what it cost and return the rest.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from types import SimpleNamespace
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from keycap._db import budgets, holds, keys, ledger, operations
+from keycap._db import budgets, holds, keys, ledger, metering, operations
 from keycap._db.build import AnyRow, KeyRef
 from keycap._db.engine import Database
 from keycap._errors import DatabaseError
@@ -42,8 +43,67 @@ async def reserve(
         amount=amount,
         ttl_us=ttl // timedelta(microseconds=1),
     )
-    if (replay := await stored_replay(db, Hold, idem)) is not None:
+    if idempotency_key is None and db.one_statement:
+        unit = _reserve_at_once(db, key_id, meter, amount, now, now + ttl)
+    elif (replay := await stored_replay(db, Hold, idem)) is not None:
         return replay  # type: ignore[no-any-return]
+    else:
+        unit = _reserve_in_transaction(db, key_id, meter, amount, idem, now, ttl)
+    result, _ = await run(
+        db,
+        unit,
+        key_id=key_id,
+        amounts={meter: amount},
+        now=now,
+        idem=idem,
+        model=Hold,
+    )
+    return result  # type: ignore[no-any-return]
+
+
+def _reserve_at_once(
+    db: Database, key_id: str, meter: str, amount: int, now: datetime, expires_at: datetime
+) -> Callable[[], Awaitable[tuple[Hold, tuple[()]]]]:
+    """PostgreSQL: the whole reserve in one statement (``keycap._db.metering``)."""
+
+    async def unit() -> tuple[Hold, tuple[()]]:
+        hold_id = ids.new_id("hold")
+        params = metering.reserve_params(key_id, hold_id, meter, amount, now, expires_at)
+        async with db.autocommit() as conn:
+            rows = await metering.run(conn, metering.reserve_statement(), params)
+        first = rows[0]
+        if not first.ok:
+            if first.key_org_id is None:
+                raise Refused("key")
+            raise Refused("budget", key=KeyRef(key_id, first.key_org_id, first.key_project_id))
+        held = [row for row in rows if row.id is not None]
+        hold = SimpleNamespace(
+            id=hold_id,
+            key_id=key_id,
+            meter=meter,
+            amount_micros=amount,
+            status="open",
+            created_at=now,
+            expires_at=expires_at,
+            closed_at=None,
+        )
+        return hold_model(hold, [budget_status(r, now) for r in held]), ()
+
+    return unit
+
+
+def _reserve_in_transaction(
+    db: Database,
+    key_id: str,
+    meter: str,
+    amount: int,
+    idem: Idempotency,
+    now: datetime,
+    ttl: timedelta,
+) -> Callable[[], Awaitable[tuple[Hold, tuple[()]]]]:
+    """The reserve as a transaction: lock the key, claim the idempotency key, hold
+    on every budget, open the hold, write the ledger, store the result."""
+    idempotency_key = idem.key
 
     async def unit() -> tuple[Hold, tuple[()]]:
         async with db.begin() as conn:
@@ -79,16 +139,7 @@ async def reserve(
                 await operations.store_result(conn, op_id, result.model_dump(mode="json"))
             return result, ()
 
-    result, _ = await run(
-        db,
-        unit,
-        key_id=key_id,
-        amounts={meter: amount},
-        now=now,
-        idem=idem,
-        model=Hold,
-    )
-    return result  # type: ignore[no-any-return]
+    return unit
 
 
 async def settle(
