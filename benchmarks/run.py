@@ -101,9 +101,13 @@ async def bare(kind: str, url: str) -> Floor:
         import aiomysql
 
         conn = await aiomysql.connect(
-            host=u.host, port=u.port or 3306, user=u.username, password=u.password,
-            db=u.database, autocommit=True,
-        )  # fmt: skip
+            host=u.host,
+            port=u.port or 3306,
+            user=u.username,
+            password=u.password,
+            db=u.database,
+            autocommit=True,
+        )
         cur = await conn.cursor()
         await cur.execute(f"DROP TABLE IF EXISTS {FLOOR_TABLE}")
         await cur.execute(f"CREATE TABLE {FLOOR_TABLE} (id VARCHAR(32) PRIMARY KEY, n BIGINT)")
@@ -267,53 +271,163 @@ async def fill_ledger(client: APIKeyClient, key_id: str, rows: int) -> None:
 # --- contention (separate processes) -------------------------------------------------
 
 
-def _charger(url: str, key_id: str, coroutines: int, calls: int) -> dict[str, Any]:
+#: Contention: 64 callers, 16 coroutines in each of 4 processes, 20 calls each.
+PROCESSES, COROUTINES, CALLS = 4, 16, 20
+#: Seconds the processes get to start and connect before they all fire at once.
+START_MARGIN = 3.0
+
+
+async def _fire_at(start_at: float, one: Callable[[int], Awaitable[None]]) -> dict[str, Any]:
+    """Wait until ``start_at`` (wall clock, shared by the processes), then run
+    ``one(n)`` for each coroutine; when they began and ended."""
+    await asyncio.sleep(max(0.0, start_at - time.time()))
+    began = time.time()
+    await asyncio.gather(*(one(n) for n in range(COROUTINES)))
+    return {"began": began, "ended": time.time()}
+
+
+def _charger(url: str, key_ids: list[str], start_at: float) -> dict[str, Any]:
+    """Charges of 0.01 through ``key_ids`` in turn, from ``start_at``."""
+
     async def run() -> dict[str, Any]:
         admitted = refused = 0
         latencies: list[float] = []
         async with APIKeyClient(url, signing_secret=SECRET) as client:
 
-            async def one() -> None:
+            async def one(n: int) -> None:
                 nonlocal admitted, refused
-                for _ in range(calls):
+                for i in range(CALLS):
                     t0 = time.perf_counter()
                     try:
-                        await client.charge(key_id, Decimal("0.01"))
+                        await client.charge(key_ids[(n + i) % len(key_ids)], Decimal("0.01"))
                         admitted += 1
                     except BudgetExceededError:
                         refused += 1
                     latencies.append(time.perf_counter() - t0)
 
-            await asyncio.gather(*(one() for _ in range(coroutines)))
-        return {"admitted": admitted, "refused": refused, "latencies": latencies}
+            window = await _fire_at(start_at, one)
+        return {"admitted": admitted, "refused": refused, "latencies": latencies, **window}
 
     return asyncio.run(run())
 
 
-async def contention(db: str, url: str, client: APIKeyClient, org: str) -> Row:
-    processes, coroutines, calls = 4, 16, 20
-    total = processes * coroutines * calls
+def _hammer(kind: str, url: str, start_at: float) -> dict[str, Any]:
+    """The floor of contention: the same callers, each on a bare connection of its
+    own, sending a single-row conditional UPDATE of one row in autocommit."""
+
+    async def run() -> dict[str, Any]:
+        u = make_url(url)
+        latencies: list[float] = []
+        sql = f"UPDATE {FLOOR_TABLE} SET n = n + 1 WHERE id = 'row1' AND n < 4611686018427387904"
+        update: Callable[[int], Awaitable[Any]]
+        if kind == "postgresql":
+            import asyncpg
+
+            pg = [
+                await asyncpg.connect(
+                    user=u.username,
+                    password=u.password,
+                    host=u.host,
+                    port=u.port,
+                    database=u.database,
+                )
+                for _ in range(COROUTINES)
+            ]
+
+            def update(n: int) -> Awaitable[Any]:
+                return pg[n].execute(sql)
+
+            async def close() -> None:
+                for c in pg:
+                    await c.close()
+        else:
+            import aiomysql
+
+            my = [
+                await aiomysql.connect(
+                    host=u.host,
+                    port=u.port or 3306,
+                    user=u.username,
+                    password=u.password,
+                    db=u.database,
+                    autocommit=True,
+                )
+                for _ in range(COROUTINES)
+            ]
+            cursors = [await c.cursor() for c in my]
+
+            def update(n: int) -> Awaitable[Any]:
+                return cursors[n].execute(sql)  # type: ignore[no-any-return]
+
+            async def close() -> None:
+                for c in my:
+                    c.close()
+
+        async def one(n: int) -> None:
+            for _ in range(CALLS):
+                t0 = time.perf_counter()
+                await update(n)
+                latencies.append(time.perf_counter() - t0)
+
+        window = await _fire_at(start_at, one)
+        await close()
+        return {"latencies": latencies, **window}
+
+    return asyncio.run(run())
+
+
+async def contention(db: str, url: str, client: APIKeyClient, org: str) -> list[Row]:
+    """Throughput with 64 callers on one key's budget, and on one organization budget
+    shared by 8 keys, each as a fraction of the bare floor at the same concurrency."""
+    total = PROCESSES * COROUTINES * CALLS
     allowed = total // 2  # half are refused: the budget must stop exactly there
+    floor_results, floor_wall = _in_processes(_hammer, (db, url), PROCESSES)
+    floor_rate = total / floor_wall
+    floor_p50 = statistics.median(x for r in floor_results for x in r["latencies"])
+    rows = [
+        _latency_row(
+            db,
+            "bare UPDATE of one row, 64 callers x 4 procs",
+            floor_results,
+            floor_wall,
+            "the floor of the two rows below",
+        )
+    ]
     key = await client.create_key(org, budgets=[Budget(Decimal("0.01") * allowed, period="month")])
-    results, wall = _in_processes(_charger, (url, key.id, coroutines, calls), processes)
-    admitted = sum(r["admitted"] for r in results)
-    [budget] = [b for b in await client.get_budgets(key.id) if b.scope == "key"]
-    exact = admitted == allowed and budget.used == Decimal("0.01") * allowed
-    note = f"admitted {admitted} of {total}, budget allows {allowed}: " + (
-        "exact" if exact else "WRONG"
-    )
-    return _latency_row(db, "charge, 64 callers x 4 processes, one key", results, wall, note)
+    hot_org = (await client.create_organization(f"hot-{time.time_ns()}")).id
+    await client.set_budget(hot_org, Budget(Decimal("0.01") * allowed, period="month"))
+    shared = [(await client.create_key(hot_org)).id for _ in range(8)]
+    for operation, key_ids, subject in [
+        ("charge, 64 callers x 4 procs, one key", [key.id], key.id),
+        ("charge, 64 callers x 4 procs, one org budget", shared, hot_org),
+    ]:
+        results, wall = _in_processes(_charger, (url, key_ids), PROCESSES)
+        admitted = sum(r["admitted"] for r in results)
+        [budget] = await client.get_budgets(subject)
+        exact = admitted == allowed and budget.used == Decimal("0.01") * allowed
+        note = (
+            f"{total / wall / floor_rate:.0%} of the bare floor's {floor_rate:.0f}/s; "
+            f"admitted {admitted} of {total}, budget allows {allowed}: "
+            + ("exact" if exact else "WRONG")
+        )
+        r = _latency_row(db, operation, results, wall, note)
+        r.floor, r.floor_p50_ms = "hot", floor_p50 * 1000
+        r.ratio = r.p50_ms / r.floor_p50_ms
+        rows.append(r)
+    return rows
 
 
 def _in_processes(
     worker: Any, args: tuple[Any, ...], processes: int
 ) -> tuple[list[dict[str, Any]], float]:
-    """``worker(*args)`` in ``processes`` spawned processes at once; results and wall time."""
+    """``worker(*args, start_at)`` in ``processes`` spawned processes, all firing at
+    ``start_at``; their results, and the wall time from the first call to the last."""
     ctx = multiprocessing.get_context("spawn")
-    t0 = time.perf_counter()
+    start_at = time.time() + START_MARGIN
     with ctx.Pool(processes) as pool:
-        results = pool.starmap(worker, [args] * processes)
-    return results, time.perf_counter() - t0
+        results = pool.starmap(worker, [(*args, start_at)] * processes)
+    wall = max(r["ended"] for r in results) - min(r["began"] for r in results)
+    return results, wall
 
 
 def _latency_row(
@@ -334,7 +448,10 @@ def _latency_row(
     )
 
 
-def _mixer(url: str, keys: list[tuple[str, str]], coroutines: int, calls: int) -> dict[str, Any]:
+MIXED_CALLS = 15
+
+
+def _mixer(url: str, keys: list[tuple[str, str]], start_at: float) -> dict[str, Any]:
     """Mixed traffic on keys that share one organization budget: charge, metered
     validation, and reserve then settle, in turn."""
 
@@ -344,7 +461,7 @@ def _mixer(url: str, keys: list[tuple[str, str]], coroutines: int, calls: int) -
         async with APIKeyClient(url, signing_secret=SECRET) as client:
 
             async def one(n: int) -> None:
-                for i in range(calls):
+                for i in range(MIXED_CALLS):
                     key_id, plaintext = keys[(n + i) % len(keys)]
                     t0 = time.perf_counter()
                     try:
@@ -361,8 +478,8 @@ def _mixer(url: str, keys: list[tuple[str, str]], coroutines: int, calls: int) -
                     outcomes[code] = outcomes.get(code, 0) + 1
                     latencies.append(time.perf_counter() - t0)
 
-            await asyncio.gather(*(one(n) for n in range(coroutines)))
-        return {"outcomes": outcomes, "latencies": latencies}
+            window = await _fire_at(start_at, one)
+        return {"outcomes": outcomes, "latencies": latencies, **window}
 
     return asyncio.run(run())
 
@@ -370,13 +487,12 @@ def _mixer(url: str, keys: list[tuple[str, str]], coroutines: int, calls: int) -
 async def mixed_tail(db: str, url: str, client: APIKeyClient) -> Row:
     """The tail under contention: p99 and the worst call of mixed traffic on one
     organization budget, against the lock-wait bound every call must stay within."""
-    processes, coroutines, calls = 4, 16, 15
-    total = processes * coroutines * calls
+    total = PROCESSES * COROUTINES * MIXED_CALLS
     org = (await client.create_organization(f"tail-{time.time_ns()}")).id
     await client.set_budget(org, Budget(Decimal("0.01") * (total // 2), period="month"))
     keys = [await client.create_key(org) for _ in range(8)]
     pairs = [(k.id, k.plaintext) for k in keys]
-    results, wall = _in_processes(_mixer, (url, pairs, coroutines, calls), processes)
+    results, wall = _in_processes(_mixer, (url, pairs), PROCESSES)
     outcomes: dict[str, int] = {}
     for r in results:
         for code, n in r["outcomes"].items():
@@ -471,7 +587,8 @@ async def bench(db: str, url: str, args: argparse.Namespace) -> list[Row]:
 
         if db != "sqlite":
             print(f"{db}: contention", file=sys.stderr)
-            say(await contention(db, url, client, w.org))
+            for r in await contention(db, url, client, w.org):
+                say(r)
             print(f"{db}: the tail of mixed traffic", file=sys.stderr)
             say(await mixed_tail(db, url, client))
 
