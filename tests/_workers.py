@@ -115,7 +115,8 @@ def storm(
     clock_iso: str | None = None,
 ) -> int:
     """``calls`` concurrent charges (``op="charge"`` or ``"idempotent charge"``) or
-    reserves (``"reserve"``) of the key id ``target``, or validations (of the
+    reserves (``"reserve"``, or ``"reserve and settle half"``: then settle for half
+    or release) of the key id ``target``, or validations (of the
     plaintext ``target``, with ``amount`` as their cost); how many were admitted.
     With ``lock_pass=False``, PostgreSQL's one-statement forms without their lock
     pass: the negative control of tests/test_one_statement.py."""
@@ -143,6 +144,12 @@ def storm(
                         await client.charge(target, cost)  # type: ignore[arg-type]
                     elif op == "reserve":
                         await client.reserve(target, cost)  # type: ignore[arg-type]
+                    elif op == "reserve and settle half":  # or release, every other call
+                        hold = await client.reserve(target, cost)  # type: ignore[arg-type]
+                        if admitted % 2:
+                            await client.release(hold.id)
+                        else:
+                            await client.settle(hold.id, cost / 2)  # type: ignore[operator]
                     elif op == "idempotent charge":  # a transaction on every database
                         idem = uuid.uuid4().hex
                         await client.charge(target, cost, idempotency_key=idem)  # type: ignore[arg-type]

@@ -21,7 +21,7 @@ from typing import TypeVar
 import pytest
 from sqlalchemy import func, select, text
 
-from keycap import APIKeyClient, Budget, BudgetExceededError, RateLimit
+from keycap import APIKeyClient, Budget, BudgetExceededError, HoldClosedError, RateLimit
 from keycap._db import metering
 from keycap._db.schema import budgets, ledger
 from keycap._rules.money import DEFAULT_METER
@@ -143,6 +143,46 @@ async def test_a_storm_of_reserves_from_four_processes_holds_exactly_the_budget(
     (status,) = await client.get_budgets(issued.id)
     assert admitted == 100 and status.held == D("1.00") and status.used == 0
     await assert_balances_match_ledger(client)
+
+
+@pytest.mark.concurrency
+async def test_holds_settled_and_released_in_a_storm_leave_the_ledger_equal_to_the_budget(
+    client: APIKeyClient, db_url: str, backend: str
+) -> None:
+    issued = await client.create_key(
+        (await client.create_organization("A")).id, budgets=[Budget(D("1.00"))]
+    )
+    admitted = _storm(db_url, "reserve and settle half", issued.id, "0.02", 64)
+    (status,) = await client.get_budgets(issued.id)
+    ledger_lines = await assert_balances_match_ledger(client)
+    _report(backend, True, f"4x64 reserves of 0.02, each settled for 0.01 or released; "
+            f"used={status.used}; {'; '.join(ledger_lines)}", admitted)  # fmt: skip
+    assert status.held == 0 and status.used <= D("1.00")
+    # Every settled hold spent 0.01: what was used is whole cents.
+    assert status.used % D("0.01") == 0 and status.used > 0
+
+
+async def test_a_hold_closed_by_eight_callers_at_once_closes_once(client: APIKeyClient) -> None:
+    issued = await client.create_key(
+        (await client.create_organization("A")).id, budgets=[Budget(D("1.00"))]
+    )
+    hold = await client.reserve(issued.id, D("0.50"))
+
+    async def close(i: int) -> str:
+        try:
+            if i % 2:
+                await client.release(hold.id)
+            else:
+                await client.settle(hold.id, D("0.25"))
+        except HoldClosedError:
+            return "closed"
+        return "done"
+
+    outcomes = await asyncio.gather(*(close(i) for i in range(8)))
+    (status,) = await client.get_budgets(issued.id)
+    await assert_balances_match_ledger(client)
+    assert outcomes.count("done") == 1 and status.held == 0
+    assert status.used in (0, D("0.25"))
 
 
 @pytest.mark.concurrency

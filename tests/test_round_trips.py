@@ -31,8 +31,8 @@ PINNED: dict[str, dict[str, int]] = {
         "validate (metered)": 1,
         "charge": 1,
         "reserve": 1,
-        "settle": 8,
-        "release": 8,
+        "settle": 1,
+        "release": 1,
     },
     # Every statement in a transaction (BEGIN and COMMIT are round trips), and
     # each statement prepared unnamed: its Parse and its execution are two.
@@ -43,8 +43,8 @@ PINNED: dict[str, dict[str, int]] = {
         "validate (metered)": 4,
         "charge": 4,
         "reserve": 4,
-        "settle": 16,
-        "release": 16,
+        "settle": 4,
+        "release": 4,
     },
     "mariadb": {
         "validate (read)": 2,

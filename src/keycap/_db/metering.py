@@ -1,5 +1,5 @@
 """PostgreSQL: a metered validation, a charge or a reserve as one statement, run
-in autocommit (one round trip).
+in autocommit (one round trip); closing a hold likewise (:func:`closing_statement`).
 
 The statement is a chain of common table expressions:
 
@@ -15,7 +15,9 @@ The statement is a chain of common table expressions:
 4. ``hot_ok``: the decision: the key, every limit and every budget say yes;
 5. the writes, each only if ``hot_ok``: the key's use, the rate limits, the
    budgets (``used``, or ``held`` for a reserve), the hold's row, and the
-   ledger's entries (``keycap._rules.movements.charges`` and ``holds`` as SQL).
+   ledger's entries (``keycap._rules.movements.charges`` and ``holds`` as SQL);
+6. ``hot_refused``: the first budget that did not fit, as locked: a refusal
+   names it without reading it again.
 
 The lock pass is what makes one statement exact. A statement keeps the
 snapshot it started with, and waiting for a row lock does not refresh it; a
@@ -41,6 +43,7 @@ from typing import Any
 from sqlalchemy import (
     DateTime,
     and_,
+    any_,
     bindparam,
     case,
     exists,
@@ -184,14 +187,18 @@ def _spend(meter_count: int, *, hold: bool, lock_pass: bool) -> Any:
     writes = [used, _ledger(key, room, debited, decided, cost, hold=hold)]
     if hold:
         writes.append(_open_hold(key, room, decided, cost))
+    refused, refused_columns = _refused(room)
     return (
         select(
             decision.c.ok,
             key.c.org_id.label("key_org_id"),
             key.c.project_id.label("key_project_id"),
             *(debited.c[c.name] for c in budgets.c),
+            *refused_columns,
         )
-        .select_from(decision.outerjoin(key, true()).outerjoin(debited, true()))
+        .select_from(
+            decision.outerjoin(key, true()).outerjoin(debited, true()).outerjoin(refused, true())
+        )
         .add_cte(*writes)
     )
 
@@ -226,6 +233,152 @@ def _open_hold(key: Any, room: Any, decided: Any, cost: _Cost) -> Any:
         "expires_at",
     ]
     return insert(holds).from_select(columns, row).returning(holds.c.id).cte("hot_hold")
+
+
+def closing_params(
+    hold_id: str, status: str, now: datetime, actual: int | None = None
+) -> dict[str, Any]:
+    """The values of :func:`closing_statement`'s bind parameters."""
+    day, week, months = period_starts(now.astimezone(UTC).date())
+    params: dict[str, Any] = {
+        "m_hold_id": hold_id,
+        "m_status": status,
+        "m_now": now,
+        "m_day": day,
+        "m_week": week,
+        "m_months": months,
+    }
+    if actual is not None:
+        params["m_actual"] = actual
+    else:
+        params["m_kind"] = "release" if status == "released" else "expiry"
+    return params
+
+
+async def close_hold(
+    conn: AsyncConnection, hold_id: str, status: str, now: datetime, actual: int | None = None
+) -> tuple[TableRow, list[AnyRow]] | None:
+    """Run :func:`closing_statement`: the hold's row after closing and its budgets'
+    rows after, in id order; None when it did not close the hold."""
+    stmt = closing_statement(actual is not None)
+    rows = (await conn.execute(stmt, closing_params(hold_id, status, now, actual))).all()
+    if not rows:
+        return None
+    return _distinct(rows[:1], "hold_")[0], sorted(
+        (row for row in rows if row.id is not None), key=lambda row: str(row.id)
+    )
+
+
+@lru_cache(maxsize=2)
+def closing_statement(settle: bool) -> Any:
+    """A hold closed as one statement: released (``m_status``: ``released`` or
+    ``expired``), or with ``settle`` settled for ``m_actual`` within its amount
+    (a settlement beyond the hold runs as a transaction: ``keycap._ops.holds``).
+
+    The hold's row is closed first, if open (its UPDATE re-checks ``status`` on
+    the newest version, so only one closing wins); then its budgets are locked
+    in id order, taken off the hold (``actual`` of it spent), and the ledger
+    written (``keycap._rules.movements.releases`` or ``settlement`` as SQL).
+    Returns one row per budget after it (or one without budget columns), each
+    with the hold's row after closing (``hold_...``); no row: not open (or,
+    settling, ``actual`` is above its amount)."""
+    h, b = holds.c, budgets.c
+    actual = int_param("m_actual")
+    closing = (
+        update(holds)
+        .where(h.id == HOLD_ID, h.status == "open")
+        .values(status=bindparam("m_status", type_=h.status.type), closed_at=NOW)
+    )
+    if settle:
+        closing = closing.where(h.amount_micros >= actual).values(settled_micros=actual)
+    hold = closing.returning(*holds.c).cte("hot_hold")
+
+    on_hold = b.id == any_(func.string_to_array(func.btrim(hold.c.budget_ids), " "))
+    locking = (
+        select(
+            b.id,
+            b.used_micros,
+            b.credit_micros,
+            b.held_micros,
+            b.period_start,
+            _current_start().label("current_start"),
+        )
+        .select_from(budgets.join(hold, on_hold))
+        .order_by(b.id)
+        .with_for_update(key_share=True, of=budgets)
+    )
+    r = locking.cte("hot_budgets").c
+    new_period = r.period_start < r.current_start
+    spent = actual if settle else big(0)
+    returned = (
+        update(budgets)
+        .where(b.id == r.id)
+        .values(
+            used_micros=case((new_period, big(0)), else_=r.used_micros) + spent,
+            held_micros=r.held_micros - select(hold.c.amount_micros).scalar_subquery(),
+            credit_micros=case((new_period, big(0)), else_=r.credit_micros),
+            period_start=case((new_period, r.current_start), else_=r.period_start),
+        )
+        .returning(*budgets.c)
+        .cte("hot_returned")
+    )
+    entries = insert(ledger).from_select(_LEDGER_COLUMNS, _closing_entries(hold, returned, settle))
+    written = entries.returning(ledger.c.id).cte("hot_ledger")
+    return (
+        select(
+            *(hold.c[c.name].label(f"hold_{c.name}") for c in holds.c),
+            *(returned.c[c.name] for c in budgets.c),
+        )
+        .select_from(hold.outerjoin(returned, true()))
+        .add_cte(written)
+    )
+
+
+def _closing_entries(hold: Any, returned: Any, settle: bool) -> Any:
+    """The ledger's entries of a hold's release, expiry or settlement within it:
+    one per budget (the first primary), and a settlement on no budget gets a
+    budget-less one."""
+    none = null()
+    first = func.row_number().over(order_by=returned.c.id) == 1
+    kind = literal("settle") if settle else bindparam("m_kind", type_=ledger.c.kind.type)
+    amount = int_param("m_actual") if settle else hold.c.amount_micros
+    budgeted = select(
+        returned.c.org_id,
+        hold.c.project_id,
+        hold.c.key_id,
+        returned.c.id,
+        hold.c.id,
+        hold.c.meter,
+        kind,
+        amount,
+        amount if settle else big(0),
+        -hold.c.amount_micros,
+        returned.c.period_start,
+        first,
+        none,
+        none,
+        NOW,
+    ).select_from(returned.join(hold, true()))
+    if not settle:
+        return budgeted
+    unbudgeted = select(
+        hold.c.org_id,
+        hold.c.project_id,
+        hold.c.key_id,
+        none,
+        hold.c.id,
+        hold.c.meter,
+        kind,
+        amount,
+        amount,
+        big(0),
+        none,
+        true(),
+        none,
+        none,
+        NOW,
+    ).where(~exists(select(returned.c.id)))
+    return union_all(budgeted, unbudgeted)
 
 
 def validation_params(
@@ -274,6 +427,8 @@ class Metered:
     key: AnyRow | None
     rate_limits: list[TableRow]
     budgets: list[TableRow]
+    #: The budget that refused, as it was locked (None unless a budget refused).
+    refused_budget: TableRow | None
 
     @classmethod
     def of(cls, rows: Sequence[AnyRow]) -> Metered:
@@ -287,6 +442,7 @@ class Metered:
             key=first if first.ok else None,
             rate_limits=_distinct(rows, "r_"),
             budgets=_distinct(rows, "b_"),
+            refused_budget=refused_budget(rows),
         )
 
 
@@ -394,11 +550,14 @@ def validation_statement(
     extra: list[Any] = []
     if room is not None:
         debited = _debit(room, decided)
+        refused, refused_columns = _refused(room)
         columns += [debited.c[c.name].label(f"b_{c.name}") for c in budgets.c]
-        joined = joined.outerjoin(debited, true())
+        columns += refused_columns
+        joined = joined.outerjoin(debited, true()).outerjoin(refused, true())
         extra.append(_ledger(key, room, debited, decided, cost))
     else:
         columns += [null().label(f"b_{c.name}") for c in budgets.c]
+        columns += [null().label(f"x_{c.name}") for c in budgets.c]
     stmt = select(*columns).select_from(joined)
     return stmt.add_cte(*extra) if extra else stmt
 
@@ -433,16 +592,7 @@ def _budget_pass(key: Any, cost: _Cost, lock_pass: bool, after: Any = None) -> A
     ``eff_used`` and ``eff_credit``, ``new_start``, and whether it ``fits``."""
     b = budgets.c
     locking = (
-        select(
-            b.id,
-            b.meter,
-            b.used_micros,
-            b.credit_micros,
-            b.held_micros,
-            b.limit_micros,
-            b.period_start,
-            _current_start().label("current_start"),
-        )
+        select(*budgets.c, _current_start().label("current_start"))
         .select_from(
             budgets.join(key, applies_to(budgets, key.c.id, key.c.org_id, key.c.project_id))
         )
@@ -457,15 +607,32 @@ def _budget_pass(key: Any, cost: _Cost, lock_pass: bool, after: Any = None) -> A
     eff_credit = case((new_period, big(0)), else_=r.credit_micros)
     amount = cost.on(r.meter)
     return select(
-        r.id,
-        r.meter,
+        *(r[c.name] for c in budgets.c),
         amount.label("amount"),
         eff_used.label("eff_used"),
         eff_credit.label("eff_credit"),
-        r.held_micros,
         case((new_period, r.current_start), else_=r.period_start).label("new_start"),
         (eff_used + r.held_micros + amount <= r.limit_micros + eff_credit).label("fits"),
     ).cte("hot_room")
+
+
+def _refused(room: Any) -> tuple[Any, list[Any]]:
+    """The first budget of ``room`` without room for the call, as it was locked
+    (a CTE), and its columns labelled ``x_...``: what the refusal names."""
+    first = (
+        select(*(room.c[c.name] for c in budgets.c))
+        .where(~room.c.fits)
+        .order_by(room.c.id)
+        .limit(1)
+        .cte("hot_refused")
+    )
+    return first, [first.c[c.name].label(f"x_{c.name}") for c in budgets.c]
+
+
+def refused_budget(rows: Sequence[AnyRow]) -> TableRow | None:
+    """The budget that refused (see :func:`_refused`), from a refused call's rows."""
+    found = _distinct(rows[:1], "x_")
+    return found[0] if found else None
 
 
 def _debit(room: Any, decided: Any, *, hold: bool = False) -> Any:

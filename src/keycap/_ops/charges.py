@@ -73,7 +73,8 @@ def _at_once(
         if not first.ok:
             if first.key_org_id is None:
                 raise Refused("key")
-            raise Refused("budget", key=KeyRef(key_id, first.key_org_id, first.key_project_id))
+            key = KeyRef(key_id, first.key_org_id, first.key_project_id)
+            raise Refused("budget", row=metering.refused_budget(rows), key=key)
         debited = [(row, amounts[row.meter]) for row in rows if row.id is not None]
         result = charged(key_id, amounts, debited, now)
         return result, result.alerts

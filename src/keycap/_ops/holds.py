@@ -18,7 +18,7 @@ from keycap._models import BudgetAlert, Hold, Settlement
 from keycap._ops.refusals import run
 from keycap._ops.release import hold_model, open_hold, origin_of, return_hold, run_hold
 from keycap._ops.results import AlertHandler, budget_status, by_remaining, crossed_alerts, deliver
-from keycap._ops.units import Idempotency, Refused, claim, live_key, stored_replay
+from keycap._ops.units import Idempotency, Refused, claim, live_key, retrying, stored_replay
 from keycap._rules import budgets as budget_rules
 from keycap._rules import ids, movements
 from keycap._rules.money import from_micros
@@ -75,7 +75,8 @@ def _reserve_at_once(
         if not first.ok:
             if first.key_org_id is None:
                 raise Refused("key")
-            raise Refused("budget", key=KeyRef(key_id, first.key_org_id, first.key_project_id))
+            key = KeyRef(key_id, first.key_org_id, first.key_project_id)
+            raise Refused("budget", row=metering.refused_budget(rows), key=key)
         held = [row for row in rows if row.id is not None]
         hold = SimpleNamespace(
             id=hold_id,
@@ -158,6 +159,11 @@ async def settle(
     key is live); what does not fit is written to the ledger as a shortfall
     and reported, never dropped (``keycap._rules.movements.split_settlement``).
     """
+    if idempotency_key is None and db.one_statement:
+        done = await retrying(db, lambda: _settle_at_once(db, hold_id, actual, now))
+        if done is not None:
+            await deliver(done.alerts, on_alert)
+            return done
     idem = Idempotency.of("settle", hold_id, idempotency_key, actual=actual)
     hold, replay = await open_hold(db, hold_id, idem, Settlement)
     if hold is None:
@@ -217,6 +223,34 @@ async def settle(
     result, alerts = await run_hold(db, unit, hold_id, idem, Settlement)
     await deliver(alerts, on_alert)
     return result  # type: ignore[no-any-return]
+
+
+async def _settle_at_once(
+    db: Database, hold_id: str, actual: int, now: datetime
+) -> Settlement | None:
+    """PostgreSQL: a settlement within the hold in one statement
+    (``keycap._db.metering.closing_statement``). None when it did not settle: the
+    hold is not open, or ``actual`` is beyond it (the transaction then decides)."""
+    async with db.autocommit() as conn:
+        closed = await metering.close_hold(conn, hold_id, "settled", now, actual)
+    if closed is None:
+        return None
+    hold, afters = closed
+    split = movements.split_settlement(hold.amount_micros, actual, None)
+    alerts = crossed_alerts([(a, split.charged) for a in afters], now, hold.key_id)
+    return Settlement.model_construct(
+        hold_id=hold_id,
+        key_id=hold.key_id,
+        meter=hold.meter,
+        held=from_micros(split.held),
+        actual=from_micros(actual),
+        charged=from_micros(split.charged),
+        returned=from_micros(split.returned),
+        shortfall=from_micros(split.shortfall),
+        budgets=by_remaining([budget_status(a, now) for a in afters]),
+        alerts=alerts,
+        replayed=False,
+    )
 
 
 async def _excess_targets(

@@ -43,6 +43,18 @@ async def refusal(
     return None
 
 
+async def locked_refusal(
+    db: Database, row: Any, amounts: Mapping[str, int], now: datetime, key_id: str | None
+) -> Exception | None:
+    """The error naming ``row``, the budget a one-statement call found without room
+    (as it was under the statement's lock: exact at that instant, so no second
+    read is needed); or None when it had expired holds, now freed, and the caller
+    tries again."""
+    if await sweep(db, now, budget_id=row.id):
+        return None
+    return budget_exceeded(row, amounts[row.meter], now, key_id)
+
+
 async def key_refusal(db: Database, key_id: str, now: datetime) -> Exception | None:
     """Why a key could not be charged: not found, or the state the policy names.
     None: it is live after all (enabled meanwhile), so the caller tries again."""
@@ -76,6 +88,13 @@ async def rate_refusal(
     return None
 
 
+#: How many times a call is tried again when its refusal turns out to have room
+#: after all (a hold released, a period rolled over, meanwhile). Under heavy
+#: reserve/release churn on one budget three was not enough; each try is one
+#: statement on PostgreSQL.
+REFUSED_ATTEMPTS = 8
+
+
 async def run(
     db: Database,
     unit: Callable[[], Awaitable[Any]],
@@ -87,7 +106,7 @@ async def run(
     model: Any,
 ) -> Any:
     """Run a unit, turning refusals into errors and a lost idempotency race into a replay."""
-    for _ in range(3):
+    for _ in range(REFUSED_ATTEMPTS):
         try:
             return await retrying(db, unit)
         except Conflict:
@@ -98,6 +117,8 @@ async def run(
         except Refused as refused:
             if refused.what == "key" or refused.key is None:
                 error = await key_refusal(db, key_id or "", now)
+            elif refused.row is not None:
+                error = await locked_refusal(db, refused.row, amounts, now, key_id)
             else:
                 error = await refusal(db, refused.key, amounts, now, key_id)
             if error is not None:

@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from keycap._db import budgets, holds, ledger, operations
+from keycap._db import budgets, holds, ledger, metering, operations
 from keycap._db.build import AnyRow
 from keycap._db.engine import Conflict, Database
 from keycap._errors import HoldClosedError, NotFoundError
@@ -118,6 +118,18 @@ async def release(
     status: str = "released",
 ) -> Hold:
     """Return a hold to its budgets (``status="expired"``: the same, by expiry)."""
+    if idempotency_key is None and db.one_statement:
+
+        async def at_once() -> Hold | None:
+            async with db.autocommit() as conn:
+                closed = await metering.close_hold(conn, hold_id, status, now)
+            if closed is None:
+                return None  # not open: the transaction below says why
+            hold, afters = closed
+            return hold_model(hold, [budget_status(a, now) for a in afters])
+
+        if (done := await retrying(db, at_once)) is not None:
+            return done
     idem = Idempotency.of("release", hold_id, idempotency_key)
     hold, replay = await open_hold(db, hold_id, idem, Hold)
     if hold is None:

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from keycap._db import keys, operations
-from keycap._db.build import AnyRow, KeyRef
+from keycap._db.build import KeyRef
 from keycap._db.engine import Database, is_transient
 from keycap._errors import DatabaseError, DatabaseUnavailableError, IdempotencyConflictError
 
@@ -46,10 +46,11 @@ async def retrying(db: Database, unit: Callable[[], Awaitable[T]]) -> T:
 
 class Refused(Exception):
     # An internal signal, never escapes this package.
-    """Raised inside a transaction to roll it back; says which row refused (a rate
-    limit), or for which key (a budget: which one is found after the rollback)."""
+    """Raised inside a transaction to roll it back; says for which key, and which
+    row refused when that is known (a budget a one-statement call locked: a row,
+    or a ``keycap._db.metering.TableRow``), else it is found after the rollback."""
 
-    def __init__(self, what: str, row: AnyRow | None = None, key: KeyRef | None = None) -> None:
+    def __init__(self, what: str, row: Any = None, key: KeyRef | None = None) -> None:
         self.what = what
         self.row = row
         self.key = key

@@ -13,7 +13,7 @@ from keycap._db.engine import Database
 from keycap._errors import DatabaseError
 from keycap._models import BudgetAlert, Charge, RateLimitStatus
 from keycap._ops.charges import charge_in, charged
-from keycap._ops.refusals import rate_refusal, refusal
+from keycap._ops.refusals import REFUSED_ATTEMPTS, locked_refusal, rate_refusal, refusal
 from keycap._ops.results import AlertHandler, deliver, epoch_ms, rate_limit_status, rate_order
 from keycap._ops.units import Refused, retrying
 from keycap._rules.policy import Requirement
@@ -47,7 +47,9 @@ async def validate(
             if not done.key_found:
                 raise Refused("key")
             key = KeyRef(key_id, done.key_org_id or "", done.key_project_id)
-            raise Refused("budget" if done.rates_ok else "rate", key=key)
+            if done.rates_ok:
+                raise Refused("budget", row=done.refused_budget, key=key)
+            raise Refused("rate", key=key)
         assert done.key is not None
         statuses = [rate_limit_status(row, now) for row in done.rate_limits]  # type: ignore[arg-type]
         tightest = min(statuses, key=rate_order) if statuses else None
@@ -77,7 +79,7 @@ async def validate(
             alerts = charge_result.alerts if charge_result is not None else ()
             return key_row, tightest, charge_result, alerts
 
-    for _ in range(3):
+    for _ in range(REFUSED_ATTEMPTS):
         try:
             key_row, tightest, charge_result, alerts = await retrying(
                 db, at_once if db.one_statement else unit
@@ -89,6 +91,8 @@ async def validate(
             error: Exception | None
             if refused.what == "rate":
                 error = await rate_refusal(db, refused.key, amounts, now, key_id)
+            elif refused.row is not None:
+                error = await locked_refusal(db, refused.row, amounts, now, key_id)
             else:
                 error = await refusal(db, refused.key, amounts, now, key_id)
             if error is not None:
