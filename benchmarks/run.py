@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import insert, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 
 from keycap import APIKeyClient, Budget, BudgetExceededError, KeycapError, RateLimit
 from keycap._db.schema import keys as keys_table
@@ -72,15 +72,33 @@ class Floor:
     async def close(self) -> None: ...
 
 
+async def _connect_pg(u: URL) -> Any:
+    import asyncpg
+
+    return await asyncpg.connect(
+        user=u.username, password=u.password, host=u.host, port=u.port, database=u.database
+    )
+
+
+async def _connect_my(u: URL) -> Any:
+    """An aiomysql connection in autocommit."""
+    import aiomysql
+
+    return await aiomysql.connect(
+        host=u.host,
+        port=u.port or 3306,
+        user=u.username,
+        password=u.password,
+        db=u.database,
+        autocommit=True,
+    )
+
+
 async def bare(kind: str, url: str) -> Floor:
     u = make_url(url)
     floor = Floor()
     if kind == "postgresql":
-        import asyncpg
-
-        conn = await asyncpg.connect(
-            user=u.username, password=u.password, host=u.host, port=u.port, database=u.database
-        )
+        conn = await _connect_pg(u)
         await conn.execute(f"DROP TABLE IF EXISTS {FLOOR_TABLE}")
         await conn.execute(f"CREATE TABLE {FLOOR_TABLE} (id VARCHAR(32) PRIMARY KEY, n BIGINT)")
         await conn.executemany(
@@ -98,16 +116,7 @@ async def bare(kind: str, url: str) -> Floor:
 
         floor.select, floor.update, floor.close = pg_select, pg_update, conn.close  # type: ignore[method-assign]
     elif kind == "mariadb":
-        import aiomysql
-
-        conn = await aiomysql.connect(
-            host=u.host,
-            port=u.port or 3306,
-            user=u.username,
-            password=u.password,
-            db=u.database,
-            autocommit=True,
-        )
+        conn = await _connect_my(u)
         cur = await conn.cursor()
         await cur.execute(f"DROP TABLE IF EXISTS {FLOOR_TABLE}")
         await cur.execute(f"CREATE TABLE {FLOOR_TABLE} (id VARCHAR(32) PRIMARY KEY, n BIGINT)")
@@ -321,18 +330,7 @@ def _hammer(kind: str, url: str, start_at: float) -> dict[str, Any]:
         sql = f"UPDATE {FLOOR_TABLE} SET n = n + 1 WHERE id = 'row1' AND n < 4611686018427387904"
         update: Callable[[int], Awaitable[Any]]
         if kind == "postgresql":
-            import asyncpg
-
-            pg = [
-                await asyncpg.connect(
-                    user=u.username,
-                    password=u.password,
-                    host=u.host,
-                    port=u.port,
-                    database=u.database,
-                )
-                for _ in range(COROUTINES)
-            ]
+            pg = [await _connect_pg(u) for _ in range(COROUTINES)]
 
             def update(n: int) -> Awaitable[Any]:
                 return pg[n].execute(sql)
@@ -341,19 +339,7 @@ def _hammer(kind: str, url: str, start_at: float) -> dict[str, Any]:
                 for c in pg:
                     await c.close()
         else:
-            import aiomysql
-
-            my = [
-                await aiomysql.connect(
-                    host=u.host,
-                    port=u.port or 3306,
-                    user=u.username,
-                    password=u.password,
-                    db=u.database,
-                    autocommit=True,
-                )
-                for _ in range(COROUTINES)
-            ]
+            my = [await _connect_my(u) for _ in range(COROUTINES)]
             cursors = [await c.cursor() for c in my]
 
             def update(n: int) -> Awaitable[Any]:

@@ -77,14 +77,10 @@ def charge_params(
     now: datetime,
 ) -> dict[str, Any]:
     """The values of :func:`charge_statement`'s bind parameters."""
-    day, week, months = period_starts(now.astimezone(UTC).date())
     params: dict[str, Any] = {
         "m_key_id": key_id,
-        "m_now": now,
-        "m_day": day,
-        "m_week": week,
-        "m_months": months,
         "m_metadata": dict(metadata) if metadata else None,
+        **_clock_params(now),
     }
     for i, (meter, amount) in enumerate(amounts.items()):
         params[f"m_meter_{i}"] = meter
@@ -112,6 +108,12 @@ async def run(conn: AsyncConnection, stmt: Any, params: Mapping[str, Any]) -> Se
     was not live)."""
     rows = (await conn.execute(stmt, params)).all()
     return sorted(rows, key=lambda row: row.id or "")
+
+
+def _clock_params(now: datetime) -> dict[str, Any]:
+    """``m_now`` and every period start a budget can have now (:func:`_current_start`)."""
+    day, week, months = period_starts(now.astimezone(UTC).date())
+    return {"m_now": now, "m_day": day, "m_week": week, "m_months": months}
 
 
 @lru_cache(maxsize=HOT_CACHE)
@@ -239,15 +241,7 @@ def closing_params(
     hold_id: str, status: str, now: datetime, actual: int | None = None
 ) -> dict[str, Any]:
     """The values of :func:`closing_statement`'s bind parameters."""
-    day, week, months = period_starts(now.astimezone(UTC).date())
-    params: dict[str, Any] = {
-        "m_hold_id": hold_id,
-        "m_status": status,
-        "m_now": now,
-        "m_day": day,
-        "m_week": week,
-        "m_months": months,
-    }
+    params: dict[str, Any] = {"m_hold_id": hold_id, "m_status": status, **_clock_params(now)}
     if actual is not None:
         params["m_actual"] = actual
     else:

@@ -16,7 +16,7 @@ from keycap._db.engine import Database
 from keycap._models import BudgetAlert, Charge
 from keycap._ops.refusals import run
 from keycap._ops.results import AlertHandler, budget_status, by_remaining, crossed_alerts, deliver
-from keycap._ops.units import Idempotency, Refused, claim, live_key, stored_replay
+from keycap._ops.units import Idempotency, Refused, claim, live_key, spent, stored_replay
 from keycap._rules import movements
 from keycap._rules.money import from_micros
 
@@ -69,13 +69,7 @@ def _at_once(
     async def unit() -> tuple[Charge, tuple[BudgetAlert, ...]]:
         async with db.autocommit() as conn:
             rows = await metering.charge_at_once(conn, key_id, amounts, metadata, now)
-        first = rows[0]
-        if not first.ok:
-            if first.key_org_id is None:
-                raise Refused("key")
-            key = KeyRef(key_id, first.key_org_id, first.key_project_id)
-            raise Refused("budget", row=metering.refused_budget(rows), key=key)
-        debited = [(row, amounts[row.meter]) for row in rows if row.id is not None]
+        debited = [(row, amounts[row.meter]) for row in spent(rows, key_id)]
         result = charged(key_id, amounts, debited, now)
         return result, result.alerts
 

@@ -4,9 +4,10 @@ afterwards, then charge what it cost and return the rest.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 from types import SimpleNamespace
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -18,7 +19,15 @@ from keycap._models import BudgetAlert, Hold, Settlement
 from keycap._ops.refusals import run
 from keycap._ops.release import hold_model, open_hold, origin_of, return_hold, run_hold
 from keycap._ops.results import AlertHandler, budget_status, by_remaining, crossed_alerts, deliver
-from keycap._ops.units import Idempotency, Refused, claim, live_key, retrying, stored_replay
+from keycap._ops.units import (
+    Idempotency,
+    Refused,
+    claim,
+    live_key,
+    retrying,
+    spent,
+    stored_replay,
+)
 from keycap._rules import budgets as budget_rules
 from keycap._rules import ids, movements
 from keycap._rules.money import from_micros
@@ -71,13 +80,7 @@ def _reserve_at_once(
         params = metering.reserve_params(key_id, hold_id, meter, amount, now, expires_at)
         async with db.autocommit() as conn:
             rows = await metering.run(conn, metering.reserve_statement(), params)
-        first = rows[0]
-        if not first.ok:
-            if first.key_org_id is None:
-                raise Refused("key")
-            key = KeyRef(key_id, first.key_org_id, first.key_project_id)
-            raise Refused("budget", row=metering.refused_budget(rows), key=key)
-        held = [row for row in rows if row.id is not None]
+        held = spent(rows, key_id)
         hold = SimpleNamespace(
             id=hold_id,
             key_id=key_id,
@@ -201,21 +204,8 @@ async def settle(
                 origin_of(hold, now, idempotency_key), hold.meter, split, afters, charged_excess
             )
             await ledger.insert_ledger(conn, entries)
-            final = charged_excess or afters
-            alerts = crossed_alerts([(a, split.charged) for a in final], now, hold.key_id)
-            result = Settlement.model_construct(
-                hold_id=hold_id,
-                key_id=hold.key_id,
-                meter=hold.meter,
-                held=from_micros(split.held),
-                actual=from_micros(actual),
-                charged=from_micros(split.charged),
-                returned=from_micros(split.returned),
-                shortfall=from_micros(split.shortfall),
-                budgets=by_remaining([budget_status(a, now) for a in final]),
-                alerts=alerts,
-                replayed=False,
-            )
+            result = _settlement(hold, actual, split, charged_excess or afters, now)
+            alerts = result.alerts
             if op_id is not None:
                 await operations.store_result(conn, op_id, result.model_dump(mode="json"))
             return result, alerts
@@ -237,9 +227,16 @@ async def _settle_at_once(
         return None
     hold, afters = closed
     split = movements.split_settlement(hold.amount_micros, actual, None)
-    alerts = crossed_alerts([(a, split.charged) for a in afters], now, hold.key_id)
+    return _settlement(hold, actual, split, afters, now)
+
+
+def _settlement(
+    hold: Any, actual: int, split: movements.SettleSplit, final: Sequence[Any], now: datetime
+) -> Settlement:
+    """A settlement's result: ``final`` holds the budgets' rows after it (those that
+    took the excess, if any did, else those the hold was returned to)."""
     return Settlement.model_construct(
-        hold_id=hold_id,
+        hold_id=hold.id,
         key_id=hold.key_id,
         meter=hold.meter,
         held=from_micros(split.held),
@@ -247,8 +244,8 @@ async def _settle_at_once(
         charged=from_micros(split.charged),
         returned=from_micros(split.returned),
         shortfall=from_micros(split.shortfall),
-        budgets=by_remaining([budget_status(a, now) for a in afters]),
-        alerts=alerts,
+        budgets=by_remaining([budget_status(a, now) for a in final]),
+        alerts=crossed_alerts([(a, split.charged) for a in final], now, hold.key_id),
         replayed=False,
     )
 

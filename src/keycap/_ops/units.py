@@ -9,15 +9,15 @@ import hashlib
 import json
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from keycap._db import keys, operations
-from keycap._db.build import KeyRef
+from keycap._db import keys, metering, operations
+from keycap._db.build import AnyRow, KeyRef
 from keycap._db.engine import Database, is_transient
 from keycap._errors import DatabaseError, DatabaseUnavailableError, IdempotencyConflictError
 
@@ -114,3 +114,16 @@ async def live_key(conn: AsyncConnection, key_id: str, now: datetime) -> KeyRef:
     if key is None:
         raise Refused("key")
     return key
+
+
+def spent(rows: Sequence[AnyRow], key_id: str) -> list[AnyRow]:
+    """The budgets a one-statement charge or reserve debited (``keycap._db.metering.run``),
+    their rows after it; or the refusal, as ``Refused``: of the key (not live), or
+    of the budget the statement found without room."""
+    first = rows[0]
+    if not first.ok:
+        if first.key_org_id is None:
+            raise Refused("key")
+        key = KeyRef(key_id, first.key_org_id, first.key_project_id)
+        raise Refused("budget", row=metering.refused_budget(rows), key=key)
+    return [row for row in rows if row.id is not None]
