@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from keycap import APIKeyClient, Budget, RateLimit
+from keycap import APIKeyClient, Budget, KeycapError, RateLimit
 from tests._roundtrips import count_sqlite_hops, wire_counter
 from tests.conftest import DATABASES, REPORT, SECRET, FakeClock, server_url
 
@@ -132,6 +132,55 @@ async def test_each_hot_call_costs_its_pinned_round_trips(
         f"{backend}: round trips per call " + ", ".join(f"{k}={v}" for k, v in seen.items())
     )
     assert seen == PINNED[backend]
+
+
+#: PostgreSQL: a refused hot call, the refusal included (issue 10: "a refusal may
+#: take a second round trip to say exactly what refused").
+REFUSED_ON_POSTGRESQL = {
+    # The statement (it returns the budget that refused, as it locked it), then
+    # whether that budget has expired holds to free.
+    "charge over budget": 2,
+    "validate over budget": 2,
+    # The statement, then the rate limits read to say when to retry.
+    "validate over the rate limit": 2,
+    # The statement, then the key read for the policy to say why.
+    "validate of a revoked key": 2,
+}
+
+
+@pytest.mark.skipif("postgresql" not in DATABASES, reason="PostgreSQL is not configured")
+async def test_a_refused_hot_call_costs_at_most_a_second_round_trip(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    url = server_url("postgresql", "keycap_test", tmp_path)
+    async with (
+        wire_counter(url) as wire,
+        APIKeyClient(wire.url(url), signing_secret=SECRET, clock=clock) as client,
+    ):
+        org = (await client.create_organization(f"refusals-{uuid.uuid4()}")).id
+        poor = await client.create_key(org, budgets=[Budget(D("0.01"))])
+        slow = await client.create_key(org, rate_limits=[RateLimit(1, "minute")])
+        revoked = await client.create_key(org, budgets=[Budget(D(1))])
+        await client.validate_key(slow.plaintext)  # its one call this minute
+        await client.revoke_key(revoked.id)
+        calls = {
+            "charge over budget": lambda: client.charge(poor.id, D(1)),
+            "validate over budget": lambda: client.validate_key(poor.plaintext, cost=D(1)),
+            "validate over the rate limit": lambda: client.validate_key(slow.plaintext),
+            "validate of a revoked key": lambda: client.validate_key(
+                revoked.plaintext, cost=D("0.01")
+            ),
+        }
+        seen = {}
+        for name, call in calls.items():
+            for _ in range(2):  # warm
+                with pytest.raises(KeycapError):
+                    await call()
+            with wire.counting() as count, pytest.raises(KeycapError):
+                await call()
+            seen[name] = count[0]
+    REPORT.append("postgresql: round trips per refused call " + str(seen))
+    assert seen == REFUSED_ON_POSTGRESQL
 
 
 @pytest.mark.parametrize("backend_name", sorted(PINNED))
