@@ -106,9 +106,9 @@ async def delete_budget(conn: AsyncConnection, budget_id: str) -> bool:
     return bool(result.rowcount)
 
 
-def _rollover(start: Any) -> tuple[Any, Any, Any]:
-    """(used, credit, period_start) as they are once the period starting at ``start`` applies."""
-    b = budgets.c
+def rollover(start: Any, b: Any = budgets.c) -> tuple[Any, Any, Any]:
+    """(used, credit, period_start) as they are once the period starting at ``start``
+    applies, over the budget columns ``b`` (the table's, or a CTE's)."""
     new_period = b.period_start < start
     return (
         case((new_period, big(0)), else_=b.used_micros),
@@ -129,7 +129,7 @@ async def add_credit(
     written, when its limit plus credit would pass ``keycap._rules.money.MAX_MICROS``:
     credits add up, and every sum keycap computes must stay inside 64 bits."""
     b = budgets.c
-    used, credit, period_start = _rollover(_current_start(row, now))
+    used, credit, period_start = rollover(_current_start(row, now))
     result = await conn.execute(
         update(budgets)
         .where(b.id == row.id, b.limit_micros + credit + big(micros) <= big(MAX_MICROS))
@@ -209,7 +209,7 @@ def _debit_all(count: int, hold: bool) -> Changing:
     amount = case(
         *((b.id == ids_[i], int_param(f"m_amount_{i}")) for i in range(count)), else_=big(0)
     )
-    eff_used, eff_credit, period_start = _rollover(start)
+    eff_used, eff_credit, period_start = rollover(start)
     stmt = (
         update(budgets)
         .where(
@@ -259,7 +259,7 @@ async def debit(
 def _debit(must_fit: bool, key_live: bool) -> Changing:
     b = budgets.c
     start = bindparam("m_start", type_=b.period_start.type)
-    eff_used, eff_credit, period_start = _rollover(start)
+    eff_used, eff_credit, period_start = rollover(start)
     stmt = (
         update(budgets)
         .where(b.id == BUDGET_ID)

@@ -60,6 +60,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, aggregate_order_by
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.expression import Grouping
 
+from keycap._db.budgets import rollover
 from keycap._db.build import HOLD_ID, HOT_CACHE, KEY_ID, NOW, AnyRow, big, hot_binds, int_param
 from keycap._db.grant import applies_to, grant_predicate, key_is_live_now
 from keycap._db.keys import KEY_COLUMNS, metered_use, usage_cap_open
@@ -302,16 +303,15 @@ def closing_statement(settle: bool) -> Any:
         .with_for_update(key_share=True, of=budgets)
     )
     r = locking.cte("hot_budgets").c
-    new_period = r.period_start < r.current_start
-    spent = actual if settle else big(0)
+    eff_used, eff_credit, new_start = rollover(r.current_start, r)
     returned = (
         update(budgets)
         .where(b.id == r.id)
         .values(
-            used_micros=case((new_period, big(0)), else_=r.used_micros) + spent,
+            used_micros=eff_used + (actual if settle else big(0)),
             held_micros=r.held_micros - select(hold.c.amount_micros).scalar_subquery(),
-            credit_micros=case((new_period, big(0)), else_=r.credit_micros),
-            period_start=case((new_period, r.current_start), else_=r.period_start),
+            credit_micros=eff_credit,
+            period_start=new_start,
         )
         .returning(*budgets.c)
         .cte("hot_returned")
@@ -596,16 +596,14 @@ def _budget_pass(key: Any, cost: _Cost, lock_pass: bool, after: Any = None) -> A
     if after is not None:
         locking = locking.where(after)
     r = _locked(locking, budgets, lock_pass).cte("hot_budgets").c
-    new_period = r.period_start < r.current_start
-    eff_used = case((new_period, big(0)), else_=r.used_micros)
-    eff_credit = case((new_period, big(0)), else_=r.credit_micros)
+    eff_used, eff_credit, new_start = rollover(r.current_start, r)
     amount = cost.on(r.meter)
     return select(
         *(r[c.name] for c in budgets.c),
         amount.label("amount"),
         eff_used.label("eff_used"),
         eff_credit.label("eff_credit"),
-        case((new_period, r.current_start), else_=r.period_start).label("new_start"),
+        new_start.label("new_start"),
         (eff_used + r.held_micros + amount <= r.limit_micros + eff_credit).label("fits"),
     ).cte("hot_room")
 

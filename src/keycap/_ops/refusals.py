@@ -55,6 +55,17 @@ async def locked_refusal(
     return budget_exceeded(row, amounts[row.meter], now, key_id)
 
 
+async def budget_refusal(
+    db: Database, refused: Refused, amounts: Mapping[str, int], now: datetime, key_id: str | None
+) -> Exception | None:
+    """The error naming the budget that refused: the row a one-statement call locked
+    (:func:`locked_refusal`), else found after the rollback (:func:`refusal`)."""
+    if refused.row is not None:
+        return await locked_refusal(db, refused.row, amounts, now, key_id)
+    assert refused.key is not None
+    return await refusal(db, refused.key, amounts, now, key_id)
+
+
 async def key_refusal(db: Database, key_id: str, now: datetime) -> Exception | None:
     """Why a key could not be charged: not found, or the state the policy names.
     None: it is live after all (enabled meanwhile), so the caller tries again."""
@@ -117,10 +128,8 @@ async def run(
         except Refused as refused:
             if refused.what == "key" or refused.key is None:
                 error = await key_refusal(db, key_id or "", now)
-            elif refused.row is not None:
-                error = await locked_refusal(db, refused.row, amounts, now, key_id)
             else:
-                error = await refusal(db, refused.key, amounts, now, key_id)
+                error = await budget_refusal(db, refused, amounts, now, key_id)
             if error is not None:
                 raise error from None
     raise DatabaseError("the key or its budgets kept changing during the operation; try again")

@@ -197,6 +197,12 @@ def rate_order(status: RateLimitStatus) -> tuple[Any, ...]:
     return (fraction, status.reset_at)
 
 
+def tightest_rate(rows: Sequence[Any], now: datetime) -> RateLimitStatus | None:
+    """The status of the rate limit with the least left, of ``rows`` after a call."""
+    statuses = [rate_limit_status(row, now) for row in rows]
+    return min(statuses, key=rate_order) if statuses else None
+
+
 def usage_cap_error(row: AnyRow) -> UsageExhaustedError | None:
     m_ = row._mapping
     if m_["max_uses"] is not None and m_["use_count"] >= m_["max_uses"]:

@@ -13,8 +13,8 @@ from keycap._db.engine import Database
 from keycap._errors import DatabaseError
 from keycap._models import BudgetAlert, Charge, RateLimitStatus
 from keycap._ops.charges import charge_in, charged
-from keycap._ops.refusals import REFUSED_ATTEMPTS, locked_refusal, rate_refusal, refusal
-from keycap._ops.results import AlertHandler, deliver, epoch_ms, rate_limit_status, rate_order
+from keycap._ops.refusals import REFUSED_ATTEMPTS, budget_refusal, rate_refusal
+from keycap._ops.results import AlertHandler, deliver, epoch_ms, tightest_rate
 from keycap._ops.units import Refused, retrying
 from keycap._rules.policy import Requirement
 
@@ -51,8 +51,7 @@ async def validate(
                 raise Refused("budget", row=done.refused_budget, key=key)
             raise Refused("rate", key=key)
         assert done.key is not None
-        statuses = [rate_limit_status(row, now) for row in done.rate_limits]  # type: ignore[arg-type]
-        tightest = min(statuses, key=rate_order) if statuses else None
+        tightest = tightest_rate(done.rate_limits, now)
         charge_result = None
         if amounts:
             debited = [(row, amounts[row.meter]) for row in done.budgets]
@@ -73,9 +72,8 @@ async def validate(
             )
             if limits is None:
                 raise Refused("rate", key=key)
-            statuses = [rate_limit_status(row, now) for row in limits]
             charge_result = await charge_in(conn, key, amounts, now) if amounts else None
-            tightest = min(statuses, key=rate_order) if statuses else None
+            tightest = tightest_rate(limits, now)
             alerts = charge_result.alerts if charge_result is not None else ()
             return key_row, tightest, charge_result, alerts
 
@@ -91,10 +89,8 @@ async def validate(
             error: Exception | None
             if refused.what == "rate":
                 error = await rate_refusal(db, refused.key, amounts, now, key_id)
-            elif refused.row is not None:
-                error = await locked_refusal(db, refused.row, amounts, now, key_id)
             else:
-                error = await refusal(db, refused.key, amounts, now, key_id)
+                error = await budget_refusal(db, refused, amounts, now, key_id)
             if error is not None:
                 raise error from None
             continue
