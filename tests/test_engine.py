@@ -137,3 +137,34 @@ async def test_a_broken_clock_is_a_configuration_error(db_url: str) -> None:
     async with APIKeyClient(db_url, signing_secret=SECRET, clock=datetime.now) as client:
         with pytest.raises(ConfigurationError, match="clock"):
             await client.create_organization("A")  # datetime.now() is naive
+
+
+async def test_the_url_sizes_the_pool_and_keeps_it_under_concurrency(db_url: str) -> None:
+    # SQLAlchemy's default pool keeps 5 connections and closes the rest as they
+    # are returned: 16 concurrent callers would reopen connections all the time.
+    joiner = "&" if "?" in db_url else "?"
+    async with APIKeyClient(
+        f"{db_url}{joiner}pool_size=16&max_overflow=4", signing_secret=SECRET
+    ) as client:
+        pool = client.engine.pool
+        assert (pool.size(), pool._max_overflow) == (16, 4)  # type: ignore[attr-defined]
+        assert "pool_size" not in client.engine.url.query
+        org = (await client.create_organization("pooled")).id
+        await asyncio.gather(*(client.get_organization(org) for _ in range(16)))
+        opened = pool.checkedin()
+        await asyncio.gather(*(client.get_organization(org) for _ in range(16)))
+        assert pool.checkedin() == opened  # kept, not closed and reopened
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["pool_size=0", "pool_size=x", "max_overflow=-1", "pool_size=10001", "pool_size=1.5"],
+)
+def test_a_bad_pool_size_in_the_url_is_a_configuration_error(query: str) -> None:
+    with pytest.raises(ConfigurationError, match="whole number"):
+        APIKeyClient(f"postgresql://u:secret@localhost/db?{query}", signing_secret=SECRET)
+
+
+def test_an_in_memory_sqlite_database_has_no_pool_to_size() -> None:
+    with pytest.raises(ConfigurationError, match="no pool"):
+        APIKeyClient("sqlite://?pool_size=3", signing_secret=SECRET)

@@ -37,6 +37,10 @@ _ASYNC_DRIVERS = {
 
 #: The URL query parameter that says the URL leads to a transaction pooler.
 POOLER_PARAMETER = "transaction_pooler"
+#: The pool's size and overflow (SQLAlchemy's ``pool_size`` and ``max_overflow``).
+POOL_PARAMETERS = ("pool_size", "max_overflow")
+#: keycap's own URL parameters, taken out before the driver sees the URL.
+KEYCAP_PARAMETERS = (POOLER_PARAMETER, *POOL_PARAMETERS)
 _FLAG_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
@@ -97,6 +101,35 @@ def pooler_flag(url: URL) -> bool:
     return value
 
 
+def pool_options(url: URL) -> dict[str, int]:
+    """``?pool_size=N&max_overflow=M`` from ``url``, for the engine keycap creates.
+
+    SQLAlchemy's defaults (5 and 10) close every connection beyond the fifth as
+    it is returned and open a new one at the next burst: a service with more
+    concurrent calls per process than that pays for a connection per call
+    (docs/deployment.md, "The connection pool").
+
+    Raises:
+        ConfigurationError: not a whole number in range, or an in-memory SQLite
+            database (one connection, no pool to size).
+    """
+    options: dict[str, int] = {}
+    for name in POOL_PARAMETERS:
+        raw = url.query.get(name)
+        if raw is None:
+            continue
+        text = raw if isinstance(raw, str) else ""
+        least = 1 if name == "pool_size" else 0
+        if not text.strip().isdigit() or not least <= int(text) <= 10_000:
+            raise ConfigurationError(
+                f"{name} in the database URL must be a whole number from {least} to 10000"
+            )
+        options[name] = int(text)
+    if options and url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+        raise ConfigurationError("an in-memory SQLite database has no pool to size")
+    return options
+
+
 def _extra_for(url: URL) -> str:
     return _DEFAULT_DRIVER[url.get_backend_name()][2]
 
@@ -138,7 +171,8 @@ def create_engine(
     """
     url = normalize_url(raw)
     pooled = transaction_pooler or pooler_flag(url)
-    url = url.difference_update_query([POOLER_PARAMETER])
+    pool = pool_options(url)
+    url = url.difference_update_query(KEYCAP_PARAMETERS)
     waits = waits or (Waits(lock=None) if pooled else Waits())
     backend = url.get_backend_name()
     if pooled:
@@ -150,7 +184,7 @@ def create_engine(
                 "connections: pass lock_timeout=None and set it on the role "
                 "(ALTER ROLE ... SET lock_timeout = '5s') or in the pooler"
             )
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = dict(pool)
     connect: dict[str, Any] = {}
     # aiomysql: the pool's reset is keycap's own (_skip_needless_rollback).
     own_reset = backend in ("mysql", "mariadb") and url.get_driver_name() == "aiomysql"

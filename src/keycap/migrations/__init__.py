@@ -79,9 +79,9 @@ def upgrade_connection(connection: Any, revision: str = "head") -> None:
 def sql_url(url: str) -> str:
     """``url`` as Alembic's offline (``--sql``) mode wants it: only the dialect
     matters there, and keycap's own URL parameters are dropped."""
-    from keycap._db.engine import POOLER_PARAMETER, normalize_url
+    from keycap._db.engine import KEYCAP_PARAMETERS, normalize_url
 
-    parsed = normalize_url(url).difference_update_query([POOLER_PARAMETER])
+    parsed = normalize_url(url).difference_update_query(KEYCAP_PARAMETERS)
     return parsed.render_as_string(hide_password=False)
 
 
