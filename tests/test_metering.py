@@ -20,6 +20,7 @@ from keycap import (
     RevokedKeyError,
     UsageExhaustedError,
 )
+from keycap._db.metering import LAST_USED_STEP
 from tests._ledger import assert_balances_match_ledger
 from tests.conftest import SECRET, FakeClock
 
@@ -613,3 +614,22 @@ async def test_tracking_off_writes_no_use_on_the_metered_path(client: APIKeyClie
     assert key.rate_limit is not None and key.rate_limit.remaining == 4  # limits still apply
     stored = await client.get_key(issued.id)
     assert (stored.use_count, stored.last_used_at) == (0, None)
+
+
+async def test_a_charge_is_a_use_of_the_key_to_within_a_second(
+    client: APIKeyClient, clock: FakeClock
+) -> None:
+    # PostgreSQL's one-statement charge moves last_used_at only when it is at
+    # least LAST_USED_STEP old: 64 callers charging one key then write no row
+    # version of the key per charge. The transactions elsewhere move it always.
+    issued = await client.create_key(await _org(client), budgets=[Budget(D(10))])
+    first = clock.now
+    await client.charge(issued.id, D("0.01"))
+    assert (await client.get_key(issued.id)).last_used_at == first
+    clock.advance(seconds=0.5)
+    await client.reserve(issued.id, D("0.01"))
+    stored = (await client.get_key(issued.id)).last_used_at
+    assert stored is not None and clock.now - LAST_USED_STEP <= stored <= clock.now
+    clock.advance(seconds=1)
+    await client.charge(issued.id, D("0.01"))
+    assert (await client.get_key(issued.id)).last_used_at == clock.now

@@ -137,12 +137,12 @@ async def test_each_hot_call_costs_its_pinned_round_trips(
 #: PostgreSQL: a refused hot call, the refusal included (issue 10: "a refusal may
 #: take a second round trip to say exactly what refused").
 REFUSED_ON_POSTGRESQL = {
-    # The statement (it returns the budget that refused, as it locked it), then
-    # whether that budget has expired holds to free.
-    "charge over budget": 2,
-    "validate over budget": 2,
-    # The statement, then the rate limits read to say when to retry.
-    "validate over the rate limit": 2,
+    # The statement alone: it returns the budget or the rate limit that refused,
+    # as it locked it, and whether that budget has expired holds to free (then,
+    # and only then, a refusal takes more round trips).
+    "charge over budget": 1,
+    "validate over budget": 1,
+    "validate over the rate limit": 1,
     # The statement, then the key read for the policy to say why.
     "validate of a revoked key": 2,
 }

@@ -819,7 +819,9 @@ class APIKeyClient:
                     return rows.to_key(key_row, rate_limit=rate, charge=charged)
             elif track and self._db.update_returning:
                 # PostgreSQL, SQLite, a key no rate limit applies to: one statement.
-                row = await self._db.run(keys.record_use_returning, key_id, digests, req, now)
+                row = await keys.record_use_returning(
+                    self._db.rows, self._db.dialect, key_id, digests, req, now
+                )
                 if row is not None:
                     await self._upgrade_pepper(key_id, row.pepper_id, plaintext)
                     return rows.to_key(row)
@@ -828,7 +830,7 @@ class APIKeyClient:
             if not metered and not track and self._replica is not None:
                 looked = await self._replica_lookup(key_id, req, plaintext, now)
             else:
-                looked = await self._db.read(keys.lookup_for_validation, key_id, req)
+                looked = await keys.lookup_for_validation(self._db.read_rows, key_id, req)
             if looked is None:
                 raise InvalidKeyError()
             digest_ok = self._secret_matches(plaintext, looked, now)
@@ -854,7 +856,9 @@ class APIKeyClient:
                     self._cache.put(key_id, req, looked, now, generation)
                 return rows.to_key(looked)
             if self._db.update_returning:
-                row = await self._db.run(keys.record_use_returning, key_id, digests, req, now)
+                row = await keys.record_use_returning(
+                    self._db.rows, self._db.dialect, key_id, digests, req, now
+                )
                 if row is not None:
                     await self._upgrade_pepper(key_id, row.pepper_id, plaintext)
                     return rows.to_key(row)
@@ -873,7 +877,7 @@ class APIKeyClient:
         the replica unreachable) from the primary, which decides."""
         assert self._replica is not None
         try:
-            row = await self._replica.read(keys.lookup_for_validation, key_id, req)
+            row = await keys.lookup_for_validation(self._replica.read_rows, key_id, req)
         except DatabaseUnavailableError as error:
             log.warning("keycap: read replica unavailable, using the primary: %s", error)
             row = None
@@ -882,7 +886,7 @@ class APIKeyClient:
             with contextlib.suppress(KeyRejectedError):
                 policy.check(rows.to_facts(row, digest_ok), req, now)
                 return row
-        return await self._db.read(keys.lookup_for_validation, key_id, req)
+        return await keys.lookup_for_validation(self._db.read_rows, key_id, req)
 
     # --- metering: limits and budgets -------------------------------------------------
 

@@ -10,7 +10,7 @@ validation), filled in by the function that runs the statement.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeAlias
@@ -22,6 +22,9 @@ from keycap._db.schema import budgets, holds, keys
 
 #: A result row of any width.
 AnyRow: TypeAlias = Row[*tuple[Any, ...]]
+#: How a statement that is atomic on its own is run: ``Database.rows`` (or
+#: ``read_rows``), one round trip, its rows read as SQLAlchemy's are.
+Execute: TypeAlias = Callable[[Any, Mapping[str, Any]], Awaitable[Sequence[AnyRow]]]
 
 #: How many shapes of each hot statement are kept built.
 HOT_CACHE = 512

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import math
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -15,6 +15,7 @@ from sqlalchemy import event, exc
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from keycap._db.hot import Hot
 from keycap._errors import ConfigurationError, DatabaseError, DatabaseUnavailableError, KeycapError
 
 log = logging.getLogger("keycap")
@@ -487,6 +488,13 @@ class Database:
         self._own_transaction = self.transaction_pooler or self.is_mysql
         #: A charge runs as one statement (``keycap._db.metering``): PostgreSQL only.
         self.one_statement: bool = self.dialect == "postgresql"
+        # Such a statement runs on the pool's asyncpg connection (keycap._db.hot);
+        # behind a pooler, in a transaction of its own (autocommit()).
+        self._hot = (
+            Hot(engine)
+            if engine.dialect.driver == "asyncpg" and not self.transaction_pooler
+            else None
+        )
 
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[AsyncConnection]:
@@ -503,6 +511,23 @@ class Database:
         connecting = self.engine.begin() if self._own_transaction else self._autocommit.connect()
         async with _translated(connecting) as conn:
             yield conn
+
+    async def statement(
+        self, stmt: Any, params: Mapping[str, Any], *, read_only: bool = False
+    ) -> Sequence[Any]:
+        """The rows of one statement that is atomic on its own, in one round trip:
+        on the pool's asyncpg connection (``keycap._db.hot``), else on an
+        :meth:`autocommit` connection (``read_only``: :meth:`reading`). Run it
+        inside :meth:`guarded` (:meth:`rows` and :meth:`read_rows` do)."""
+        if self._hot is None or not self._hot.usable:
+            async with self.reading() if read_only else self.autocommit() as conn:
+                return (await conn.execute(stmt, params)).all()
+        try:
+            return await self._hot.rows(stmt, params)
+        except KeycapError:
+            raise
+        except Exception as error:
+            raise translate(error) from error
 
     @asynccontextmanager
     async def reading(self) -> AsyncIterator[AsyncConnection]:
@@ -577,6 +602,15 @@ class Database:
 
         return await self.guarded(work)
 
+    async def rows(self, stmt: Any, params: Mapping[str, Any]) -> Sequence[Any]:
+        """:meth:`statement`, guarded: one statement that is atomic on its own."""
+        return await self.guarded(lambda: self.statement(stmt, params))
+
+    async def read_rows(self, stmt: Any, params: Mapping[str, Any]) -> Sequence[Any]:
+        """:meth:`rows` for a statement that only reads, tried once more on a dead
+        connection (:meth:`read`)."""
+        return await self._read_again(lambda: self.statement(stmt, params, read_only=True))
+
     async def read(
         self,
         statement: Callable[Concatenate[AsyncConnection, P], Awaitable[T]],
@@ -593,6 +627,10 @@ class Database:
             async with self.reading() as conn:
                 return await statement(conn, *args, **kwargs)
 
+        return await self._read_again(work)
+
+    async def _read_again(self, work: Callable[[], Awaitable[T]]) -> T:
+        """``work`` guarded, and once more if its connection turned out dead."""
         try:
             return await self.guarded(work)
         except DatabaseUnavailableError as error:

@@ -29,6 +29,7 @@ from keycap._db.build import (
     NOW,
     AnyRow,
     Changing,
+    Execute,
     KeyRef,
     changed,
     changing,
@@ -261,15 +262,15 @@ async def roll_key(
 # --- validation: the read path --------------------------------------------------------
 
 
-async def lookup_for_validation(
-    conn: AsyncConnection, key_id: str, req: Requirement
-) -> AnyRow | None:
-    """The key's row and the facts about the asked-for project/product, in one SELECT.
+async def lookup_for_validation(execute: Execute, key_id: str, req: Requirement) -> AnyRow | None:
+    """The key's row and the facts about the asked-for project/product, in one SELECT
+    (run by ``execute``: ``Database.read_rows``).
 
     Read-only: this is the whole read path when use tracking is off, and the
     diagnosis of a refusal otherwise.
     """
-    return (await conn.execute(_lookup_stmt(req), {"hot_key_id": key_id})).first()
+    found = await execute(_lookup_stmt(req), {"hot_key_id": key_id})
+    return found[0] if found else None
 
 
 @lru_cache(maxsize=HOT_CACHE)
@@ -306,12 +307,19 @@ def _lookup_stmt(req: Requirement) -> Any:
 
 
 async def record_use_returning(
-    conn: AsyncConnection, key_id: str, digests: Mapping[str, str], req: Requirement, now: datetime
+    execute: Execute,
+    dialect: str,
+    key_id: str,
+    digests: Mapping[str, str],
+    req: Requirement,
+    now: datetime,
 ) -> AnyRow | None:
     """PostgreSQL and SQLite: decide, record the use and return the key, in one
-    statement (``UPDATE ... RETURNING``). None: the rule did not hold; nothing written."""
-    stmt = _record_use_stmt(req, tuple(digests), conn.dialect.name, True)
-    return (await conn.execute(stmt, hot_params(key_id, now, digests))).first()
+    statement (``UPDATE ... RETURNING``, run by ``execute``: ``Database.rows``).
+    None: the rule did not hold; nothing written."""
+    stmt = _record_use_stmt(req, tuple(digests), dialect, True)
+    found = await execute(stmt, hot_params(key_id, now, digests))
+    return found[0] if found else None
 
 
 async def record_use(

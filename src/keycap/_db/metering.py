@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
@@ -51,17 +51,27 @@ from sqlalchemy import (
     insert,
     literal,
     null,
+    or_,
     select,
     true,
     union_all,
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, aggregate_order_by
-from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.expression import Grouping
 
 from keycap._db.budgets import rollover
-from keycap._db.build import HOLD_ID, HOT_CACHE, KEY_ID, NOW, AnyRow, big, hot_binds, int_param
+from keycap._db.build import (
+    HOLD_ID,
+    HOT_CACHE,
+    KEY_ID,
+    NOW,
+    AnyRow,
+    Execute,
+    big,
+    hot_binds,
+    int_param,
+)
 from keycap._db.grant import applies_to, grant_predicate, key_is_live_now
 from keycap._db.keys import KEY_COLUMNS, metered_use, usage_cap_open
 from keycap._db.rate_limits import call_cost, window_step
@@ -90,7 +100,7 @@ def charge_params(
 
 
 async def charge_at_once(
-    conn: AsyncConnection,
+    execute: Execute,
     key_id: str,
     amounts: Mapping[str, int],
     metadata: Mapping[str, Any] | None,
@@ -98,23 +108,36 @@ async def charge_at_once(
 ) -> Sequence[AnyRow]:
     """Run :func:`charge_statement` (see :func:`run`)."""
     return await run(
-        conn, charge_statement(len(amounts)), charge_params(key_id, amounts, metadata, now)
+        execute, charge_statement(len(amounts)), charge_params(key_id, amounts, metadata, now)
     )
 
 
-async def run(conn: AsyncConnection, stmt: Any, params: Mapping[str, Any]) -> Sequence[AnyRow]:
+async def run(execute: Execute, stmt: Any, params: Mapping[str, Any]) -> Sequence[AnyRow]:
     """A charge's or reserve's statement: one row per budget debited (its row after,
     in id order) or a single row without budget columns; each row has ``ok``
     (done) and the key's ``key_org_id`` and ``key_project_id`` (NULL: the key
     was not live)."""
-    rows = (await conn.execute(stmt, params)).all()
+    rows = await execute(stmt, params)
     return sorted(rows, key=lambda row: row.id or "")
+
+
+#: How old a key's ``last_used_at`` must be for a one-statement charge or reserve
+#: to move it. Each move is a new version of the key's row, written while its
+#: lock is held: under 64 concurrent charges of one key, writing it on every
+#: charge cost 15-25% of the throughput (docs/performance.md).
+LAST_USED_STEP = timedelta(seconds=1)
 
 
 def _clock_params(now: datetime) -> dict[str, Any]:
     """``m_now`` and every period start a budget can have now (:func:`_current_start`)."""
     day, week, months = period_starts(now.astimezone(UTC).date())
-    return {"m_now": now, "m_day": day, "m_week": week, "m_months": months}
+    return {
+        "m_now": now,
+        "m_used_before": now - LAST_USED_STEP,
+        "m_day": day,
+        "m_week": week,
+        "m_months": months,
+    }
 
 
 @lru_cache(maxsize=HOT_CACHE)
@@ -180,9 +203,15 @@ def _spend(meter_count: int, *, hold: bool, lock_pass: bool) -> Any:
     decided = select(decision.c.ok).scalar_subquery()
 
     debited = _debit(room, decided, hold=hold)
+    # A charge is a use of the key: last_used_at moves, unless it is under
+    # LAST_USED_STEP old (a key charged by many callers at once then gets no new
+    # row version per charge; see LAST_USED_STEP).
+    stale = or_(
+        k.last_used_at.is_(None), k.last_used_at <= bindparam("m_used_before", type_=UTCDateTime())
+    )
     used = (
         update(keys)
-        .where(k.id == KEY_ID, decided)
+        .where(k.id == KEY_ID, decided, stale)
         .values(last_used_at=NOW)
         .returning(k.id)
         .cte("hot_used")
@@ -251,12 +280,12 @@ def closing_params(
 
 
 async def close_hold(
-    conn: AsyncConnection, hold_id: str, status: str, now: datetime, actual: int | None = None
+    execute: Execute, hold_id: str, status: str, now: datetime, actual: int | None = None
 ) -> tuple[TableRow, list[AnyRow]] | None:
     """Run :func:`closing_statement`: the hold's row after closing and its budgets'
     rows after, in id order; None when it did not close the hold."""
     stmt = closing_statement(actual is not None)
-    rows = (await conn.execute(stmt, closing_params(hold_id, status, now, actual))).all()
+    rows = await execute(stmt, closing_params(hold_id, status, now, actual))
     if not rows:
         return None
     return _distinct(rows[:1], "hold_")[0], sorted(
@@ -391,7 +420,7 @@ def validation_params(
 
 
 async def validate_at_once(
-    conn: AsyncConnection,
+    execute: Execute,
     key_id: str,
     digests: Mapping[str, str],
     req: Requirement,
@@ -403,8 +432,7 @@ async def validate_at_once(
     """Run :func:`validation_statement`; what it decided and wrote."""
     stmt = validation_statement(req, tuple(digests), len(amounts), track)
     params = validation_params(key_id, digests, amounts, now, now_ms)
-    rows = (await conn.execute(stmt, params)).all()
-    return Metered.of(rows)
+    return Metered.of(await execute(stmt, params))
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,6 +451,8 @@ class Metered:
     budgets: list[TableRow]
     #: The budget that refused, as it was locked (None unless a budget refused).
     refused_budget: TableRow | None
+    #: The rate limit that refused, as it was locked (None unless one refused).
+    refused_rate: TableRow | None
 
     @classmethod
     def of(cls, rows: Sequence[AnyRow]) -> Metered:
@@ -437,6 +467,7 @@ class Metered:
             rate_limits=_distinct(rows, "r_"),
             budgets=_distinct(rows, "b_"),
             refused_budget=refused_budget(rows),
+            refused_rate=next(iter(_distinct(rows[:1], "y_")), None),
         )
 
 
@@ -503,6 +534,15 @@ def validation_statement(
         step.window_start.label("window_start"),
     ).cte("hot_rates")
     rates_ok = ~exists(select(rates.c.id).where(~rates.c.admits))
+    # The first rate limit that refused, as it was locked: what the refusal names.
+    rate_refused = (
+        select(*limits.c)
+        .join(rates, rates.c.id == limits.c.id)
+        .where(~rates.c.admits)
+        .order_by(limits.c.id)
+        .limit(1)
+        .cte("hot_rate_refused")
+    )
 
     # Budgets after the rate limits (their lock pass waits for the rate limits'
     # decision), only when the rate limits admit the call.
@@ -539,8 +579,14 @@ def validation_statement(
         key.c.project_id.label("key_project_id"),
         *used.c,
         *(counted.c[c.name].label(f"r_{c.name}") for c in rate_limits.c),
+        *(rate_refused.c[c.name].label(f"y_{c.name}") for c in rate_limits.c),
     ]
-    joined = decision.outerjoin(key, true()).outerjoin(used, true()).outerjoin(counted, true())
+    joined = (
+        decision.outerjoin(key, true())
+        .outerjoin(used, true())
+        .outerjoin(counted, true())
+        .outerjoin(rate_refused, true())
+    )
     extra: list[Any] = []
     if room is not None:
         debited = _debit(room, decided)
@@ -610,15 +656,27 @@ def _budget_pass(key: Any, cost: _Cost, lock_pass: bool, after: Any = None) -> A
 
 def _refused(room: Any) -> tuple[Any, list[Any]]:
     """The first budget of ``room`` without room for the call, as it was locked
-    (a CTE), and its columns labelled ``x_...``: what the refusal names."""
+    (a CTE), and its columns labelled ``x_...``: what the refusal names; with
+    ``x_expired_holds``, whether open holds past their expiry still hold part of
+    it (only then does the refusal need another round trip, to free them)."""
+    h = holds.c
+    expired = exists(
+        select(h.id).where(
+            h.status == "open",
+            h.expires_at <= NOW,
+            func.strpos(h.budget_ids, literal(" ") + room.c.id + literal(" ")) > 0,
+        )
+    )
     first = (
-        select(*(room.c[c.name] for c in budgets.c))
+        select(*(room.c[c.name] for c in budgets.c), expired.label("expired_holds"))
         .where(~room.c.fits)
         .order_by(room.c.id)
         .limit(1)
         .cte("hot_refused")
     )
-    return first, [first.c[c.name].label(f"x_{c.name}") for c in budgets.c]
+    return first, [
+        first.c[c.name].label(f"x_{c.name}") for c in (*budgets.c, first.c.expired_holds)
+    ]
 
 
 def refused_budget(rows: Sequence[AnyRow]) -> TableRow | None:

@@ -67,8 +67,7 @@ def _at_once(
     """PostgreSQL: the whole charge in one statement (``keycap._db.metering``)."""
 
     async def unit() -> tuple[Charge, tuple[BudgetAlert, ...]]:
-        async with db.autocommit() as conn:
-            rows = await metering.charge_at_once(conn, key_id, amounts, metadata, now)
+        rows = await metering.charge_at_once(db.statement, key_id, amounts, metadata, now)
         debited = [(row, amounts[row.meter]) for row in spent(rows, key_id)]
         result = charged(key_id, amounts, debited, now)
         return result, result.alerts

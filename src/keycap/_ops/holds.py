@@ -78,8 +78,7 @@ def _reserve_at_once(
     async def unit() -> tuple[Hold, tuple[()]]:
         hold_id = ids.new_id("hold")
         params = metering.reserve_params(key_id, hold_id, meter, amount, now, expires_at)
-        async with db.autocommit() as conn:
-            rows = await metering.run(conn, metering.reserve_statement(), params)
+        rows = await metering.run(db.statement, metering.reserve_statement(), params)
         held = spent(rows, key_id)
         hold = SimpleNamespace(
             id=hold_id,
@@ -221,8 +220,7 @@ async def _settle_at_once(
     """PostgreSQL: a settlement within the hold in one statement
     (``keycap._db.metering.closing_statement``). None when it did not settle: the
     hold is not open, or ``actual`` is beyond it (the transaction then decides)."""
-    async with db.autocommit() as conn:
-        closed = await metering.close_hold(conn, hold_id, "settled", now, actual)
+    closed = await metering.close_hold(db.statement, hold_id, "settled", now, actual)
     if closed is None:
         return None
     hold, afters = closed

@@ -49,8 +49,9 @@ async def locked_refusal(
     """The error naming ``row``, the budget a one-statement call found without room
     (as it was under the statement's lock: exact at that instant, so no second
     read is needed); or None when it had expired holds, now freed, and the caller
-    tries again."""
-    if await sweep(db, now, budget_id=row.id):
+    tries again. The statement says whether it had any (``expired_holds``): if
+    not, the refusal costs no round trip."""
+    if row.expired_holds and await sweep(db, now, budget_id=row.id):
         return None
     return budget_exceeded(row, amounts[row.meter], now, key_id)
 
@@ -84,18 +85,27 @@ async def rate_refusal(
 ) -> RateLimitedError | None:
     """The error naming the rate limit that refused (the first in id order that does
     not admit the call now), or None if all admit it now (the caller tries again)."""
-    now_ms = epoch_ms(now)
     for current in await db.read(rate_limits.applicable_rate_limits, key):
-        units = _units(current, amounts)
-        v = ratelimit.view(
-            current.window_ms,
-            now_ms,
-            current.window_start,
-            current.current_units,
-            current.previous_units,
-        )
-        if units and not ratelimit.admits(current.limit_units, v, units):
-            return rate_limited_error(current, units, v, now, key_id)
+        if (error := locked_rate_refusal(current, amounts, now, key_id)) is not None:
+            return error
+    return None
+
+
+def locked_rate_refusal(
+    current: Any, amounts: Mapping[str, int], now: datetime, key_id: str
+) -> RateLimitedError | None:
+    """The error naming the rate limit ``current`` if it does not admit the call now
+    (a one-statement call's refusing row, as it locked it: no round trip)."""
+    units = _units(current, amounts)
+    v = ratelimit.view(
+        current.window_ms,
+        epoch_ms(now),
+        current.window_start,
+        current.current_units,
+        current.previous_units,
+    )
+    if units and not ratelimit.admits(current.limit_units, v, units):
+        return rate_limited_error(current, units, v, now, key_id)
     return None
 
 

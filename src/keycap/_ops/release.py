@@ -121,8 +121,7 @@ async def release(
     if idempotency_key is None and db.one_statement:
 
         async def at_once() -> Hold | None:
-            async with db.autocommit() as conn:
-                closed = await metering.close_hold(conn, hold_id, status, now)
+            closed = await metering.close_hold(db.statement, hold_id, status, now)
             if closed is None:
                 return None  # not open: the transaction below says why
             hold, afters = closed

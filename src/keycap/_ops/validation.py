@@ -13,7 +13,12 @@ from keycap._db.engine import Database
 from keycap._errors import DatabaseError
 from keycap._models import BudgetAlert, Charge, RateLimitStatus
 from keycap._ops.charges import charge_in, charged
-from keycap._ops.refusals import REFUSED_ATTEMPTS, budget_refusal, rate_refusal
+from keycap._ops.refusals import (
+    REFUSED_ATTEMPTS,
+    budget_refusal,
+    locked_rate_refusal,
+    rate_refusal,
+)
 from keycap._ops.results import AlertHandler, deliver, epoch_ms, tightest_rate
 from keycap._ops.units import Refused, retrying
 from keycap._rules.policy import Requirement
@@ -39,17 +44,16 @@ async def validate(
     async def at_once() -> tuple[
         AnyRow, RateLimitStatus | None, Charge | None, tuple[BudgetAlert, ...]
     ]:
-        async with db.autocommit() as conn:
-            done = await metering.validate_at_once(
-                conn, key_id, digests, req, amounts, track, now, epoch_ms(now)
-            )
+        done = await metering.validate_at_once(
+            db.statement, key_id, digests, req, amounts, track, now, epoch_ms(now)
+        )
         if not done.ok:
             if not done.key_found:
                 raise Refused("key")
             key = KeyRef(key_id, done.key_org_id or "", done.key_project_id)
             if done.rates_ok:
                 raise Refused("budget", row=done.refused_budget, key=key)
-            raise Refused("rate", key=key)
+            raise Refused("rate", row=done.refused_rate, key=key)
         assert done.key is not None
         tightest = tightest_rate(done.rate_limits, now)
         charge_result = None
@@ -87,7 +91,9 @@ async def validate(
                 return None
             assert refused.key is not None
             error: Exception | None
-            if refused.what == "rate":
+            if refused.what == "rate" and refused.row is not None:
+                error = locked_rate_refusal(refused.row, amounts, now, key_id)
+            elif refused.what == "rate":
                 error = await rate_refusal(db, refused.key, amounts, now, key_id)
             else:
                 error = await budget_refusal(db, refused, amounts, now, key_id)

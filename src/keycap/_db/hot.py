@@ -1,0 +1,226 @@
+"""The hot path's execution layer (PostgreSQL with asyncpg): a statement written
+with SQLAlchemy Core, compiled once, run on the pool's driver connection.
+
+:meth:`Hot.rows` checks a connection out of the engine's pool, runs the
+statement prepared on that connection (prepared once: then one round trip per
+call) and checks the connection back in, all in one
+greenlet. It skips what ``AsyncConnection.execute`` costs per call and does
+not need here: the connection and transaction objects, the execution context,
+the ``Result`` and its row objects, and the switch to AUTOCOMMIT and back. The
+statement runs in autocommit because no transaction is begun on the
+connection, as it is returned to the pool.
+
+What stays SQLAlchemy's: the pool (and its events, invalidation and reset), the
+dialect, the compiled SQL, and every bind and result processor of the
+statement's types (``UTCDateTime``, ``JSONText``). The engine's execution
+events do not fire for it: when something listens to them (SQL
+instrumentation, a statement log), :attr:`Hot.usable` is false and the
+statement runs through ``AsyncConnection.execute``, where they do. A driver error comes out as
+``AsyncConnection.execute`` would raise it (a ``sqlalchemy.exc.DBAPIError``
+around the dialect's translation), and a lost connection invalidates the pool
+as it would, so ``keycap._db.engine.translate`` and ``is_transient`` see the
+same errors on either path.
+
+It leans on SQLAlchemy internals (a compiled statement's ``_bind_processors``,
+the asyncpg adapter's ``_handle_exception``, the pool's
+``_invalidate``): ``tests/test_hot.py`` checks that they still exist, and the
+dependencies are pinned below the next minor versions.
+
+Behind a transaction pooler, and with other drivers, :class:`keycap._db.engine.Database`
+runs the same statements through ``AsyncConnection.execute`` instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from sqlalchemy import exc
+from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.util import await_only, greenlet_spawn
+
+
+class HotRow(dict[str, Any]):
+    """A result row, read as SQLAlchemy's are: by attribute, or through ``_mapping``."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    @property
+    def _mapping(self) -> dict[str, Any]:
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class Compiled:
+    """A statement compiled for one dialect: its SQL, its binds in position order
+    with their processors, and its result columns with theirs."""
+
+    sql: str
+    binds: tuple[tuple[str, Callable[[Any], Any] | None], ...]
+    defaults: Mapping[str, Any]
+    names: tuple[str, ...]
+    #: The result columns that have a processor, and it.
+    results: tuple[tuple[str, Callable[[Any], Any]], ...]
+
+    def args(self, params: Mapping[str, Any]) -> list[Any]:
+        """The statement's positional arguments for ``params``, processed."""
+        values = {**self.defaults, **params}
+        out = []
+        for name, process in self.binds:
+            value = values[name]
+            out.append(process(value) if process is not None and value is not None else value)
+        return out
+
+    def row(self, record: Any) -> HotRow:
+        out = HotRow(zip(self.names, record.values(), strict=True))
+        for name, process in self.results:
+            if (value := out[name]) is not None:
+                out[name] = process(value)
+        return out
+
+
+@lru_cache(maxsize=512)
+def compiled(stmt: Any, dialect: Dialect) -> Compiled:
+    """``stmt`` compiled once for ``dialect`` (statements are cached objects)."""
+    c = stmt.compile(dialect=dialect)
+    processors = c._bind_processors
+    names = c.positiontup or []
+    defaults = {
+        name: bind.effective_value
+        for name, bind in ((c.bind_names[b], b) for b in c.binds.values())
+        if not bind.required
+    }
+    columns = list(stmt.exported_columns)  # a SELECT's, or an UPDATE's RETURNING
+    keys = tuple(col.key for col in columns)
+    if len(set(keys)) != len(keys):
+        raise ValueError("a hot statement's result columns must have distinct names")
+    results = []
+    for col in columns:
+        process = col.type.dialect_impl(dialect).result_processor(dialect, None)
+        if process is not None:
+            results.append((col.key, process))
+    return Compiled(
+        sql=c.string,
+        binds=tuple((name, processors.get(name)) for name in names),
+        defaults=defaults,
+        names=keys,
+        results=tuple(results),
+    )
+
+
+#: The statements prepared on one connection, kept in the pool's ``info`` of that
+#: connection (dropped with it). asyncpg's own cache skips statements over 15 kB,
+#: as a metered validation's is; keycap's statements are few and bounded.
+PREPARED = "keycap.hot.prepared"
+MAX_PREPARED = 256
+
+
+async def _run(fairy: Any, sql: str, args: list[Any], stale: type[Exception]) -> Any:
+    """``sql`` prepared once on the connection (then one round trip per call), run.
+    A statement the server no longer accepts as prepared (its tables changed
+    under it) is prepared again, once: it did not run."""
+    driver = fairy.driver_connection
+    cache: dict[str, Any] = fairy.info.setdefault(PREPARED, {})
+    for attempt in (1, 2):
+        prepared = cache.get(sql)
+        if prepared is None:
+            if len(cache) >= MAX_PREPARED:
+                cache.clear()
+            prepared = cache[sql] = await driver.prepare(sql)
+        try:
+            return await prepared.fetch(*args)
+        except stale:
+            cache.pop(sql, None)
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+#: The engine events a statement run here would not fire (nor the dialect's
+#: ``handle_error``): with a listener on any of them (SQL instrumentation, a
+#: statement log), statements take SQLAlchemy's path.
+EXECUTION_EVENTS = (
+    "before_execute",
+    "after_execute",
+    "before_cursor_execute",
+    "after_cursor_execute",
+)
+
+
+class Hot:
+    """Statements run on the pool's asyncpg connections (see the module's docstring)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        from asyncpg.exceptions import InvalidCachedStatementError, PostgresError
+
+        self._stale = InvalidCachedStatementError
+        self._server_error = PostgresError
+        self._pool = engine.sync_engine.pool
+        self._dialect = engine.dialect
+        self._dispatch = engine.sync_engine.dispatch
+        self._dialect_dispatch = engine.dialect.dispatch
+
+    @property
+    def usable(self) -> bool:
+        """No listener on the engine's execution events (:data:`EXECUTION_EVENTS`),
+        which a statement run here would not fire: checked at each call, since
+        they can be added at any time."""
+        dispatch = self._dispatch
+        if self._dialect_dispatch.handle_error:
+            return False
+        return not any(getattr(dispatch, name) for name in EXECUTION_EVENTS)
+
+    async def rows(self, stmt: Any, params: Mapping[str, Any]) -> Sequence[HotRow]:
+        """The rows of ``stmt`` with ``params``: one round trip, in autocommit."""
+        c = compiled(stmt, self._dialect)
+        args = c.args(params)
+        records = await greenlet_spawn(self._fetch, c.sql, args)
+        return [c.row(r) for r in records]
+
+    def _fetch(self, sql: str, args: list[Any]) -> Any:
+        fairy = self._pool.connect()
+        try:
+            return await_only(_run(fairy, sql, args, self._stale))
+        except Exception as error:
+            raise self._wrapped(fairy, sql, error) from None
+        except BaseException:
+            fairy.invalidate()  # cancelled mid-statement: the connection's state is unknown
+            raise
+        finally:
+            fairy.close()
+
+    def _wrapped(self, fairy: Any, sql: str, error: Exception) -> Exception:
+        """``error`` as ``AsyncConnection.execute`` raises it. A lost connection
+        invalidates the pool (every connection opened before it, as SQLAlchemy
+        does); any other failure not reported by the server (the driver's own)
+        invalidates this connection, whose state is then unknown."""
+        from_server = isinstance(error, self._server_error)
+        adapted = fairy.dbapi_connection
+        try:
+            adapted._handle_exception(error)  # raises the dialect's DBAPI error
+        except Exception as translated:
+            error = translated
+        dbapi = self._dialect.loaded_dbapi
+        lost = isinstance(error, dbapi.Error) and self._dialect.is_disconnect(error, adapted, None)
+        if lost:
+            self._pool._invalidate(fairy, error)
+        elif not from_server:
+            fairy.invalidate(error)
+        if not isinstance(error, dbapi.Error):
+            return error
+        return exc.DBAPIError.instance(
+            sql,
+            None,
+            error,
+            dbapi.Error,
+            hide_parameters=True,
+            connection_invalidated=lost,
+            dialect=self._dialect,
+        )
