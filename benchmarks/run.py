@@ -286,6 +286,18 @@ PROCESSES, COROUTINES, CALLS = 4, 16, 20
 START_MARGIN = 3.0
 
 
+def _pooled(url: str) -> str:
+    """``url`` with a pool of one connection per coroutine, as the floor has: with
+    SQLAlchemy's default of 5 the pool closes and reopens connections all the time
+    (docs/deployment.md, "The connection pool")."""
+    return f"{url}{'&' if '?' in url else '?'}pool_size={COROUTINES}"
+
+
+async def _warm(client: APIKeyClient, key_id: str) -> None:
+    """Open the pool's connections before the start, as the floor opens its own."""
+    await asyncio.gather(*(client.get_key(key_id) for _ in range(COROUTINES)))
+
+
 async def _fire_at(start_at: float, one: Callable[[int], Awaitable[None]]) -> dict[str, Any]:
     """Wait until ``start_at`` (wall clock, shared by the processes), then run
     ``one(n)`` for each coroutine; when they began and ended."""
@@ -301,7 +313,7 @@ def _charger(url: str, key_ids: list[str], start_at: float) -> dict[str, Any]:
     async def run() -> dict[str, Any]:
         admitted = refused = 0
         latencies: list[float] = []
-        async with APIKeyClient(url, signing_secret=SECRET) as client:
+        async with APIKeyClient(_pooled(url), signing_secret=SECRET) as client:
 
             async def one(n: int) -> None:
                 nonlocal admitted, refused
@@ -314,6 +326,7 @@ def _charger(url: str, key_ids: list[str], start_at: float) -> dict[str, Any]:
                         refused += 1
                     latencies.append(time.perf_counter() - t0)
 
+            await _warm(client, key_ids[0])
             window = await _fire_at(start_at, one)
         return {"admitted": admitted, "refused": refused, "latencies": latencies, **window}
 
@@ -444,7 +457,7 @@ def _mixer(url: str, keys: list[tuple[str, str]], start_at: float) -> dict[str, 
     async def run() -> dict[str, Any]:
         outcomes: dict[str, int] = {}
         latencies: list[float] = []
-        async with APIKeyClient(url, signing_secret=SECRET) as client:
+        async with APIKeyClient(_pooled(url), signing_secret=SECRET) as client:
 
             async def one(n: int) -> None:
                 for i in range(MIXED_CALLS):
@@ -464,6 +477,7 @@ def _mixer(url: str, keys: list[tuple[str, str]], start_at: float) -> dict[str, 
                     outcomes[code] = outcomes.get(code, 0) + 1
                     latencies.append(time.perf_counter() - t0)
 
+            await _warm(client, keys[0][0])
             window = await _fire_at(start_at, one)
         return {"outcomes": outcomes, "latencies": latencies, **window}
 
