@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -27,15 +26,11 @@ from keycap._db.engine import (
 from keycap._db.schema import metadata as schema_metadata
 from keycap._errors import (
     ConfigurationError,
-    DatabaseError,
     DatabaseUnavailableError,
     InvalidArgumentError,
-    InvalidKeyError,
     KeycapError,
-    KeyRejectedError,
     NotFoundError,
     RevokedKeyError,
-    RolledKeyError,
 )
 from keycap._models import (
     APIKey,
@@ -53,7 +48,7 @@ from keycap._models import (
     Settlement,
     UsageRow,
 )
-from keycap._ops import admin, charges, results, validation
+from keycap._ops import admin, charges, pipeline, results
 from keycap._ops import holds as hold_ops
 from keycap._ops import release as release_ops
 from keycap._ops.authcache import AuthCache
@@ -80,11 +75,7 @@ class _Unset(Enum):
 UNSET: Final = _Unset.UNSET
 log = logging.getLogger("keycap")
 
-# Attempts of validate_key when the key changes between its statements.
-_VALIDATE_ATTEMPTS = 4
 _MAX_HOLD_TTL = timedelta(days=30)
-# How many keys the client remembers as rate-limited (see _note_rate_limited).
-_HINTS = 10_000
 
 
 #: A hot call of the client, its signature kept by :func:`_observed`.
@@ -223,7 +214,6 @@ class APIKeyClient:
         if on_budget_alert is not None and not callable(on_budget_alert):
             raise ConfigurationError("on_budget_alert must be an async callable")
         self._on_alert = on_budget_alert
-        self._rate_limited: dict[str, None] = {}  # insertion-ordered: oldest first
         self._cache = _auth_cache(auth_cache_ttl)
         pooled = inputs.flag(transaction_pooler, "transaction_pooler")
         made_pooled = isinstance(database, AsyncEngine) and made_for_pooler(database)
@@ -253,6 +243,9 @@ class APIKeyClient:
             )
         if self._replica is not None and self._replica.dialect != self._db.dialect:
             raise ConfigurationError("read_replica must be the same kind of database")
+        self._pipeline = pipeline.Pipeline(
+            self._db, self._replica, self._ring, self._cache, self._on_alert
+        )
 
     def __repr__(self) -> str:
         url = self._db.engine.url.render_as_string(hide_password=True)
@@ -790,103 +783,7 @@ class APIKeyClient:
         amounts = None if cost is None else money.costs(cost)
         key_id = ids.key_id(public_id)
         now = self._now()
-        cacheable = self._cache is not None and amounts is None and not track
-        if cacheable and (hit := self._cached(key_id, plaintext, req, now)) is not None:
-            return hit
-        generation = self._cache.generation if self._cache is not None else 0
-        digests = self._ring.digests(plaintext)
-
-        # A call with a cost, or for a key known to be rate-limited, goes straight to
-        # the metered transaction, which re-decides the whole grant rule in SQL;
-        # the lookup below only runs to explain a refusal.
-        metered = amounts is not None or key_id in self._rate_limited
-        for _ in range(_VALIDATE_ATTEMPTS):
-            if metered:
-                outcome = await validation.validate(
-                    self._db,
-                    key_id=key_id,
-                    digests=digests,
-                    req=req,
-                    amounts=amounts or {},
-                    track=track,
-                    now=now,
-                    on_alert=self._on_alert,
-                )
-                if outcome is not None:
-                    key_row, rate, charged = outcome
-                    self._note_rate_limited(key_id, rate is not None)
-                    await self._upgrade_pepper(key_id, key_row.pepper_id, plaintext)
-                    return rows.to_key(key_row, rate_limit=rate, charge=charged)
-            elif track and self._db.update_returning:
-                # PostgreSQL, SQLite, a key no rate limit applies to: one statement.
-                row = await keys.record_use_returning(
-                    self._db.rows, self._db.dialect, key_id, digests, req, now
-                )
-                if row is not None:
-                    await self._upgrade_pepper(key_id, row.pepper_id, plaintext)
-                    return rows.to_key(row)
-            # Refused, untracked, not yet known to be rate-limited, or MySQL: read
-            # the row; the policy says why.
-            if not metered and not track and self._replica is not None:
-                looked = await self._replica_lookup(key_id, req, plaintext, now)
-            else:
-                looked = await keys.lookup_for_validation(self._db.read_rows, key_id, req)
-            if looked is None:
-                raise InvalidKeyError()
-            digest_ok = self._secret_matches(plaintext, looked, now)
-            if not digest_ok and (rolled := self._rolled(plaintext, looked, key_id)) is not None:
-                raise rolled
-            policy.check(rows.to_facts(looked, digest_ok), req, now)
-            self._note_rate_limited(key_id, bool(looked.has_rate_limits))
-            if (exhausted := results.usage_cap_error(looked)) is not None:
-                raise exhausted
-            if amounts is not None or looked.has_rate_limits:
-                # Rate-limited after all, or the metered transaction refused a key
-                # the policy now passes (it changed in between): decide (again) there.
-                metered = True
-                continue
-            metered = False
-            if not track and looked.max_uses is None:  # a capped key is always counted
-                await self._upgrade_pepper(key_id, looked.pepper_id, plaintext)
-                if (
-                    cacheable
-                    and self._cache is not None
-                    and not self._ring.needs_upgrade(looked.pepper_id)
-                ):
-                    self._cache.put(key_id, req, looked, now, generation)
-                return rows.to_key(looked)
-            if self._db.update_returning:
-                row = await keys.record_use_returning(
-                    self._db.rows, self._db.dialect, key_id, digests, req, now
-                )
-                if row is not None:
-                    await self._upgrade_pepper(key_id, row.pepper_id, plaintext)
-                    return rows.to_key(row)
-            elif await self._db.run(keys.record_use, key_id, digests, req, now):
-                # MySQL/MariaDB: recorded under the rule re-checked in SQL.
-                await self._upgrade_pepper(key_id, looked.pepper_id, plaintext)
-                return rows.to_key(looked, use_count=looked.use_count + 1, last_used_at=now)
-            # The key changed between our statements (enabled, re-scoped...): decide again.
-        raise DatabaseError("the key kept changing during validation; try again")
-
-    async def _replica_lookup(
-        self, key_id: str, req: policy.Requirement, plaintext: str, now: datetime
-    ) -> Any:
-        """The key's row from the read replica if it would be accepted on the read
-        path as it stands there; else (refused, absent, rate-limited, capped, or
-        the replica unreachable) from the primary, which decides."""
-        assert self._replica is not None
-        try:
-            row = await keys.lookup_for_validation(self._replica.read_rows, key_id, req)
-        except DatabaseUnavailableError as error:
-            log.warning("keycap: read replica unavailable, using the primary: %s", error)
-            row = None
-        if row is not None and not row.has_rate_limits and row.max_uses is None:
-            digest_ok = self._secret_matches(plaintext, row, now)
-            with contextlib.suppress(KeyRejectedError):
-                policy.check(rows.to_facts(row, digest_ok), req, now)
-                return row
-        return await keys.lookup_for_validation(self._db.read_rows, key_id, req)
+        return await self._pipeline.validate(plaintext, key_id, req, amounts, track, now)
 
     # --- metering: limits and budgets -------------------------------------------------
 
@@ -1162,65 +1059,10 @@ class APIKeyClient:
             for r in found
         ]
 
-    def _cached(
-        self, key_id: str, plaintext: str, req: policy.Requirement, now: datetime
-    ) -> APIKey | None:
-        """A validation served by the auth cache: the secret is verified and the grant
-        rule re-run against ``now``; None sends it to the database."""
-        assert self._cache is not None
-        row = self._cache.get(key_id, req, now)
-        if row is None or not self._ring.verify(plaintext, row.pepper_id, row.digest):
-            return None
-        policy.check(rows.to_facts(row, True), req, now)
-        return rows.to_key(row)
-
     def _changed(self) -> None:
         """Something a validation depends on changed: forget cached validations."""
         if self._cache is not None:
             self._cache.clear()
-
-    def _note_rate_limited(self, key_id: str, limited: bool) -> None:
-        """Remember which keys a rate limit applies to, so their validations skip the
-        one-statement path that cannot admit them. Only a hint: a stale entry
-        costs one statement either way, never a wrong decision."""
-        if not limited:
-            self._rate_limited.pop(key_id, None)
-            return
-        self._rate_limited[key_id] = None
-        if len(self._rate_limited) > _HINTS:
-            del self._rate_limited[next(iter(self._rate_limited))]
-
-    async def _upgrade_pepper(self, key_id: str, pepper_id: str, plaintext: str) -> None:
-        if self._ring.needs_upgrade(pepper_id) and self._ring.knows(pepper_id):
-            # Conditional on the digest this plaintext has under the old pepper: a
-            # rolled key's previous secret never replaces the current one.
-            await self._db.run(
-                keys.upgrade_digest,
-                key_id,
-                pepper_id,
-                self._ring.digest(plaintext, pepper_id),
-                self._ring.current_id,
-                self._ring.digest(plaintext),
-            )
-
-    def _secret_matches(self, plaintext: str, row: Any, now: datetime) -> bool:
-        """The key's current secret, or (rolled) its previous one within its grace."""
-        if self._ring.verify(plaintext, row.pepper_id, row.digest):
-            return True
-        until = row.previous_until
-        return bool(
-            until is not None
-            and until > now
-            and self._ring.verify(plaintext, row.previous_pepper_id, row.previous_digest)
-        )
-
-    def _rolled(self, plaintext: str, row: Any, key_id: str) -> RolledKeyError | None:
-        """The error for a secret the key was rolled away from, past its grace."""
-        if row.previous_until is None or row.previous_digest is None:
-            return None
-        if not self._ring.verify(plaintext, row.previous_pepper_id, row.previous_digest):
-            return None
-        return RolledKeyError(row.previous_until, key_id=key_id)
 
 
 _MAX_GRACE = timedelta(days=30)
