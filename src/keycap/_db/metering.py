@@ -488,12 +488,15 @@ class TableRow(dict[str, Any]):
 
 def _distinct(rows: Sequence[AnyRow], prefix: str) -> list[TableRow]:
     """The rows of one table in a cross join's result, once each, in id order."""
+    if not rows:
+        return []
     width = len(prefix)
+    names = [(name, name[width:]) for name in rows[0]._mapping if name.startswith(prefix)]
     seen: dict[str, TableRow] = {}
     for row in rows:
-        values = {name[width:]: v for name, v in row._mapping.items() if name.startswith(prefix)}
-        if values["id"] is not None and values["id"] not in seen:
-            seen[values["id"]] = TableRow(values)
+        mapping = row._mapping
+        if (row_id := mapping[prefix + "id"]) is not None and row_id not in seen:
+            seen[row_id] = TableRow({short: mapping[name] for name, short in names})
     return [seen[i] for i in sorted(seen)]
 
 
