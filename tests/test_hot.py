@@ -1,7 +1,8 @@
-"""The hot path's execution layer on PostgreSQL (``keycap._db.hot``): statements
-compiled once and run on the pool's asyncpg connection, and everything that
-must still hold there: errors, lost connections, statements prepared before a
-table changed, engine events, and the SQLAlchemy internals it reads."""
+"""The hot path's execution layer (``keycap._db.hot``): statements compiled once
+and run on the pool's driver connection (asyncpg; aiomysql for reads), and
+everything that must still hold there: types, errors, lost connections,
+statements prepared before a table changed, open transactions, engine events,
+and the SQLAlchemy internals it reads."""
 
 from __future__ import annotations
 
@@ -12,7 +13,19 @@ from typing import Any
 
 import asyncpg
 import pytest
-from sqlalchemy import BigInteger, Column, MetaData, String, Table, event, func, select, text
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    MetaData,
+    String,
+    Table,
+    event,
+    func,
+    literal_column,
+    select,
+    text,
+)
+from sqlalchemy.dialects.mysql.aiomysql import AsyncAdapt_aiomysql_connection
 from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_connection
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import Pool
@@ -24,11 +37,11 @@ from keycap._db.hot import Hot
 from keycap._db.schema import ledger
 from tests.conftest import DATABASES, SECRET, FakeClock, server_url
 
-pytestmark = pytest.mark.skipif("postgresql" not in DATABASES, reason="needs PostgreSQL")
-
 
 @pytest.fixture
 async def pg(tmp_path: Any, clock: FakeClock) -> AsyncIterator[APIKeyClient]:
+    if "postgresql" not in DATABASES:
+        pytest.skip("needs PostgreSQL")
     url = server_url("postgresql", "keycap_test", tmp_path)
     async with APIKeyClient(url, signing_secret=SECRET, clock=clock) as client:
         yield client
@@ -45,6 +58,7 @@ def test_the_internals_the_hot_path_reads_still_exist() -> None:
     # A new SQLAlchemy that renames these fails here, not in production.
     assert hasattr(SQLCompiler, "_bind_processors")
     assert callable(AsyncAdapt_asyncpg_connection._handle_exception)
+    assert callable(AsyncAdapt_aiomysql_connection._handle_exception)
     assert callable(Pool._invalidate)
 
 
@@ -172,3 +186,37 @@ async def test_a_driver_error_comes_out_as_keycaps_own(pg: APIKeyClient) -> None
         await pg._db.rows(select(text("1/0 AS x")), {})
     assert "DivisionByZero" in str(caught.value) or "division" in str(caught.value).lower()
     assert caught.value.__cause__ is not None
+
+
+@pytest.fixture
+async def maria(tmp_path: Any, clock: FakeClock) -> AsyncIterator[APIKeyClient]:
+    if "mariadb" not in DATABASES:
+        pytest.skip("needs MariaDB")
+    url = server_url("mariadb", "keycap_test", tmp_path)
+    async with APIKeyClient(url, signing_secret=SECRET, clock=clock) as client:
+        yield client
+
+
+async def test_a_read_on_mariadb_keeps_its_types_and_leaves_no_transaction_open(
+    maria: APIKeyClient, clock: FakeClock
+) -> None:
+    org = (await maria.create_organization(f"hot-{uuid.uuid4()}")).id
+    key = await maria.create_key(org, metadata={"tier": "gold", "n": 3}, expires_in="1d")
+    validated = await maria.validate_key(key.plaintext, track_usage=False)
+    assert validated.metadata == {"tier": "gold", "n": 3}
+    assert validated.created_at == clock.now and validated.expires_at is not None
+    assert validated.expires_at.tzinfo is not None
+    async with maria.engine.connect() as conn:
+        raw = await conn.get_raw_connection()
+        assert not raw.driver_connection.server_status & 1  # SERVER_STATUS_IN_TRANS
+
+
+async def test_a_failed_read_on_mariadb_leaves_the_connection_clean(maria: APIKeyClient) -> None:
+    from keycap import DatabaseError
+
+    with pytest.raises(DatabaseError):
+        await maria._db.read_rows(select(literal_column("no_such_column")), {})
+    org = await maria.create_organization(f"hot-{uuid.uuid4()}")
+    assert (await maria.get_organization(org.id)).name == org.name
+    [row] = await maria._db.read_rows(select(literal_column("1").label("one")), {})
+    assert row.one == 1

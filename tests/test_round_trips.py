@@ -47,8 +47,8 @@ PINNED: dict[str, dict[str, int]] = {
         "release": 4,
     },
     "mariadb": {
-        "validate (read)": 2,
-        "validate (tracked)": 4,
+        "validate (read)": 1,
+        "validate (tracked)": 2,
         "validate (rate-limited)": 5,
         "validate (metered)": 9,
         "charge": 7,

@@ -490,9 +490,11 @@ class Database:
         self.one_statement: bool = self.dialect == "postgresql"
         # Such a statement runs on the pool's asyncpg connection (keycap._db.hot);
         # behind a pooler, in a transaction of its own (autocommit()).
+        # On MySQL/MariaDB with aiomysql, statements that only read do too.
+        driver = engine.dialect.driver
         self._hot = (
             Hot(engine)
-            if engine.dialect.driver == "asyncpg" and not self.transaction_pooler
+            if (driver == "asyncpg" and not self.transaction_pooler) or driver == "aiomysql"
             else None
         )
 
@@ -516,14 +518,16 @@ class Database:
         self, stmt: Any, params: Mapping[str, Any], *, read_only: bool = False
     ) -> Sequence[Any]:
         """The rows of one statement that is atomic on its own, in one round trip:
-        on the pool's asyncpg connection (``keycap._db.hot``), else on an
-        :meth:`autocommit` connection (``read_only``: :meth:`reading`). Run it
-        inside :meth:`guarded` (:meth:`rows` and :meth:`read_rows` do)."""
-        if self._hot is None or not self._hot.usable:
+        on the pool's driver connection (``keycap._db.hot``: asyncpg, and aiomysql
+        for a read), else on an :meth:`autocommit` connection (``read_only``:
+        :meth:`reading`). Run it inside :meth:`guarded` (:meth:`rows` and
+        :meth:`read_rows` do)."""
+        hot = self._hot
+        if hot is None or not hot.usable or (self.is_mysql and not read_only):
             async with self.reading() if read_only else self.autocommit() as conn:
                 return (await conn.execute(stmt, params)).all()
         try:
-            return await self._hot.rows(stmt, params)
+            return await hot.rows(stmt, params)
         except KeycapError:
             raise
         except Exception as error:
@@ -599,6 +603,25 @@ class Database:
         async def work() -> T:
             async with self.autocommit() as conn:
                 return await statement(conn, *args, **kwargs)
+
+        return await self.guarded(work)
+
+    async def written(self, stmt: Any, params: Mapping[str, Any]) -> int:
+        """How many rows one write statement matched, committed on its own
+        (guarded): MySQL/MariaDB, which have no ``RETURNING``. With aiomysql the
+        statement and its ``COMMIT`` go as one query (``keycap._db.hot``)."""
+        hot = self._hot
+
+        async def work() -> int:
+            if hot is not None and hot.usable and self.is_mysql:
+                try:
+                    return await hot.count(stmt, params)
+                except KeycapError:
+                    raise
+                except Exception as error:
+                    raise translate(error) from error
+            async with self.autocommit() as conn:
+                return int((await conn.execute(stmt, params)).rowcount)
 
         return await self.guarded(work)
 

@@ -1,14 +1,20 @@
-"""The hot path's execution layer (PostgreSQL with asyncpg): a statement written
-with SQLAlchemy Core, compiled once, run on the pool's driver connection.
+"""The hot path's execution layer: a statement written with SQLAlchemy Core,
+compiled once, run on the pool's driver connection.
 
 :meth:`Hot.rows` checks a connection out of the engine's pool, runs the
-statement prepared on that connection (prepared once: then one round trip per
-call) and checks the connection back in, all in one
-greenlet. It skips what ``AsyncConnection.execute`` costs per call and does
-not need here: the connection and transaction objects, the execution context,
-the ``Result`` and its row objects, and the switch to AUTOCOMMIT and back. The
-statement runs in autocommit because no transaction is begun on the
-connection, as it is returned to the pool.
+statement and checks the connection back in, all in one greenlet:
+
+- PostgreSQL with asyncpg: every hot statement, prepared once per connection,
+  then one round trip per call, in autocommit (no transaction is begun on the
+  connection, as it is returned to the pool);
+- MySQL/MariaDB with aiomysql: statements that only read, sent with a
+  ``COMMIT`` in the same query (:data:`END_READ`): one round trip, where a
+  ``SELECT`` on a pooled connection is otherwise followed by the ``ROLLBACK``
+  that ends its implicit transaction.
+
+It skips what ``AsyncConnection.execute`` costs per call and does not need
+here: the connection and transaction objects, the execution context, the
+``Result`` and its row objects, and the switch to AUTOCOMMIT and back.
 
 What stays SQLAlchemy's: the pool (and its events, invalidation and reset), the
 dialect, the compiled SQL, and every bind and result processor of the
@@ -26,8 +32,9 @@ the asyncpg adapter's ``_handle_exception``, the pool's
 ``_invalidate``): ``tests/test_hot.py`` checks that they still exist, and the
 dependencies are pinned below the next minor versions.
 
-Behind a transaction pooler, and with other drivers, :class:`keycap._db.engine.Database`
-runs the same statements through ``AsyncConnection.execute`` instead.
+Behind a transaction pooler, with other drivers, and on MySQL/MariaDB for a
+write, :class:`keycap._db.engine.Database` runs the same statements through
+``AsyncConnection.execute`` instead.
 """
 
 from __future__ import annotations
@@ -79,7 +86,8 @@ class Compiled:
         return out
 
     def row(self, record: Any) -> HotRow:
-        out = HotRow(zip(self.names, record.values(), strict=True))
+        """A row of the driver's (an asyncpg ``Record``, an aiomysql tuple) as a HotRow."""
+        out = HotRow(zip(self.names, record, strict=True))
         for name, process in self.results:
             if (value := out[name]) is not None:
                 out[name] = process(value)
@@ -122,7 +130,7 @@ PREPARED = "keycap.hot.prepared"
 MAX_PREPARED = 256
 
 
-async def _run(fairy: Any, sql: str, args: list[Any], stale: type[Exception]) -> Any:
+async def _run_asyncpg(fairy: Any, sql: str, args: list[Any], stale: type[Exception]) -> Any:
     """``sql`` prepared once on the connection (then one round trip per call), run.
     A statement the server no longer accepts as prepared (its tables changed
     under it) is prepared again, once: it did not run."""
@@ -143,6 +151,39 @@ async def _run(fairy: Any, sql: str, args: list[Any], stale: type[Exception]) ->
     raise AssertionError("unreachable")
 
 
+#: What follows a read on MySQL/MariaDB, in the same ``COM_QUERY`` (aiomysql
+#: always asks the server for multi-statement queries): it ends the implicit
+#: transaction the ``SELECT`` opened, so no ``ROLLBACK`` has to follow at checkin.
+END_READ = ";COMMIT"
+
+
+async def _count_aiomysql(fairy: Any, sql: str, args: list[Any], stale: type[Exception]) -> Any:
+    """``sql`` (a write) and ``COMMIT`` sent as one query: how many rows it matched.
+    If the write fails, the ``COMMIT`` does not run, and the pool's reset rolls
+    back what the server says is still open."""
+    cursor = await fairy.driver_connection.cursor()
+    try:
+        await cursor.execute(sql + END_READ, args)
+        count = cursor.rowcount
+        await cursor.nextset()
+        return count
+    finally:
+        await cursor.close()
+
+
+async def _run_aiomysql(fairy: Any, sql: str, args: list[Any], stale: type[Exception]) -> Any:
+    """``sql`` (a read) and ``COMMIT`` sent as one query: one round trip, the
+    server sending both results at once."""
+    cursor = await fairy.driver_connection.cursor()
+    try:
+        await cursor.execute(sql + END_READ, args)
+        found = await cursor.fetchall()
+        await cursor.nextset()  # the COMMIT's answer, already received
+        return found
+    finally:
+        await cursor.close()
+
+
 #: The engine events a statement run here would not fire (nor the dialect's
 #: ``handle_error``): with a listener on any of them (SQL instrumentation, a
 #: statement log), statements take SQLAlchemy's path.
@@ -154,14 +195,27 @@ EXECUTION_EVENTS = (
 )
 
 
+class _Never(Exception):
+    """Never raised: aiomysql prepares nothing, so nothing goes stale."""
+
+
 class Hot:
-    """Statements run on the pool's asyncpg connections (see the module's docstring)."""
+    """Statements run on the pool's driver connections (see the module's docstring)."""
 
     def __init__(self, engine: AsyncEngine) -> None:
-        from asyncpg.exceptions import InvalidCachedStatementError, PostgresError
+        self.driver = engine.dialect.driver
+        if self.driver == "asyncpg":
+            from asyncpg.exceptions import InvalidCachedStatementError, PostgresError
 
-        self._stale = InvalidCachedStatementError
-        self._server_error = PostgresError
+            self._stale: type[Exception] = InvalidCachedStatementError
+            self._server_error: type[Exception] = PostgresError
+            self._run = _run_asyncpg
+        else:  # aiomysql: reads only (Database.statement)
+            from pymysql.err import DatabaseError as ServerError  # type: ignore[import-untyped]
+
+            self._stale = _Never
+            self._server_error = ServerError
+            self._run = _run_aiomysql
         self._pool = engine.sync_engine.pool
         self._dialect = engine.dialect
         self._dispatch = engine.sync_engine.dispatch
@@ -181,13 +235,20 @@ class Hot:
         """The rows of ``stmt`` with ``params``: one round trip, in autocommit."""
         c = compiled(stmt, self._dialect)
         args = c.args(params)
-        records = await greenlet_spawn(self._fetch, c.sql, args)
+        records = await greenlet_spawn(self._fetch, self._run, c.sql, args)
         return [c.row(r) for r in records]
 
-    def _fetch(self, sql: str, args: list[Any]) -> Any:
+    async def count(self, stmt: Any, params: Mapping[str, Any]) -> int:
+        """MySQL/MariaDB: run one write statement and commit it, in one round trip;
+        how many rows it matched."""
+        c = compiled(stmt, self._dialect)
+        count: int = await greenlet_spawn(self._fetch, _count_aiomysql, c.sql, c.args(params))
+        return count
+
+    def _fetch(self, run: Any, sql: str, args: list[Any]) -> Any:
         fairy = self._pool.connect()
         try:
-            return await_only(_run(fairy, sql, args, self._stale))
+            return await_only(run(fairy, sql, args, self._stale))
         except Exception as error:
             raise self._wrapped(fairy, sql, error) from None
         except BaseException:

@@ -4,7 +4,7 @@ validation (the hot path) that decide the grant rule in SQL and count a use.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -323,13 +323,18 @@ async def record_use_returning(
 
 
 async def record_use(
-    conn: AsyncConnection, key_id: str, digests: Mapping[str, str], req: Requirement, now: datetime
+    written: Callable[[Any, Mapping[str, Any]], Awaitable[int]],
+    dialect: str,
+    key_id: str,
+    digests: Mapping[str, str],
+    req: Requirement,
+    now: datetime,
 ) -> bool:
     """MySQL/MariaDB (no ``UPDATE ... RETURNING``): record the use if the rule still
-    holds; the caller read the row just before. False: nothing written."""
-    stmt = _record_use_stmt(req, tuple(digests), conn.dialect.name, False)
-    result = await conn.execute(stmt, hot_params(key_id, now, digests))
-    return bool(result.rowcount == 1)
+    holds (run by ``written``: ``Database.written``); the caller read the row just
+    before. False: nothing written."""
+    stmt = _record_use_stmt(req, tuple(digests), dialect, False)
+    return await written(stmt, hot_params(key_id, now, digests)) == 1
 
 
 @lru_cache(maxsize=HOT_CACHE)

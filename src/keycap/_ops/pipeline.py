@@ -215,7 +215,7 @@ class Pipeline:
         if self.db.update_returning:
             if (key := await self.one_statement(plaintext, key_id, digests, req, now)) is not None:
                 return key
-        elif await self.db.run(keys.record_use, key_id, digests, req, now):
+        elif await keys.record_use(self.db.written, self.db.dialect, key_id, digests, req, now):
             # MySQL/MariaDB: recorded under the rule re-checked in SQL.
             await self.upgrade_pepper(key_id, looked.pepper_id, plaintext)
             return rows.to_key(looked, use_count=looked.use_count + 1, last_used_at=now)
