@@ -38,12 +38,23 @@ from keycap._db.schema import ledger
 from tests.conftest import DATABASES, SECRET, FakeClock, server_url
 
 
+async def _client_on(backend: str, tmp_path: Any, clock: FakeClock) -> AsyncIterator[APIKeyClient]:
+    if backend not in DATABASES:
+        pytest.skip(f"needs {backend}")
+    url = server_url(backend, "keycap_test", tmp_path)
+    async with APIKeyClient(url, signing_secret=SECRET, clock=clock) as client:
+        yield client
+
+
 @pytest.fixture
 async def pg(tmp_path: Any, clock: FakeClock) -> AsyncIterator[APIKeyClient]:
-    if "postgresql" not in DATABASES:
-        pytest.skip("needs PostgreSQL")
-    url = server_url("postgresql", "keycap_test", tmp_path)
-    async with APIKeyClient(url, signing_secret=SECRET, clock=clock) as client:
+    async for client in _client_on("postgresql", tmp_path, clock):
+        yield client
+
+
+@pytest.fixture
+async def maria(tmp_path: Any, clock: FakeClock) -> AsyncIterator[APIKeyClient]:
+    async for client in _client_on("mariadb", tmp_path, clock):
         yield client
 
 
@@ -186,15 +197,6 @@ async def test_a_driver_error_comes_out_as_keycaps_own(pg: APIKeyClient) -> None
         await pg._db.rows(select(text("1/0 AS x")), {})
     assert "DivisionByZero" in str(caught.value) or "division" in str(caught.value).lower()
     assert caught.value.__cause__ is not None
-
-
-@pytest.fixture
-async def maria(tmp_path: Any, clock: FakeClock) -> AsyncIterator[APIKeyClient]:
-    if "mariadb" not in DATABASES:
-        pytest.skip("needs MariaDB")
-    url = server_url("mariadb", "keycap_test", tmp_path)
-    async with APIKeyClient(url, signing_secret=SECRET, clock=clock) as client:
-        yield client
 
 
 async def test_a_read_on_mariadb_keeps_its_types_and_leaves_no_transaction_open(

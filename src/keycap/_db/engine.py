@@ -446,6 +446,16 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
+async def _translating(call: Awaitable[T]) -> T:
+    """Await ``call``; whatever the driver raises comes out as a KeycapError."""
+    try:
+        return await call
+    except KeycapError:
+        raise
+    except Exception as error:
+        raise translate(error) from error
+
+
 class Database:
     """The engine and the two ways keycap talks to it.
 
@@ -526,12 +536,7 @@ class Database:
         if hot is None or not hot.usable or (self.is_mysql and not read_only):
             async with self.reading() if read_only else self.autocommit() as conn:
                 return (await conn.execute(stmt, params)).all()
-        try:
-            return await hot.rows(stmt, params)
-        except KeycapError:
-            raise
-        except Exception as error:
-            raise translate(error) from error
+        return await _translating(hot.rows(stmt, params))
 
     @asynccontextmanager
     async def reading(self) -> AsyncIterator[AsyncConnection]:
@@ -614,12 +619,7 @@ class Database:
 
         async def work() -> int:
             if hot is not None and hot.usable and self.is_mysql:
-                try:
-                    return await hot.count(stmt, params)
-                except KeycapError:
-                    raise
-                except Exception as error:
-                    raise translate(error) from error
+                return await _translating(hot.count(stmt, params))
             async with self.autocommit() as conn:
                 return int((await conn.execute(stmt, params)).rowcount)
 

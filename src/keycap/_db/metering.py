@@ -73,6 +73,7 @@ from keycap._db.build import (
     int_param,
 )
 from keycap._db.grant import applies_to, grant_predicate, key_is_live_now
+from keycap._db.hot import HotRow
 from keycap._db.keys import KEY_COLUMNS, metered_use, usage_cap_open
 from keycap._db.rate_limits import call_cost, window_step
 from keycap._db.schema import budgets, holds, keys, ledger, rate_limits
@@ -471,19 +472,8 @@ class Metered:
         )
 
 
-class TableRow(dict[str, Any]):
-    """One table's columns out of a wider result row, read as a row is: by
-    attribute, or by name through ``_mapping``."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-    @property
-    def _mapping(self) -> dict[str, Any]:
-        return self
+#: One table's columns out of a wider result row, read as a row is.
+TableRow = HotRow
 
 
 def _distinct(rows: Sequence[AnyRow], prefix: str) -> list[TableRow]:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -55,6 +56,21 @@ log = logging.getLogger("keycap")
 ATTEMPTS = 4
 #: How many keys are remembered as rate-limited (:meth:`Pipeline.note_rate_limited`).
 HINTS = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One validation as the stages see it: the presented key (kept out of
+    ``repr``, as its digests are) and what is asked of it."""
+
+    plaintext: str = field(repr=False)
+    key_id: str
+    digests: Mapping[str, str] = field(repr=False)
+    req: policy.Requirement
+    #: Micro-units per meter; None: no cost.
+    amounts: Mapping[str, int] | None
+    track: bool
+    now: datetime
 
 
 class Pipeline:
@@ -91,7 +107,7 @@ class Pipeline:
         if cacheable and (hit := self.cached(key_id, plaintext, req, now)) is not None:
             return hit
         generation = self.cache.generation if self.cache is not None else 0
-        digests = self.ring.digests(plaintext)
+        call = Call(plaintext, key_id, self.ring.digests(plaintext), req, amounts, track, now)
         # A call with a cost, or for a key known to be rate-limited, goes straight to
         # the metered stage, which re-decides the whole grant rule in SQL; the
         # explain stage only runs to say why it refused.
@@ -99,14 +115,12 @@ class Pipeline:
         for _ in range(ATTEMPTS):
             key: APIKey | None = None
             if metered:
-                key = await self.metered(plaintext, key_id, digests, req, amounts, track, now)
+                key = await self.metered(call)
             elif track and self.db.update_returning:
-                key = await self.one_statement(plaintext, key_id, digests, req, now)
+                key = await self.one_statement(call)
             if key is not None:
                 return key
-            explained = await self.explain(
-                plaintext, key_id, digests, req, amounts, track, now, metered, cacheable, generation
-            )
+            explained = await self.explain(call, metered, cacheable, generation)
             if isinstance(explained, APIKey):
                 return explained
             metered = explained
@@ -123,71 +137,46 @@ class Pipeline:
         policy.check(rows.to_facts(row, True), req, now)
         return rows.to_key(row)
 
-    async def metered(
-        self,
-        plaintext: str,
-        key_id: str,
-        digests: Mapping[str, str],
-        req: policy.Requirement,
-        amounts: Mapping[str, int] | None,
-        track: bool,
-        now: datetime,
-    ) -> APIKey | None:
+    async def metered(self, call: Call) -> APIKey | None:
         """Stage 2: everything decided and consumed in the database; None when the
         key itself was refused (the explain stage says why)."""
         outcome = await validation.validate(
             self.db,
-            key_id=key_id,
-            digests=digests,
-            req=req,
-            amounts=amounts or {},
-            track=track,
-            now=now,
+            key_id=call.key_id,
+            digests=call.digests,
+            req=call.req,
+            amounts=call.amounts or {},
+            track=call.track,
+            now=call.now,
             on_alert=self.on_alert,
         )
         if outcome is None:
             return None
         key_row, rate, charged = outcome
-        self.note_rate_limited(key_id, rate is not None)
-        await self.upgrade_pepper(key_id, key_row.pepper_id, plaintext)
+        self.note_rate_limited(call.key_id, rate is not None)
+        await self.upgrade_pepper(call.key_id, key_row.pepper_id, call.plaintext)
         return rows.to_key(key_row, rate_limit=rate, charge=charged)
 
-    async def one_statement(
-        self,
-        plaintext: str,
-        key_id: str,
-        digests: Mapping[str, str],
-        req: policy.Requirement,
-        now: datetime,
-    ) -> APIKey | None:
+    async def one_statement(self, call: Call) -> APIKey | None:
         """Stage 3: decide and count in one ``UPDATE … RETURNING``; None when the rule
         did not hold (nothing written)."""
         row = await keys.record_use_returning(
-            self.db.rows, self.db.dialect, key_id, digests, req, now
+            self.db.rows, self.db.dialect, call.key_id, call.digests, call.req, call.now
         )
         if row is None:
             return None
-        await self.upgrade_pepper(key_id, row.pepper_id, plaintext)
+        await self.upgrade_pepper(call.key_id, row.pepper_id, call.plaintext)
         return rows.to_key(row)
 
     async def explain(
-        self,
-        plaintext: str,
-        key_id: str,
-        digests: Mapping[str, str],
-        req: policy.Requirement,
-        amounts: Mapping[str, int] | None,
-        track: bool,
-        now: datetime,
-        metered: bool,
-        cacheable: bool,
-        generation: int,
+        self, call: Call, metered: bool, cacheable: bool, generation: int
     ) -> APIKey | bool:
         """Stage 4: read the key; raise why it is refused, or admit it. Otherwise
         whether the next round is metered (the key changed in between). An
         untracked call the metered stage did not see may read the replica."""
-        if not metered and not track and self.replica is not None:
-            looked = await self._replica_lookup(key_id, req, plaintext, now)
+        key_id, req, now, plaintext = call.key_id, call.req, call.now, call.plaintext
+        if not metered and not call.track and self.replica is not None:
+            looked = await self._replica_lookup(call)
         else:
             looked = await keys.lookup_for_validation(self.db.read_rows, key_id, req)
         if looked is None:
@@ -199,46 +188,43 @@ class Pipeline:
         self.note_rate_limited(key_id, bool(looked.has_rate_limits))
         if (exhausted := results.usage_cap_error(looked)) is not None:
             raise exhausted
-        if amounts is not None or looked.has_rate_limits:
+        if call.amounts is not None or looked.has_rate_limits:
             # Rate-limited after all, or the metered stage refused a key the policy
             # now passes (it changed in between): decide (again) there.
             return True
-        if not track and looked.max_uses is None:  # a capped key is always counted
+        if not call.track and looked.max_uses is None:  # a capped key is always counted
             await self.upgrade_pepper(key_id, looked.pepper_id, plaintext)
-            if (
-                cacheable
-                and self.cache is not None
-                and not self.ring.needs_upgrade(looked.pepper_id)
-            ):
+            current = not self.ring.needs_upgrade(looked.pepper_id)
+            if cacheable and self.cache is not None and current:
                 self.cache.put(key_id, req, looked, now, generation)
             return rows.to_key(looked)
         if self.db.update_returning:
-            if (key := await self.one_statement(plaintext, key_id, digests, req, now)) is not None:
+            if (key := await self.one_statement(call)) is not None:
                 return key
-        elif await keys.record_use(self.db.written, self.db.dialect, key_id, digests, req, now):
+        elif await keys.record_use(
+            self.db.written, self.db.dialect, key_id, call.digests, req, now
+        ):
             # MySQL/MariaDB: recorded under the rule re-checked in SQL.
             await self.upgrade_pepper(key_id, looked.pepper_id, plaintext)
             return rows.to_key(looked, use_count=looked.use_count + 1, last_used_at=now)
         return False  # the key changed between our statements: decide again
 
-    async def _replica_lookup(
-        self, key_id: str, req: policy.Requirement, plaintext: str, now: datetime
-    ) -> Any:
+    async def _replica_lookup(self, call: Call) -> Any:
         """The key's row from the read replica if it would be accepted on the read
         path as it stands there; else (refused, absent, rate-limited, capped, or
         the replica unreachable) from the primary, which decides."""
         assert self.replica is not None
         try:
-            row = await keys.lookup_for_validation(self.replica.read_rows, key_id, req)
+            row = await keys.lookup_for_validation(self.replica.read_rows, call.key_id, call.req)
         except DatabaseUnavailableError as error:
             log.warning("keycap: read replica unavailable, using the primary: %s", error)
             row = None
         if row is not None and not row.has_rate_limits and row.max_uses is None:
-            digest_ok = self.secret_matches(plaintext, row, now)
+            digest_ok = self.secret_matches(call.plaintext, row, call.now)
             with contextlib.suppress(KeyRejectedError):
-                policy.check(rows.to_facts(row, digest_ok), req, now)
+                policy.check(rows.to_facts(row, digest_ok), call.req, call.now)
                 return row
-        return await keys.lookup_for_validation(self.db.read_rows, key_id, req)
+        return await keys.lookup_for_validation(self.db.read_rows, call.key_id, call.req)
 
     def note_rate_limited(self, key_id: str, limited: bool) -> None:
         """Remember which keys a rate limit applies to, so their validations skip the
