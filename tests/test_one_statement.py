@@ -21,7 +21,14 @@ from typing import TypeVar
 import pytest
 from sqlalchemy import func, select, text
 
-from keycap import APIKeyClient, Budget, BudgetExceededError, HoldClosedError, RateLimit
+from keycap import (
+    APIKeyClient,
+    Budget,
+    BudgetExceededError,
+    HoldClosedError,
+    IssuedKey,
+    RateLimit,
+)
 from keycap._db import metering
 from keycap._db.schema import budgets, ledger
 from keycap._rules.money import DEFAULT_METER
@@ -60,6 +67,13 @@ async def _while_a_charge_is_open(
     return await blocked
 
 
+async def _key_with_a_budget_of_one(client: APIKeyClient) -> IssuedKey:
+    """A key of a new organization with a budget of 1.00 of its own."""
+    return await client.create_key(
+        (await client.create_organization("A")).id, budgets=[Budget(D("1.00"))]
+    )
+
+
 async def _used_and_ledger(client: APIKeyClient, key_id: str) -> tuple[int, int]:
     async with client.engine.connect() as conn:
         used = await conn.scalar(select(budgets.c.used_micros).where(budgets.c.key_id == key_id))
@@ -72,9 +86,7 @@ async def _used_and_ledger(client: APIKeyClient, key_id: str) -> tuple[int, int]
 async def test_a_charge_that_waited_for_the_key_decides_on_the_budget_as_committed(
     client: APIKeyClient, clock: FakeClock
 ) -> None:
-    issued = await client.create_key(
-        (await client.create_organization("A")).id, budgets=[Budget(D("1.00"))]
-    )
+    issued = await _key_with_a_budget_of_one(client)
     with pytest.raises(BudgetExceededError):
         await _while_a_charge_is_open(
             client, issued.id, clock(), lambda: client.charge(issued.id, D("0.60"))
@@ -85,9 +97,7 @@ async def test_a_charge_that_waited_for_the_key_decides_on_the_budget_as_committ
 async def test_without_the_lock_pass_the_waiting_charge_spends_the_budget_twice(
     client: APIKeyClient, clock: FakeClock
 ) -> None:
-    issued = await client.create_key(
-        (await client.create_organization("A")).id, budgets=[Budget(D("1.00"))]
-    )
+    issued = await _key_with_a_budget_of_one(client)
     params = metering.charge_params(issued.id, {DEFAULT_METER: 600_000}, None, clock())
 
     async def unlocked_charge() -> bool:
@@ -119,9 +129,7 @@ EXACT_AND_CONTROL = pytest.mark.parametrize(
 async def test_a_storm_of_charges_from_four_processes_admits_exactly_the_budget(
     client: APIKeyClient, db_url: str, backend: str, lock_pass: bool
 ) -> None:
-    issued = await client.create_key(
-        (await client.create_organization("A")).id, budgets=[Budget(D("1.00"))]
-    )
+    issued = await _key_with_a_budget_of_one(client)
     admitted = _storm(db_url, "charge", issued.id, "0.01", 64, lock_pass)
     _report(backend, lock_pass, "4x64 charges of 0.01 on a 1.00 budget", admitted)
     if lock_pass:
@@ -135,9 +143,7 @@ async def test_a_storm_of_charges_from_four_processes_admits_exactly_the_budget(
 async def test_a_storm_of_reserves_from_four_processes_holds_exactly_the_budget(
     client: APIKeyClient, db_url: str, backend: str
 ) -> None:
-    issued = await client.create_key(
-        (await client.create_organization("A")).id, budgets=[Budget(D("1.00"))]
-    )
+    issued = await _key_with_a_budget_of_one(client)
     admitted = _storm(db_url, "reserve", issued.id, "0.01", 64)
     _report(backend, True, "4x64 reserves of 0.01 on a 1.00 budget", admitted)
     (status,) = await client.get_budgets(issued.id)
@@ -149,9 +155,7 @@ async def test_a_storm_of_reserves_from_four_processes_holds_exactly_the_budget(
 async def test_holds_settled_and_released_in_a_storm_leave_the_ledger_equal_to_the_budget(
     client: APIKeyClient, db_url: str, backend: str
 ) -> None:
-    issued = await client.create_key(
-        (await client.create_organization("A")).id, budgets=[Budget(D("1.00"))]
-    )
+    issued = await _key_with_a_budget_of_one(client)
     admitted = _storm(db_url, "reserve and settle half", issued.id, "0.02", 64)
     (status,) = await client.get_budgets(issued.id)
     ledger_lines = await assert_balances_match_ledger(client)
@@ -163,9 +167,7 @@ async def test_holds_settled_and_released_in_a_storm_leave_the_ledger_equal_to_t
 
 
 async def test_a_hold_closed_by_eight_callers_at_once_closes_once(client: APIKeyClient) -> None:
-    issued = await client.create_key(
-        (await client.create_organization("A")).id, budgets=[Budget(D("1.00"))]
-    )
+    issued = await _key_with_a_budget_of_one(client)
     hold = await client.reserve(issued.id, D("0.50"))
 
     async def close(i: int) -> str:
