@@ -8,7 +8,7 @@ statement and checks the connection back in, all in one greenlet:
   then one round trip per call, in autocommit (no transaction is begun on the
   connection, as it is returned to the pool);
 - MySQL/MariaDB with aiomysql: statements that only read, sent with a
-  ``COMMIT`` in the same query (:data:`END_READ`): one round trip, where a
+  ``COMMIT`` in the same query (:data:`WITH_COMMIT`): one round trip, where a
   ``SELECT`` on a pooled connection is otherwise followed by the ``ROLLBACK``
   that ends its implicit transaction.
 
@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any
 
 from sqlalchemy import exc
@@ -130,7 +130,7 @@ PREPARED = "keycap.hot.prepared"
 MAX_PREPARED = 256
 
 
-async def _run_asyncpg(fairy: Any, sql: str, args: list[Any], stale: type[Exception]) -> Any:
+async def _run_asyncpg(fairy: Any, sql: str, args: list[Any], *, stale: type[Exception]) -> Any:
     """``sql`` prepared once on the connection (then one round trip per call), run.
     A statement the server no longer accepts as prepared (its tables changed
     under it) is prepared again, once: it did not run."""
@@ -151,35 +151,24 @@ async def _run_asyncpg(fairy: Any, sql: str, args: list[Any], stale: type[Except
     raise AssertionError("unreachable")
 
 
-#: What follows a read on MySQL/MariaDB, in the same ``COM_QUERY`` (aiomysql
+#: What follows a statement on MySQL/MariaDB, in the same ``COM_QUERY`` (aiomysql
 #: always asks the server for multi-statement queries): it ends the implicit
-#: transaction the ``SELECT`` opened, so no ``ROLLBACK`` has to follow at checkin.
-END_READ = ";COMMIT"
+#: transaction the statement opened, so no ``ROLLBACK`` has to follow at checkin.
+WITH_COMMIT = ";COMMIT"
 
 
-async def _count_aiomysql(fairy: Any, sql: str, args: list[Any], stale: type[Exception]) -> Any:
-    """``sql`` (a write) and ``COMMIT`` sent as one query: how many rows it matched.
-    If the write fails, the ``COMMIT`` does not run, and the pool's reset rolls
-    back what the server says is still open."""
+async def _run_aiomysql(fairy: Any, sql: str, args: list[Any]) -> tuple[Any, int]:
+    """``sql`` (a read, or a single write) and ``COMMIT`` sent as one query: one
+    round trip, the server sending both results at once. Its rows, and how many
+    rows it matched. If the statement fails the ``COMMIT`` does not run, and the
+    pool's reset rolls back what the server says is still open."""
     cursor = await fairy.driver_connection.cursor()
     try:
-        await cursor.execute(sql + END_READ, args)
-        count = cursor.rowcount
-        await cursor.nextset()
-        return count
-    finally:
-        await cursor.close()
-
-
-async def _run_aiomysql(fairy: Any, sql: str, args: list[Any], stale: type[Exception]) -> Any:
-    """``sql`` (a read) and ``COMMIT`` sent as one query: one round trip, the
-    server sending both results at once."""
-    cursor = await fairy.driver_connection.cursor()
-    try:
-        await cursor.execute(sql + END_READ, args)
+        await cursor.execute(sql + WITH_COMMIT, args)
         found = await cursor.fetchall()
+        count = cursor.rowcount
         await cursor.nextset()  # the COMMIT's answer, already received
-        return found
+        return found, count
     finally:
         await cursor.close()
 
@@ -195,27 +184,21 @@ EXECUTION_EVENTS = (
 )
 
 
-class _Never(Exception):
-    """Never raised: aiomysql prepares nothing, so nothing goes stale."""
-
-
 class Hot:
     """Statements run on the pool's driver connections (see the module's docstring)."""
 
     def __init__(self, engine: AsyncEngine) -> None:
-        self.driver = engine.dialect.driver
-        if self.driver == "asyncpg":
-            from asyncpg.exceptions import InvalidCachedStatementError, PostgresError
-
-            self._stale: type[Exception] = InvalidCachedStatementError
-            self._server_error: type[Exception] = PostgresError
-            self._run = _run_asyncpg
-        else:  # aiomysql: reads only (Database.statement)
+        self._server_error: type[Exception]
+        self._mysql = engine.dialect.driver == "aiomysql"
+        if self._mysql:  # reads and single writes only (Database.statement, .written)
             from pymysql.err import DatabaseError as ServerError  # type: ignore[import-untyped]
 
-            self._stale = _Never
             self._server_error = ServerError
-            self._run = _run_aiomysql
+        else:
+            from asyncpg.exceptions import InvalidCachedStatementError, PostgresError
+
+            self._server_error = PostgresError
+            self._asyncpg = partial(_run_asyncpg, stale=InvalidCachedStatementError)
         self._pool = engine.sync_engine.pool
         self._dialect = engine.dialect
         self._dispatch = engine.sync_engine.dispatch
@@ -235,20 +218,23 @@ class Hot:
         """The rows of ``stmt`` with ``params``: one round trip, in autocommit."""
         c = compiled(stmt, self._dialect)
         args = c.args(params)
-        records = await greenlet_spawn(self._fetch, self._run, c.sql, args)
+        if self._mysql:
+            records, _ = await greenlet_spawn(self._fetch, _run_aiomysql, c.sql, args)
+        else:
+            records = await greenlet_spawn(self._fetch, self._asyncpg, c.sql, args)
         return [c.row(r) for r in records]
 
     async def count(self, stmt: Any, params: Mapping[str, Any]) -> int:
         """MySQL/MariaDB: run one write statement and commit it, in one round trip;
         how many rows it matched."""
         c = compiled(stmt, self._dialect)
-        count: int = await greenlet_spawn(self._fetch, _count_aiomysql, c.sql, c.args(params))
-        return count
+        _, count = await greenlet_spawn(self._fetch, _run_aiomysql, c.sql, c.args(params))
+        return int(count)
 
     def _fetch(self, run: Any, sql: str, args: list[Any]) -> Any:
         fairy = self._pool.connect()
         try:
-            return await_only(run(fairy, sql, args, self._stale))
+            return await_only(run(fairy, sql, args))
         except Exception as error:
             raise self._wrapped(fairy, sql, error) from None
         except BaseException:
