@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from decimal import Decimal
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -24,6 +24,9 @@ from keycap._models import APIKey, KeyStatus, Remaining, UsageRow
 from keycap._rules import scopes as scope_rules
 from keycap._rules.budgets import Budget
 from keycap._rules.rate_limits import RateLimit
+
+if TYPE_CHECKING:
+    from keycap.integrations._page import CsrfToken
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,10 +91,30 @@ class KeyIssued(BaseModel):
     plaintext: str
 
 
+async def own_key(kc: APIKeyClient, who: Manager, key_id: str) -> APIKey:
+    """The key, if it is in the manager's organization; else NotFoundError (a 404),
+    as for a key that does not exist."""
+    key = await kc.get_key(key_id)
+    if key.org_id != who.org_id:
+        raise NotFoundError("key", key_id)
+    return key
+
+
+def grantable(who: Manager, scopes: Sequence[str]) -> list[str]:
+    """``scopes``, normalized, if the manager may grant them all; else InvalidArgumentError."""
+    wanted = scope_rules.normalize(scopes, "scopes")
+    if who.grantable is not None and (beyond := scope_rules.missing(who.grantable, wanted)):
+        raise InvalidArgumentError("scopes", "not yours to grant: " + ", ".join(beyond))
+    return list(wanted)
+
+
 def key_management_router(
     *,
     manager: Any,
     client: APIKeyClient | None = None,
+    page: bool = False,
+    csrf_token: "CsrfToken | None" = None,
+    title: str = "API keys",
 ) -> APIRouter:
     """The key management endpoints, to mount with ``app.include_router(router,
     prefix="/account/api-keys")``.
@@ -101,6 +124,12 @@ def key_management_router(
             request (the app's login, or a keycap key with a management scope).
         client: the client to use; by default the request's (KeycapMiddleware or
             ``app.state.keycap``).
+        page: also serve the key management page at the prefix's root
+            (``GET {prefix}/``), whose forms post to ``{prefix}/ui/...``.
+        csrf_token: the page's CSRF token for a request, from the app's own CSRF
+            protection (sync or async); by default keycap sets its own
+            double-submit cookie. Either way every form is checked.
+        title: the page's heading.
     """
     from keycap.integrations.fastapi import keycap_client
 
@@ -111,19 +140,6 @@ def key_management_router(
         return client if client is not None else keycap_client(request)
 
     Client = Annotated[APIKeyClient, Depends(_client)]
-
-    async def _own(kc: APIKeyClient, who: Manager, key_id: str) -> APIKey:
-        """The key, if it is in the manager's organization; else a 404."""
-        key = await kc.get_key(key_id)  # NotFoundError: a 404 too
-        if key.org_id != who.org_id:
-            raise NotFoundError("key", key_id)
-        return key
-
-    def _grantable(who: Manager, scopes: Sequence[str]) -> list[str]:
-        wanted = scope_rules.normalize(scopes, "scopes")
-        if who.grantable is not None and (beyond := scope_rules.missing(who.grantable, wanted)):
-            raise InvalidArgumentError("scopes", "not yours to grant: " + ", ".join(beyond))
-        return list(wanted)
 
     async def _shown(kc: APIKeyClient, key: APIKey) -> KeyShown:
         return KeyShown(
@@ -153,7 +169,7 @@ def key_management_router(
         issued = await kc.create_key(
             who.org_id,
             name=body.name,
-            scopes=_grantable(who, body.scopes),
+            scopes=grantable(who, body.scopes),
             project_id=body.project_id,
             product_id=body.product_id,
             expires_in=body.expires_in,
@@ -165,21 +181,21 @@ def key_management_router(
 
     @router.get("/keys/{key_id}", summary="A key, with what it can still spend")
     async def show_key(key_id: str, who: Who, kc: Client) -> KeyShown:
-        return await _shown(kc, await _own(kc, who, key_id))
+        return await _shown(kc, await own_key(kc, who, key_id))
 
     @router.patch("/keys/{key_id}", summary="Rename a key, or change its scopes")
     async def update_key(key_id: str, body: KeyUpdate, who: Who, kc: Client) -> KeyShown:
-        await _own(kc, who, key_id)
+        await own_key(kc, who, key_id)
         changes: dict[str, Any] = {}
         if body.name is not None:
             changes["name"] = body.name
         if body.scopes is not None:
-            changes["scopes"] = _grantable(who, body.scopes)
+            changes["scopes"] = grantable(who, body.scopes)
         return await _shown(kc, await kc.update_key(key_id, **changes))
 
     @router.post("/keys/{key_id}/roll", summary="A new secret; the old one works for the grace")
     async def roll_key(key_id: str, body: Roll, who: Who, kc: Client) -> KeyIssued:
-        await _own(kc, who, key_id)
+        await own_key(kc, who, key_id)
         rolled = await kc.roll_key(key_id, grace=body.grace)
         return KeyIssued(key=rolled.key, plaintext=rolled.plaintext)
 
@@ -187,7 +203,7 @@ def key_management_router(
 
         def _changer(action: str = action) -> Any:
             async def change(key_id: str, who: Who, kc: Client) -> KeyShown:
-                await _own(kc, who, key_id)
+                await own_key(kc, who, key_id)
                 method = {
                     "revoke": kc.revoke_key,
                     "disable": kc.disable_key,
@@ -209,7 +225,11 @@ def key_management_router(
         kc: Client,
         days: Annotated[int, Query(ge=1, le=366)] = 30,
     ) -> list[UsageRow]:
-        await _own(kc, who, key_id)
+        await own_key(kc, who, key_id)
         return await kc.usage(key_id=key_id, since=kc.now() - timedelta(days=days), per="day")
 
+    if page:
+        from keycap.integrations._page import add_page
+
+        add_page(router, manager=manager, client=_client, csrf_token=csrf_token, title=title)
     return router
