@@ -12,3 +12,15 @@ prepare_databases() {
   fi
   eval "$db_env"
 }
+
+# Debian's Chromium for the browser tests (tests/_browser.py); Playwright comes
+# with the dev extra and drives this browser, never one it downloads.
+prepare_browser() {
+  if [ ! -x "${KEYCAP_CHROMIUM:-/usr/bin/chromium}" ]; then
+    echo "$0: installing Chromium (apt-get)" >&2
+    local sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo -n"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null
+  fi
+  export KEYCAP_REQUIRE_BROWSER=1
+}
