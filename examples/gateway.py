@@ -14,6 +14,9 @@ each (fake, deterministic) streamed completion, the real cost settled after.
     curl -N -X POST localhost:8000/v1/completions -H "Authorization: Bearer $KEY" \
          -H 'content-type: application/json' -d '{"prompt": "hello there", "max_tokens": 50}'
 
+    # or an admin opens http://localhost:8000/admin/login in a browser, signs in
+    # with the admin key, and manages the organization's keys on keycap's page
+
 Pricing: PRICE_PER_TOKEN for every generated token. A completion reserves its
 worst case (max_tokens x price) first, so a key can never start work it cannot
 pay for, then the middleware settles what was really generated.
@@ -27,17 +30,29 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any
+from urllib.parse import parse_qsl
 
-from fastapi import Depends, FastAPI, Request
-from fastapi.responses import StreamingResponse
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
-from keycap import APIKey, APIKeyClient, Budget, NotFoundError
-from keycap.integrations.fastapi import KeycapMiddleware, keycap_client, open_meter, require_scope
+from keycap import APIKey, APIKeyClient, Budget, KeycapError, NotFoundError
+from keycap.integrations.fastapi import (
+    KeycapMiddleware,
+    Manager,
+    key_management_router,
+    keycap_client,
+    open_meter,
+    require_scope,
+)
 
 PRICE_PER_TOKEN = Decimal("0.001")
 PRODUCT = "chat-api"
 MAX_TOKENS = 1000
+#: The admin's session: the admin key itself, in a cookie scripts cannot read and
+#: other sites cannot send (a real app would keep its own session here).
+ADMIN_COOKIE = "gateway_admin"
+PORTAL = "/admin/portal"
 
 # Dependencies as module-level aliases (they also work under
 # `from __future__ import annotations`, which hides function locals from FastAPI).
@@ -77,9 +92,53 @@ def fake_completion(prompt: str, max_tokens: int) -> list[str]:
     return [f"{words[i % len(words)]}#{i}" for i in range(count)]
 
 
+async def admin_manager(request: Request, kc: Keycap) -> Manager:
+    """Who manages keys on the page: the admin key in the login cookie. Without
+    one, the browser is sent to the login form."""
+    presented = request.cookies.get(ADMIN_COOKIE)
+    if presented is None:
+        raise HTTPException(303, "log in", headers={"Location": "/admin/login"})
+    key = await kc.validate_key(presented, required_scopes=["admin"])  # else a 401/403 problem
+    return Manager(actor=key.id, org_id=key.org_id, grantable=frozenset({"chat:write"}))
+
+
+LOGIN_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8">
+<title>Sign in</title></head><body><main><h1>Gateway admin</h1>{error}
+<form method="post" action="/admin/login"><label>Admin key
+<input name="key" type="password" autocomplete="off" required></label>
+<button type="submit">Sign in</button></form></main></body></html>"""
+
+
 def create_app(client: APIKeyClient, *, token_delay: float = 0.0) -> FastAPI:
     app = FastAPI(title="keycap example gateway")
     app.add_middleware(KeycapMiddleware, client=client)
+    # keycap's key management page (and its JSON endpoints) for the admins.
+    app.include_router(key_management_router(manager=admin_manager, page=True), prefix=PORTAL)
+
+    @app.get("/admin/login", include_in_schema=False)
+    async def login_form() -> HTMLResponse:
+        return HTMLResponse(LOGIN_PAGE.format(error=""))
+
+    @app.post("/admin/login", include_in_schema=False)
+    async def login(request: Request, kc: Keycap) -> Any:
+        presented = dict(parse_qsl((await request.body()).decode("utf-8", "replace"))).get(
+            "key", ""
+        )
+        try:
+            await kc.validate_key(presented, required_scopes=["admin"])
+        except KeycapError:
+            error = '<p role="alert">That is not an admin key.</p>'
+            return HTMLResponse(LOGIN_PAGE.format(error=error), status_code=401)
+        signed_in = RedirectResponse(f"{PORTAL}/", status_code=303)
+        signed_in.set_cookie(
+            ADMIN_COOKIE,
+            presented,
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+            path="/admin",
+        )
+        return signed_in
 
     @app.post("/v1/completions")
     async def completions(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -126,3 +127,30 @@ async def test_the_budget_runs_out_exactly(gateway: str, db_url: str) -> None:
     async with APIKeyClient(db_url, signing_secret=SECRET) as check:
         [budget] = await check.get_budgets(key_id)
         assert (budget.used, budget.held) == (Decimal("0.10"), Decimal(0))
+
+
+async def test_an_admin_signs_in_and_manages_keys_on_the_page(gateway: str, db_url: str) -> None:
+    async with APIKeyClient(db_url, signing_secret=SECRET) as setup:
+        org = (await setup.create_organization("Acme")).id
+        admin = (await setup.create_key(org, scopes=["admin"], name="ops")).plaintext
+        customer = await setup.create_key(org, scopes=["chat:write"], name="agent-7")
+        chat = await setup.create_key(org, scopes=["chat:write"], name="no admin")
+
+    async with httpx.AsyncClient(base_url=gateway) as http:
+        away = await http.get("/admin/portal/")
+        assert (away.status_code, away.headers["location"]) == (303, "/admin/login")
+        refused = await http.post("/admin/login", data={"key": chat.plaintext})
+        assert refused.status_code == 401 and chat.plaintext not in refused.text
+        signed_in = await http.post("/admin/login", data={"key": admin})
+        assert (signed_in.status_code, signed_in.headers["location"]) == (303, "/admin/portal/")
+        page = await http.get("/admin/portal/")
+        assert page.status_code == 200 and "agent-7" in page.text and admin not in page.text
+        confirm = await http.get(f"/admin/portal/?key={customer.id}&dialog=revoke")
+        token = re.search(r'name="csrf_token" value="([^"]+)"', confirm.text)
+        assert token
+        revoked = await http.post(
+            f"/admin/portal/ui/keys/{customer.id}/revoke", data={"csrf_token": token.group(1)}
+        )
+        assert revoked.status_code == 303
+        r = await complete(http, customer.plaintext, words=1, max_tokens=1)
+        assert (r.status_code, r.json()["code"]) == (401, "revoked_key")
