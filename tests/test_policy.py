@@ -108,14 +108,14 @@ def test_product_key_only_for_its_product() -> None:
 
 def test_scopes_are_checked_last_and_report_what_is_missing() -> None:
     with pytest.raises(InsufficientScopeError) as info:
-        check(GOOD, Requirement(scopes=("billing:read", "chat:write", "admin")), NOW)
+        check(GOOD, Requirement(scopes=(("billing:read",), ("chat:write",), ("admin",))), NOW)
     assert info.value.missing_scopes == ("billing:read", "admin")
     with pytest.raises(ForbiddenError):  # forbidden wins over scopes
-        check(GOOD, Requirement(org_id=OTHER_ORG, scopes=("billing:read",)), NOW)
+        check(GOOD, Requirement(org_id=OTHER_ORG, scopes=(("billing:read",),)), NOW)
 
 
 def test_empty_grant_list_grants_nothing_but_passes_no_requirement() -> None:
     key = replace(GOOD, scopes=())
     check(key, Requirement(), NOW)
     with pytest.raises(InsufficientScopeError):
-        check(key, Requirement(scopes=("chat:write",)), NOW)
+        check(key, Requirement(scopes=(("chat:write",),)), NOW)

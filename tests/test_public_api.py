@@ -54,6 +54,8 @@ PUBLIC = {
     "UNSET",
     "UsageExhaustedError",
     "UsageRow",
+    "AnyOf",
+    "any_of",
 }
 #: Subpackages documented as public (docs/architecture.md): importing them makes them
 #: attributes of ``keycap`` too. Every other module is private (a leading underscore).

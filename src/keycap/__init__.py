@@ -48,6 +48,7 @@ from keycap._ops.results import AlertHandler
 from keycap._rules.budgets import Budget
 from keycap._rules.money import Amount
 from keycap._rules.rate_limits import RateLimit
+from keycap._rules.scopes import AnyOf, any_of
 from keycap._rules.timeutil import Clock
 from keycap._settlements import PendingSettlement
 
@@ -61,6 +62,7 @@ __all__ = [
     "AlertHandler",
     "AlreadyExistsError",
     "Amount",
+    "AnyOf",
     "Budget",
     "BudgetAlert",
     "BudgetExceededError",
@@ -99,4 +101,5 @@ __all__ = [
     "Settlement",
     "UsageExhaustedError",
     "UsageRow",
+    "any_of",
 ]

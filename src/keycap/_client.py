@@ -328,6 +328,21 @@ class APIKeyClient:
         found, created = await self._get_or_create(ids.ORG, None, name)
         return rows.to_organization(found), created
 
+    async def set_allowed_scopes(self, org_id: str, scopes: Sequence[str] | None) -> Organization:
+        """Fix the scopes the organization's keys may be granted (patterns allowed:
+        ``chat:*`` allows ``chat:write``); ``None`` allows any scope again. From now
+        on ``create_key`` and ``update_key`` refuse a scope outside them with
+        InvalidArgumentError; keys that already hold one keep it.
+
+        Raises: NotFoundError, InvalidArgumentError.
+        """
+        org_id = ids.check(ids.ORG, org_id)
+        allowed = None if scopes is None else scope_rules.normalize(scopes, "scopes")
+        row = await admin.set_allowed_scopes(self._db, org_id, allowed)
+        if row is None:
+            raise NotFoundError("organization", org_id)
+        return rows.to_organization(row)
+
     async def get_organization(self, org_id: str) -> Organization:
         """Raises: NotFoundError."""
         return rows.to_organization(await self._get(ids.ORG, org_id))
@@ -509,8 +524,9 @@ class APIKeyClient:
 
         Raises:
             NotFoundError: the organization, project or product does not exist in that org.
-            InvalidArgumentError: any bad argument, including a naive ``expires_at``
-                or a product not linked to the project.
+            InvalidArgumentError: any bad argument, including a naive ``expires_at``,
+                a product not linked to the project, or a scope the organization
+                does not allow (:meth:`set_allowed_scopes`).
         """
         org_id = ids.check(ids.ORG, org_id)
         project_id = ids.check_optional(ids.PROJECT, project_id, field="project_id")
@@ -611,7 +627,8 @@ class APIKeyClient:
         usage cap (``max_uses=None``: none). Arguments left out are unchanged. Takes
         effect on the next validation.
 
-        Raises: NotFoundError, InvalidArgumentError.
+        Raises: NotFoundError, InvalidArgumentError (also for scopes the key's
+        organization does not allow).
         """
         key_id = ids.check(ids.KEY, key_id)
         now = self._now()
@@ -635,7 +652,7 @@ class APIKeyClient:
                     None if expires_at is UNSET else expires_at,
                     now,
                 )
-        row = await self._db.run_in_transaction(keys.update_key, key_id, values)
+        row = await admin.update_key(self._db, key_id, values)
         self._changed()
         if row is None:
             raise NotFoundError("key", key_id)
@@ -732,7 +749,7 @@ class APIKeyClient:
         self,
         plaintext: str,
         *,
-        required_scopes: Sequence[str] = (),
+        required_scopes: Sequence[str | scope_rules.AnyOf] = (),
         product_id: str | None = None,
         project_id: str | None = None,
         org_id: str | None = None,
@@ -741,6 +758,9 @@ class APIKeyClient:
         cost: money.Amount | Mapping[str, money.Amount] | None = None,
     ) -> APIKey:
         """Check a presented key against the grant rule (docs/security.md) and its limits.
+
+        ``required_scopes``: every one is needed; an item ``any_of("chat:write",
+        "chat:admin")`` needs one of its scopes.
 
         Rate limits and the usage cap always apply. With ``cost`` (a ``Decimal``
         for the ``spend`` meter, or ``{meter: amount}``), every applicable budget
@@ -757,7 +777,8 @@ class APIKeyClient:
             InvalidKeyError: malformed, unknown, or wrong secret.
             RevokedKeyError, DisabledKeyError, ExpiredKeyError: the key's state.
             ForbiddenError: not valid for the organization, project or product asked for.
-            InsufficientScopeError: ``missing_scopes`` lists what is lacking.
+            InsufficientScopeError: ``missing_scopes`` (and ``missing_any_of``)
+                list what is lacking.
             UsageExhaustedError: ``max_uses`` reached.
             RateLimitedError: a rate limit refused; ``retry_after`` says when to retry.
             BudgetExceededError: a budget of the key, project or organization refused.
@@ -767,7 +788,7 @@ class APIKeyClient:
         # Everything that can be refused without I/O is refused first, cheapest first.
         public_id = self._format.parse(plaintext)
         req = policy.Requirement(
-            scopes=scope_rules.normalize(required_scopes, "required_scopes"),
+            scopes=scope_rules.required(required_scopes, "required_scopes"),
             org_id=_asked(ids.ORG, org_id, "org_id"),
             project_id=_asked(ids.PROJECT, project_id, "project_id"),
             product_id=_asked(ids.PRODUCT, product_id, "product_id"),

@@ -11,7 +11,7 @@
     │   ├── RevokedKeyError          .revoked_at
     │   ├── DisabledKeyError         .disabled_at
     │   ├── ForbiddenError           .reason: wrong organization, project or product
-    │   ├── InsufficientScopeError   .missing_scopes
+    │   ├── InsufficientScopeError   .missing_scopes, .missing_any_of
     │   ├── RateLimitedError         .retry_after, .limit, .remaining, .reset_at, .name
     │   └── UsageExhaustedError      .max_uses
     ├── BudgetExceededError          .scope, .meter, .limit, .used, .remaining, .reset_at
@@ -61,7 +61,7 @@ __all__ = [
 
 
 #: Fields left out of ``data()`` while they are None.
-_OPTIONAL = frozenset({"key_id"})
+_OPTIONAL = frozenset({"key_id", "missing_any_of"})
 
 
 class KeycapError(Exception):
@@ -212,17 +212,36 @@ class ForbiddenError(KeyRejectedError):
 
 
 class InsufficientScopeError(KeyRejectedError):
-    """The key lacks one or more required scopes."""
+    """The key lacks one or more required scopes: ``missing_scopes``, and for each
+    ``any_of(...)`` it has none of, that group in ``missing_any_of`` (None if none)."""
 
     code = "insufficient_scope"
-    fields = ("missing_scopes",)
+    fields = ("missing_scopes", "missing_any_of")
     default_message = "API key lacks required scopes"
 
-    def __init__(self, missing_scopes: Sequence[str], *, key_id: str | None = None) -> None:
-        super().__init__(
-            "API key lacks required scopes: " + ", ".join(missing_scopes), key_id=key_id
-        )
+    def __init__(
+        self,
+        missing_scopes: Sequence[str],
+        *,
+        missing_any_of: Sequence[Sequence[str]] = (),
+        key_id: str | None = None,
+    ) -> None:
+        groups = tuple(tuple(group) for group in missing_any_of)
+        said = [*missing_scopes, *("any_of(" + ", ".join(g) + ")" for g in groups)]
+        super().__init__("API key lacks required scopes: " + ", ".join(said), key_id=key_id)
         self.missing_scopes = tuple(missing_scopes)
+        self.missing_any_of = groups or None
+
+    @classmethod
+    def of(
+        cls, unmet: Sequence[Sequence[str]], *, key_id: str | None = None
+    ) -> InsufficientScopeError:
+        """The error for the required groups a key does not meet."""
+        return cls(
+            [g[0] for g in unmet if len(g) == 1],
+            missing_any_of=[g for g in unmet if len(g) > 1],
+            key_id=key_id,
+        )
 
 
 class RateLimitedError(KeyRejectedError):

@@ -45,6 +45,8 @@ class Organization(_Model):
     id: str
     name: str
     created_at: datetime
+    #: The scopes its keys may be granted (patterns allowed); None: any scope.
+    allowed_scopes: tuple[str, ...] | None = None
 
 
 class Project(_Model):

@@ -105,11 +105,12 @@ def grant_predicate(
                 ),
             )
         )
-    for required in req.scopes:
+    for group in req.scopes:  # all groups; of each, one scope
         conds.append(
             or_(
                 *(
                     contains(k.scopes, f" {grant} ", dialect)
+                    for required in group
                     for grant in scope_rules.covering(required)
                 )
             )

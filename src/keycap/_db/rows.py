@@ -21,7 +21,13 @@ def _mapping(row: Source) -> Mapping[str, Any]:
 
 def to_organization(row: Source) -> Organization:
     m = _mapping(row)
-    return Organization.model_construct(id=m["id"], name=m["name"], created_at=m["created_at"])
+    allowed = m.get("allowed_scopes")
+    return Organization.model_construct(
+        id=m["id"],
+        name=m["name"],
+        created_at=m["created_at"],
+        allowed_scopes=None if allowed is None else scopes.decode(allowed),
+    )
 
 
 def to_project(row: Source) -> Project:

@@ -58,6 +58,9 @@ organizations = Table(
     Column("id", String(ID), nullable=False),
     Column("name", String(NAME), nullable=False),
     Column("created_at", UTCDateTime(), nullable=False),
+    # The scopes keys of the organization may be granted (" a b ", as keys.scopes);
+    # NULL: any scope.
+    Column("allowed_scopes", Text(), nullable=True),
     PrimaryKeyConstraint("id"),
     UniqueConstraint("name"),
     **_MYSQL,

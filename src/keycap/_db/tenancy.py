@@ -14,7 +14,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from keycap._db.build import AnyRow
 from keycap._db.schema import keys, organizations, products, project_products, projects
+from keycap._errors import InvalidArgumentError
 from keycap._rules import ids
+from keycap._rules import scopes as scope_rules
 
 #: The table of each kind of named resource.
 TABLES: Mapping[str, Table] = {
@@ -79,6 +81,27 @@ async def owned_by(conn: AsyncConnection, table: Table, id_: str, org_id: str) -
     """The project or product ``id_`` exists in organization ``org_id``."""
     found = await conn.scalar(select(table.c.id).where(table.c.id == id_, table.c.org_id == org_id))
     return found is not None
+
+
+async def check_scopes(conn: AsyncConnection, org_id: str, granted: Sequence[str]) -> None:
+    """Refuse ``granted`` if organization ``org_id`` fixes its allowed scopes and one
+    of them is not covered by those (``chat:*`` allowed covers ``chat:write``).
+
+    Raises:
+        InvalidArgumentError: on ``scopes``, naming what is not allowed.
+    """
+    if not granted:
+        return
+    stored = await conn.scalar(
+        select(organizations.c.allowed_scopes).where(organizations.c.id == org_id)
+    )
+    if stored is None:
+        return
+    unknown = scope_rules.missing(scope_rules.decode(stored), granted)
+    if unknown:
+        raise InvalidArgumentError(
+            "scopes", "not allowed in the organization: " + ", ".join(unknown)
+        )
 
 
 # --- project-product links ------------------------------------------------------------

@@ -11,15 +11,19 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
 from keycap._db import budgets, holds, keys, ledger, rate_limits, tenancy
 from keycap._db.build import AnyRow, KeyRef
 from keycap._db.engine import Conflict, Database
 from keycap._db.schema import keys as keys_table
-from keycap._db.schema import products, projects
+from keycap._db.schema import organizations, products, projects
 from keycap._errors import AlreadyExistsError, HoldClosedError, InvalidArgumentError, NotFoundError
 from keycap._ops.release import release, sweep
 from keycap._ops.units import retrying
 from keycap._rules import ids, movements
+from keycap._rules import scopes as scope_rules
 from keycap._rules.budgets import BudgetSpec
 from keycap._rules.money import MAX_UNITS
 from keycap._rules.rate_limits import RateLimit
@@ -139,6 +143,7 @@ async def create_key(
                     "product_id",
                     "is not linked to the key's project (add_product_to_project first)",
                 )
+            await tenancy.check_scopes(conn, org_id, scope_rules.decode(row["scopes"]))
             await keys.insert_key(conn, row)
             await rate_limits.insert_rate_limits(
                 conn, [rate_limits.new_rate_limit_row(own, limit, now) for limit in limits]
@@ -246,3 +251,35 @@ async def grant_credit(db: Database, budget_id: str, micros: int, now: datetime)
             return after
 
     return await retrying(db, unit)
+
+
+async def update_key(db: Database, key_id: str, values: Mapping[str, Any]) -> AnyRow | None:
+    """Apply ``values`` to the key in one transaction; new ``scopes`` are checked
+    there against its organization's allowed scopes. None: no such key."""
+
+    async def unit(conn: AsyncConnection) -> AnyRow | None:
+        if "scopes" in values:
+            org_id = await conn.scalar(select(keys_table.c.org_id).where(keys_table.c.id == key_id))
+            if org_id is None:
+                return None
+            await tenancy.check_scopes(conn, org_id, scope_rules.decode(values["scopes"]))
+        return await keys.update_key(conn, key_id, values)
+
+    return await db.run_in_transaction(unit)
+
+
+async def set_allowed_scopes(
+    db: Database, org_id: str, allowed: tuple[str, ...] | None
+) -> AnyRow | None:
+    """Fix (or, with None, lift) the scopes an organization's keys may be granted;
+    the organization as it now is, or None if there is none."""
+
+    async def unit(conn: AsyncConnection) -> AnyRow | None:
+        stored = None if allowed is None else scope_rules.encode(allowed)
+        await conn.execute(
+            update(organizations).where(organizations.c.id == org_id).values(allowed_scopes=stored)
+        )
+        found = await conn.execute(select(organizations).where(organizations.c.id == org_id))
+        return found.first()
+
+    return await db.run_in_transaction(unit)

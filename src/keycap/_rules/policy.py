@@ -40,7 +40,8 @@ from keycap._rules import scopes as scope_rules
 class Requirement:
     """What a validation asks for, already validated."""
 
-    scopes: tuple[str, ...] = ()
+    #: Every group, and of each group one scope (``keycap._rules.scopes.Required``).
+    scopes: tuple[tuple[str, ...], ...] = ()
     org_id: str | None = None
     project_id: str | None = None
     product_id: str | None = None
@@ -103,6 +104,6 @@ def check(facts: KeyFacts, req: Requirement, now: datetime) -> None:
     ):
         raise ForbiddenError("product", key_id=kid)
     if req.scopes:
-        absent = scope_rules.missing(facts.scopes, req.scopes)
+        absent = scope_rules.unmet(facts.scopes, req.scopes)
         if absent:
-            raise InsufficientScopeError(absent, key_id=kid)
+            raise InsufficientScopeError.of(absent, key_id=kid)

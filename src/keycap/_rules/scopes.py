@@ -10,6 +10,11 @@ everything. Matching is case-sensitive and by whole segments:
   broad (``chat:*`` by ``chat:*`` or ``*``);
 * an empty grant list grants nothing.
 
+What a validation *requires* is all of a list, each item a scope or
+:func:`any_of` several: ``["files:read", any_of("chat:write", "chat:admin")]``
+needs ``files:read`` and at least one of the other two. It is kept as
+:data:`Required`, a tuple of groups, one scope of each group needed.
+
 Because the grants that can cover a required scope are a short list computed
 from the scope alone (:func:`covering`), the check also runs inside SQL as a
 substring test on the stored form (``" a b c "``), which is what lets
@@ -20,7 +25,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from typing import Final
+from dataclasses import dataclass
+from typing import Final, TypeAlias
 
 from keycap._errors import InvalidArgumentError
 
@@ -49,6 +55,71 @@ def normalize(scopes: object, field: str = "scopes") -> tuple[str, ...]:
                 field, "each scope is like 'chat:write', 'chat:*' or '*' (letters, digits, _ . -)"
             )
     return tuple(sorted(set(items)))
+
+
+@dataclass(frozen=True, slots=True)
+class AnyOf:
+    """Any one of ``scopes`` (made by :func:`any_of`), as one item of ``required_scopes``."""
+
+    scopes: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return "any_of(" + ", ".join(self.scopes) + ")"
+
+
+#: What a validation requires: every group, and of each group one scope.
+Required: TypeAlias = tuple[tuple[str, ...], ...]
+
+
+def any_of(*scopes: str) -> AnyOf:
+    """At least one of ``scopes``: ``required_scopes=["files:read", any_of("chat:write",
+    "chat:admin")]`` needs files:read and chat:write or chat:admin.
+
+    Raises:
+        InvalidArgumentError: no scope, or a bad one.
+    """
+    found = normalize(scopes, "any_of")
+    if not found:
+        raise InvalidArgumentError("any_of", "needs at least one scope")
+    return AnyOf(found)
+
+
+def required(value: object, field: str = "required_scopes") -> Required:
+    """Validate ``required_scopes`` (scopes and :class:`AnyOf`, all of them needed);
+    return its groups, de-duplicated and sorted.
+
+    Raises:
+        InvalidArgumentError: not a list of scopes and ``any_of(...)``, or too many.
+    """
+    if isinstance(value, AnyOf):
+        value = [value]
+    if isinstance(value, str | bytes | Mapping) or not isinstance(value, Iterable):
+        raise InvalidArgumentError(field, "must be a list of scopes and any_of(...)")
+    items = list(value)
+    if len(items) > MAX_SCOPES:
+        raise InvalidArgumentError(field, f"at most {MAX_SCOPES} scopes")
+    groups = {
+        item.scopes if isinstance(item, AnyOf) else normalize([item], field) for item in items
+    }
+    return tuple(sorted(groups))
+
+
+def expressed(groups: Required) -> list[str | AnyOf]:
+    """``groups`` written back as ``required_scopes``."""
+    return [group[0] if len(group) == 1 else AnyOf(group) for group in groups]
+
+
+def named(groups: Required) -> tuple[str, ...]:
+    """Every scope ``groups`` mention (for documentation, such as OpenAPI)."""
+    return tuple(sorted({scope for group in groups for scope in group}))
+
+
+def unmet(granted: Iterable[str], groups: Required) -> Required:
+    """The groups none of whose scopes ``granted`` covers, in the order given."""
+    have = set(granted)
+    return tuple(
+        group for group in groups if not any(have.intersection(covering(scope)) for scope in group)
+    )
 
 
 def covering(required: str) -> tuple[str, ...]:

@@ -148,8 +148,11 @@ def _status(error: KeycapError, options: HTTPOptions, now: datetime) -> tuple[in
         # invalid_token (a new key may work); the body's code says which it was.
         return 401, {"WWW-Authenticate": 'Bearer error="invalid_token"'}
     if isinstance(error, InsufficientScopeError):
+        # RFC 6750's scope lists scopes all needed: an unmet any_of(...) is in the
+        # body's missing_any_of only.
         scope = " ".join(error.missing_scopes)
-        return 403, {"WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{scope}"'}
+        said = f', scope="{scope}"' if scope else ""
+        return 403, {"WWW-Authenticate": f'Bearer error="insufficient_scope"{said}'}
     if isinstance(error, RateLimitedError):
         limit = RateLimitView(
             error.name, error.limit, error.remaining, error.window_seconds, error.meter

@@ -85,7 +85,7 @@ def keycap_client(request: Request) -> APIKeyClient:
 
 
 def require_scope(
-    *scopes: str,
+    *scopes: str | scope_rules.AnyOf,
     product: str | None = None,
     product_id: str | None = None,
     project_id: str | None = None,
@@ -96,7 +96,8 @@ def require_scope(
     """A dependency that validates the request's key and yields the :class:`~keycap.APIKey`.
 
     Args:
-        scopes: every one must be granted to the key.
+        scopes: every one must be granted to the key; ``any_of("a", "b")``
+            is met by either.
         product: a product name, looked up in the key's organization; or
             ``product_id``. ``project_id`` and ``org_id`` restrict likewise.
         cost: charged by the validation itself, all or nothing with the rate
@@ -108,14 +109,15 @@ def require_scope(
     ``application/problem+json`` responses (401/402/403/429/503), without it
     ``HTTPException`` with the same status, headers and data.
     """
-    required = scope_rules.normalize(scopes, "scopes")  # a bad scope fails at import
+    groups = scope_rules.required(scopes, "scopes")  # a bad scope fails at import
+    required, named = scope_rules.expressed(groups), list(scope_rules.named(groups))
     if cost is not None:
         money.costs(cost)
 
     async def dependency(
         request: Request,
-        _bearer_doc: Annotated[Any, Security(_bearer, scopes=list(required))],
-        _header_doc: Annotated[Any, Security(_api_key, scopes=list(required))],
+        _bearer_doc: Annotated[Any, Security(_bearer, scopes=named)],
+        _header_doc: Annotated[Any, Security(_api_key, scopes=named)],
     ) -> APIKey:
         ctx, kc = _context(request, client)
         try:

@@ -97,7 +97,7 @@ class KeycapBackend(AuthenticationBackend):
         client: APIKeyClient,
         *,
         headers: Sequence[str] = DEFAULT_HEADERS,
-        required_scopes: Sequence[str] = (),
+        required_scopes: Sequence[str | scope_rules.AnyOf] = (),
         product: str | None = None,
         options: HTTPOptions | None = None,
     ) -> None:
@@ -105,7 +105,9 @@ class KeycapBackend(AuthenticationBackend):
             raise ConfigurationError("KeycapBackend needs an APIKeyClient")
         self.client = client
         self.options = options or HTTPOptions(headers=tuple(headers))
-        self.required = scope_rules.normalize(required_scopes, "required_scopes")
+        self.required = scope_rules.expressed(
+            scope_rules.required(required_scopes, "required_scopes")
+        )
         self.product = product
 
     async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, KeycapUser] | None:
