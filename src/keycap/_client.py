@@ -52,7 +52,7 @@ from keycap._ops import admin, charges, pipeline, results
 from keycap._ops import holds as hold_ops
 from keycap._ops import release as release_ops
 from keycap._ops.authcache import AuthCache
-from keycap._rules import ids, inputs, money, policy, timeutil, tokens
+from keycap._rules import ids, inputs, ips, money, policy, timeutil, tokens
 from keycap._rules import scopes as scope_rules
 from keycap._rules.budgets import Budget
 from keycap._rules.hashing import PepperRing
@@ -505,6 +505,7 @@ class APIKeyClient:
         max_uses: int | None = None,
         rate_limits: Sequence[RateLimit] = (),
         budgets: Sequence[Budget] = (),
+        allowed_ips: Sequence[str] | None = None,
     ) -> IssuedKey:
         """Issue a key. Its plaintext is in the result, once; only a digest is stored.
 
@@ -521,6 +522,8 @@ class APIKeyClient:
             rate_limits: the key's own rate limits (:class:`RateLimit`).
             budgets: the key's own budgets (:class:`Budget`). Limits and budgets
                 are created in the same transaction as the key.
+            allowed_ips: CIDR ranges (IPv4, IPv6) the key may be used from;
+                ``validate_key`` then needs ``client_ip`` inside one of them.
 
         Raises:
             NotFoundError: the organization, project or product does not exist in that org.
@@ -536,6 +539,7 @@ class APIKeyClient:
         meta = inputs.metadata(metadata)
         delegated = None if delegated_by is None else inputs.text(delegated_by, "delegated_by")
         cap = _max_uses(max_uses)
+        networks = None if allowed_ips is None else ips.ranges(allowed_ips)
         limit_specs = _sequence(rate_limits, RateLimit, "rate_limits")
         budget_specs = [b.spec for b in _sequence(budgets, Budget, "budgets")]
         now = self._now()
@@ -558,6 +562,7 @@ class APIKeyClient:
             expires_at=expiry,
             max_uses=cap,
             now=now,
+            allowed_ips=None if networks is None else ips.encode(networks),
         )
         await admin.create_key(self._db, values, limit_specs, budget_specs)
         key = rows.to_key({**values, "scopes": granted})
@@ -622,10 +627,12 @@ class APIKeyClient:
         expires_in: str | timedelta | _Unset = UNSET,
         expires_at: datetime | _Unset | None = UNSET,
         max_uses: int | _Unset | None = UNSET,
+        allowed_ips: Sequence[str] | _Unset | None = UNSET,
     ) -> APIKey:
-        """Change a key's name, scopes, metadata, expiry (``expires_at=None``: never) or
-        usage cap (``max_uses=None``: none). Arguments left out are unchanged. Takes
-        effect on the next validation.
+        """Change a key's name, scopes, metadata, expiry (``expires_at=None``: never),
+        usage cap (``max_uses=None``: none) or IP ranges (``allowed_ips=None``: any
+        address). Arguments left out are unchanged. Takes effect on the next
+        validation.
 
         Raises: NotFoundError, InvalidArgumentError (also for scopes the key's
         organization does not allow).
@@ -641,6 +648,10 @@ class APIKeyClient:
             values["metadata"] = inputs.metadata(metadata)
         if max_uses is not UNSET:
             values["max_uses"] = _max_uses(max_uses)
+        if allowed_ips is not UNSET:
+            values["allowed_ips"] = (
+                None if allowed_ips is None else ips.encode(ips.ranges(allowed_ips))
+            )
         if expires_in is not UNSET or expires_at is not UNSET:
             if expires_in is not UNSET and expires_at is not UNSET:
                 raise InvalidArgumentError("expires_in", "give expires_in or expires_at, not both")
@@ -756,6 +767,7 @@ class APIKeyClient:
         product_name: str | None = None,
         track_usage: bool | None = None,
         cost: money.Amount | Mapping[str, money.Amount] | None = None,
+        client_ip: str | None = None,
     ) -> APIKey:
         """Check a presented key against the grant rule (docs/security.md) and its limits.
 
@@ -773,6 +785,9 @@ class APIKeyClient:
         ``product_name`` asks for a product by name in the key's own organization
         (``"chat-api"``), resolved in the same statement; use it or ``product_id``.
 
+        ``client_ip``: the caller's address. A key with ``allowed_ips`` is refused
+        (``ForbiddenError``, reason ``"ip"``) without one, or from outside them.
+
         Raises:
             InvalidKeyError: malformed, unknown, or wrong secret.
             RevokedKeyError, DisabledKeyError, ExpiredKeyError: the key's state.
@@ -787,6 +802,7 @@ class APIKeyClient:
         """
         # Everything that can be refused without I/O is refused first, cheapest first.
         public_id = self._format.parse(plaintext)
+        client = None if client_ip is None else ips.address(client_ip)
         req = policy.Requirement(
             scopes=scope_rules.required(required_scopes, "required_scopes"),
             org_id=_asked(ids.ORG, org_id, "org_id"),
@@ -795,6 +811,7 @@ class APIKeyClient:
             product_name=None
             if product_name is None
             else inputs.text(product_name, "product_name"),
+            ip_version=None if client is None else client.version,
         )
         if product_id is not None and product_name is not None:
             raise InvalidArgumentError("product_name", "give product_id or product_name, not both")
@@ -804,7 +821,7 @@ class APIKeyClient:
         amounts = None if cost is None else money.costs(cost)
         key_id = ids.key_id(public_id)
         now = self._now()
-        return await self._pipeline.validate(plaintext, key_id, req, amounts, track, now)
+        return await self._pipeline.validate(plaintext, key_id, req, amounts, track, now, client)
 
     # --- metering: limits and budgets -------------------------------------------------
 

@@ -199,7 +199,8 @@ class DisabledKeyError(KeyRejectedError):
 
 
 class ForbiddenError(KeyRejectedError):
-    """The key is valid but not for the organization, project or product asked for."""
+    """The key is valid but not for the organization, project or product asked for,
+    or not from the client's address (``reason="ip"``)."""
 
     code = "forbidden"
     fields = ("reason",)
@@ -207,7 +208,7 @@ class ForbiddenError(KeyRejectedError):
 
     def __init__(self, reason: str, *, key_id: str | None = None) -> None:
         super().__init__(f"API key not valid for this resource: {reason}", key_id=key_id)
-        #: One of ``"organization"``, ``"project"``, ``"product"``.
+        #: One of ``"organization"``, ``"project"``, ``"product"``, ``"ip"``.
         self.reason = reason
 
 

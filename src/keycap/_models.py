@@ -85,6 +85,8 @@ class APIKey(_Model):
     use_count: int
     #: Lifetime cap on accepted validations; None: no cap.
     max_uses: int | None = None
+    #: The client addresses (CIDR ranges) the key may be used from; None: any.
+    allowed_ips: tuple[str, ...] | None = None
     #: From a metered validate_key: the tightest rate limit after this call.
     rate_limit: RateLimitStatus | None = None
     #: From validate_key(cost=...): what was charged, and the budgets after it.

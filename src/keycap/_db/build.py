@@ -19,6 +19,7 @@ from sqlalchemy import BigInteger, ColumnElement, Row, bindparam, func, literal
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from keycap._db.schema import budgets, holds, keys
+from keycap._rules import ips
 
 #: A result row of any width.
 AnyRow: TypeAlias = Row[*tuple[Any, ...]]
@@ -70,10 +71,17 @@ def key_params(key: KeyRef) -> dict[str, Any]:
 # --- the bind parameters of the key's own validation statements -----------------------
 
 
-def hot_params(key_id: str, now: datetime, digests: Mapping[str, str]) -> dict[str, Any]:
+def hot_params(
+    key_id: str, now: datetime, digests: Mapping[str, str], client: ips.Address | None = None
+) -> dict[str, Any]:
+    """The key id, ``now``, the digests and the networks holding ``client``'s
+    address (``keycap._db.grant.ip_allowed``)."""
     params: dict[str, Any] = {"hot_key_id": key_id, "hot_now": now}
     for i, digest in enumerate(digests.values()):
         params[f"hot_digest_{i}"] = digest
+    if client is not None:
+        for i, net in enumerate(ips.networks(client)):
+            params[f"hot_net_{i}"] = net
     return params
 
 
@@ -86,7 +94,7 @@ def hot_binds(peppers: tuple[str, ...]) -> tuple[Any, dict[str, Any], Any]:
     return bindparam("hot_key_id", type_=keys.c.id.type), digests, now
 
 
-def contains(column: Any, needle: str, dialect: str) -> ColumnElement[bool]:
+def contains(column: Any, needle: Any, dialect: str) -> ColumnElement[bool]:
     """A plain, case-sensitive substring test. LIKE would need escaping of ``_`` and
     is case-insensitive on SQLite; strpos/instr are neither."""
     if dialect == "postgresql":

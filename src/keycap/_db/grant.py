@@ -13,10 +13,11 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, exists, func, or_, select
+from sqlalchemy import ColumnElement, and_, bindparam, exists, func, or_, select
 
 from keycap._db.build import KEY_ID, ORG_ID, PROJECT_ID, contains
 from keycap._db.schema import keys, products, project_products, projects, rate_limits
+from keycap._rules import ips
 from keycap._rules import scopes as scope_rules
 from keycap._rules.policy import Requirement
 
@@ -105,6 +106,7 @@ def grant_predicate(
                 ),
             )
         )
+    conds.append(ip_allowed(req.ip_version, dialect))
     for group in req.scopes:  # all groups; of each, one scope
         conds.append(
             or_(
@@ -116,6 +118,19 @@ def grant_predicate(
             )
         )
     return and_(*conds)
+
+
+def ip_allowed(version: int | None, dialect: str) -> ColumnElement[bool]:
+    """Step 10: the key has no IP ranges, or one of them is one of the networks
+    holding the client's address, given as binds ``hot_net_0`` ...
+    (``keycap._db.build.hot_params``)."""
+    k = keys.c
+    if version is None:
+        return k.allowed_ips.is_(None)
+    nets = (
+        bindparam(f"hot_net_{i}", type_=k.allowed_ips.type) for i in range(ips.NETWORKS[version])
+    )
+    return or_(k.allowed_ips.is_(None), *(contains(k.allowed_ips, net, dialect) for net in nets))
 
 
 def asked_product(req: Requirement) -> Any:

@@ -45,6 +45,7 @@ from keycap._db.grant import (
     status_filter,
 )
 from keycap._db.schema import keys, products, project_products, projects
+from keycap._rules import ips
 from keycap._rules.policy import Requirement
 
 #: The columns of a key that callers see (no digest, no pepper id).
@@ -66,6 +67,7 @@ KEY_COLUMNS = (
     keys.c.last_used_at,
     keys.c.use_count,
     keys.c.max_uses,
+    keys.c.allowed_ips,
 )
 _AUTH_COLUMNS = (
     *KEY_COLUMNS,
@@ -93,6 +95,7 @@ def new_key_row(
     expires_at: datetime | None,
     max_uses: int | None,
     now: datetime,
+    allowed_ips: str | None = None,
 ) -> dict[str, Any]:
     """A key's row as created: never used, not revoked, not disabled."""
     return {
@@ -115,6 +118,7 @@ def new_key_row(
         "last_used_at": None,
         "use_count": 0,
         "max_uses": max_uses,
+        "allowed_ips": allowed_ips,
     }
 
 
@@ -313,12 +317,13 @@ async def record_use_returning(
     digests: Mapping[str, str],
     req: Requirement,
     now: datetime,
+    client: ips.Address | None = None,
 ) -> AnyRow | None:
     """PostgreSQL and SQLite: decide, record the use and return the key, in one
     statement (``UPDATE ... RETURNING``, run by ``execute``: ``Database.rows``).
     None: the rule did not hold; nothing written."""
     stmt = _record_use_stmt(req, tuple(digests), dialect, True)
-    found = await execute(stmt, hot_params(key_id, now, digests))
+    found = await execute(stmt, hot_params(key_id, now, digests, client))
     return found[0] if found else None
 
 
@@ -329,12 +334,13 @@ async def record_use(
     digests: Mapping[str, str],
     req: Requirement,
     now: datetime,
+    client: ips.Address | None = None,
 ) -> bool:
     """MySQL/MariaDB (no ``UPDATE ... RETURNING``): record the use if the rule still
     holds (run by ``written``: ``Database.written``); the caller read the row just
     before. False: nothing written."""
     stmt = _record_use_stmt(req, tuple(digests), dialect, False)
-    return await written(stmt, hot_params(key_id, now, digests)) == 1
+    return await written(stmt, hot_params(key_id, now, digests, client)) == 1
 
 
 @lru_cache(maxsize=HOT_CACHE)
@@ -390,13 +396,14 @@ async def record_metered_use(
     now: datetime,
     *,
     track: bool,
+    client: ips.Address | None = None,
 ) -> AnyRow | None:
     """In a metered validation: the whole grant rule and the usage cap
     (``use_count < max_uses``) in the WHERE, with the use counted unless tracking
     is off and the key has no cap. Returns the key's row after it (with
     ``pepper_id`` and ``rate_limit_count``), or None: refused, nothing written."""
     stmt = _metered_use(req, tuple(digests), conn.dialect.name, track)
-    return await changed(conn, stmt, hot_params(key_id, now, digests))
+    return await changed(conn, stmt, hot_params(key_id, now, digests, client))
 
 
 def metered_use(track: bool, now: Any) -> tuple[tuple[Any, Any], ...]:

@@ -70,6 +70,7 @@ from keycap._db.build import (
     Execute,
     big,
     hot_binds,
+    hot_params,
     int_param,
 )
 from keycap._db.grant import applies_to, grant_predicate, key_is_live_now
@@ -78,7 +79,7 @@ from keycap._db.keys import KEY_COLUMNS, metered_use, usage_cap_open
 from keycap._db.rate_limits import call_cost, window_step
 from keycap._db.schema import budgets, holds, keys, ledger, rate_limits
 from keycap._db.types import JSONText, UTCDateTime
-from keycap._rules import periods
+from keycap._rules import ips, periods
 from keycap._rules.policy import Requirement
 
 
@@ -411,12 +412,14 @@ def validation_params(
     amounts: Mapping[str, int],
     now: datetime,
     now_ms: int,
+    client: ips.Address | None = None,
 ) -> dict[str, Any]:
     """The values of :func:`validation_statement`'s bind parameters."""
     params = charge_params(key_id, amounts, None, now)
     params["m_now_ms"] = now_ms
-    for i, digest in enumerate(digests.values()):
-        params[f"hot_digest_{i}"] = digest
+    for name, value in hot_params(key_id, now, digests, client).items():
+        if name.startswith(("hot_digest_", "hot_net_")):
+            params[name] = value
     return params
 
 
@@ -429,10 +432,11 @@ async def validate_at_once(
     track: bool,
     now: datetime,
     now_ms: int,
+    client: ips.Address | None = None,
 ) -> Metered:
     """Run :func:`validation_statement`; what it decided and wrote."""
     stmt = validation_statement(req, tuple(digests), len(amounts), track)
-    params = validation_params(key_id, digests, amounts, now, now_ms)
+    params = validation_params(key_id, digests, amounts, now, now_ms, client)
     return Metered.of(await execute(stmt, params))
 
 

@@ -9,7 +9,7 @@ from sqlalchemy import Row
 
 from keycap._db.build import AnyRow
 from keycap._models import APIKey, Organization, Product, Project
-from keycap._rules import scopes
+from keycap._rules import ips, scopes
 from keycap._rules.policy import KeyFacts
 
 Source = AnyRow | Mapping[str, Any]
@@ -66,6 +66,7 @@ def to_key(row: Source, **override: Any) -> APIKey:
         last_used_at=override.get("last_used_at", m["last_used_at"]),
         use_count=override.get("use_count", m["use_count"]),
         max_uses=m.get("max_uses"),
+        allowed_ips=_ranges(m.get("allowed_ips")),
         rate_limit=override.get("rate_limit"),
         charge=override.get("charge"),
     )
@@ -87,4 +88,10 @@ def to_facts(row: Row[Any], digest_ok: bool) -> KeyFacts:
         asked_product_org_id=m.get("asked_product_org_id"),
         asked_product_linked=bool(m.get("asked_product_linked")),
         asked_product_id=m.get("asked_product_id"),
+        allowed_ips=_ranges(m.get("allowed_ips")),
     )
+
+
+def _ranges(stored: str | tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """A key's IP ranges from their stored form (or already a tuple); None: any."""
+    return ips.decode(stored) if isinstance(stored, str) else stored

@@ -143,6 +143,9 @@ keys = Table(
     # Usage cap: lifetime number of accepted validations; NULL means none. (No
     # CHECK: adding one to this existing table would make SQLite rebuild it.)
     Column("max_uses", BigInteger(), nullable=True),
+    # " 10.0.0.0/8 2001:db8::/32 ": the addresses the key may be used from (see
+    # keycap._rules.ips); NULL: any.
+    Column("allowed_ips", Text(), nullable=True),
     PrimaryKeyConstraint("id"),
     ForeignKeyConstraint(["org_id"], [organizations.c.id], ondelete="CASCADE"),
     ForeignKeyConstraint(

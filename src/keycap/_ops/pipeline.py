@@ -47,7 +47,7 @@ from keycap._errors import (
 from keycap._models import APIKey
 from keycap._ops import results, validation
 from keycap._ops.authcache import AuthCache
-from keycap._rules import policy
+from keycap._rules import ips, policy
 from keycap._rules.hashing import PepperRing
 
 log = logging.getLogger("keycap")
@@ -71,6 +71,8 @@ class Call:
     amounts: Mapping[str, int] | None
     track: bool
     now: datetime
+    #: The client's address (``req.ip_version`` is its version); None: not given.
+    client: ips.Address | None = None
 
 
 class Pipeline:
@@ -100,14 +102,17 @@ class Pipeline:
         amounts: Mapping[str, int] | None,
         track: bool,
         now: datetime,
+        client: ips.Address | None = None,
     ) -> APIKey:
         """The stages in order (see the module's docstring); the key as admitted, or
         the error that refused it."""
         cacheable = self.cache is not None and amounts is None and not track
-        if cacheable and (hit := self.cached(key_id, plaintext, req, now)) is not None:
+        if cacheable and (hit := self.cached(key_id, plaintext, req, now, client)) is not None:
             return hit
         generation = self.cache.generation if self.cache is not None else 0
-        call = Call(plaintext, key_id, self.ring.digests(plaintext), req, amounts, track, now)
+        call = Call(
+            plaintext, key_id, self.ring.digests(plaintext), req, amounts, track, now, client
+        )
         # A call with a cost, or for a key known to be rate-limited, goes straight to
         # the metered stage, which re-decides the whole grant rule in SQL; the
         # explain stage only runs to say why it refused.
@@ -127,14 +132,19 @@ class Pipeline:
         raise DatabaseError("the key kept changing during validation; try again")
 
     def cached(
-        self, key_id: str, plaintext: str, req: policy.Requirement, now: datetime
+        self,
+        key_id: str,
+        plaintext: str,
+        req: policy.Requirement,
+        now: datetime,
+        client: ips.Address | None,
     ) -> APIKey | None:
         """Stage 1: a validation served by the auth cache; None sends it on."""
         assert self.cache is not None
         row = self.cache.get(key_id, req, now)
         if row is None or not self.ring.verify(plaintext, row.pepper_id, row.digest):
             return None
-        policy.check(rows.to_facts(row, True), req, now)
+        policy.check(rows.to_facts(row, True), req, now, client)
         return rows.to_key(row)
 
     async def metered(self, call: Call) -> APIKey | None:
@@ -149,6 +159,7 @@ class Pipeline:
             track=call.track,
             now=call.now,
             on_alert=self.on_alert,
+            client=call.client,
         )
         if outcome is None:
             return None
@@ -161,7 +172,13 @@ class Pipeline:
         """Stage 3: decide and count in one ``UPDATE … RETURNING``; None when the rule
         did not hold (nothing written)."""
         row = await keys.record_use_returning(
-            self.db.rows, self.db.dialect, call.key_id, call.digests, call.req, call.now
+            self.db.rows,
+            self.db.dialect,
+            call.key_id,
+            call.digests,
+            call.req,
+            call.now,
+            call.client,
         )
         if row is None:
             return None
@@ -184,7 +201,7 @@ class Pipeline:
         digest_ok = self.secret_matches(plaintext, looked, now)
         if not digest_ok and (rolled := self.rolled(plaintext, looked, key_id)) is not None:
             raise rolled
-        policy.check(rows.to_facts(looked, digest_ok), req, now)
+        policy.check(rows.to_facts(looked, digest_ok), req, now, call.client)
         self.note_rate_limited(key_id, bool(looked.has_rate_limits))
         if (exhausted := results.usage_cap_error(looked)) is not None:
             raise exhausted
@@ -202,7 +219,7 @@ class Pipeline:
             if (key := await self.one_statement(call)) is not None:
                 return key
         elif await keys.record_use(
-            self.db.written, self.db.dialect, key_id, call.digests, req, now
+            self.db.written, self.db.dialect, key_id, call.digests, req, now, call.client
         ):
             # MySQL/MariaDB: recorded under the rule re-checked in SQL.
             await self.upgrade_pepper(key_id, looked.pepper_id, plaintext)
@@ -222,7 +239,7 @@ class Pipeline:
         if row is not None and not row.has_rate_limits and row.max_uses is None:
             digest_ok = self.secret_matches(call.plaintext, row, call.now)
             with contextlib.suppress(KeyRejectedError):
-                policy.check(rows.to_facts(row, digest_ok), call.req, call.now)
+                policy.check(rows.to_facts(row, digest_ok), call.req, call.now, call.client)
                 return row
         return await keys.lookup_for_validation(self.db.read_rows, call.key_id, call.req)
 

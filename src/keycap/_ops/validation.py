@@ -21,6 +21,7 @@ from keycap._ops.refusals import (
 )
 from keycap._ops.results import AlertHandler, deliver, epoch_ms, tightest_rate
 from keycap._ops.units import Refused, retrying
+from keycap._rules import ips
 from keycap._rules.policy import Requirement
 
 
@@ -34,6 +35,7 @@ async def validate(
     track: bool,
     now: datetime,
     on_alert: AlertHandler | None,
+    client: ips.Address | None = None,
 ) -> tuple[AnyRow, RateLimitStatus | None, Charge | None] | None:
     """Validation, every rate limit, the usage cap and every budget, in one transaction.
 
@@ -45,7 +47,7 @@ async def validate(
         AnyRow, RateLimitStatus | None, Charge | None, tuple[BudgetAlert, ...]
     ]:
         done = await metering.validate_at_once(
-            db.statement, key_id, digests, req, amounts, track, now, epoch_ms(now)
+            db.statement, key_id, digests, req, amounts, track, now, epoch_ms(now), client
         )
         if not done.ok:
             if not done.key_found:
@@ -67,7 +69,9 @@ async def validate(
         AnyRow, RateLimitStatus | None, Charge | None, tuple[BudgetAlert, ...]
     ]:
         async with db.begin() as conn:
-            key_row = await keys.record_metered_use(conn, key_id, digests, req, now, track=track)
+            key_row = await keys.record_metered_use(
+                conn, key_id, digests, req, now, track=track, client=client
+            )
             if key_row is None:
                 raise Refused("key")
             key = KeyRef(key_id, key_row.org_id, key_row.project_id)

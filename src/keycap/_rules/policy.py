@@ -14,7 +14,10 @@ Access is granted if and only if, in this order:
 9. if a product is asked for (by id, or by name within the key's organization):
    the product belongs to the key's organization, a product key must be of that
    product, and a project key passes only if the product is linked to its project;
-10. every required scope is covered (``scopes``).
+10. if the key carries IP ranges, the client's address was given and one of
+    them contains it (``ips``);
+11. every required scope is covered (``scopes``; all of them, one scope of each
+    ``any_of``).
 
 The first failing step decides the error. ``keycap._db.grant.grant_predicate`` is the
 same rule in SQL; a test holds the two together.
@@ -33,6 +36,7 @@ from keycap._errors import (
     InvalidKeyError,
     RevokedKeyError,
 )
+from keycap._rules import ips
 from keycap._rules import scopes as scope_rules
 
 
@@ -47,6 +51,10 @@ class Requirement:
     product_id: str | None = None
     #: A product by name, looked up in the key's own organization.
     product_name: str | None = None
+    #: The IP version of the client address given (4 or 6), None without one.
+    #: The address itself is not part of the requirement (statements are cached
+    #: per requirement): it is passed beside it.
+    ip_version: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,10 +77,15 @@ class KeyFacts:
     asked_product_id: str | None = None
     #: Whether the asked-for product is linked to the key's project.
     asked_product_linked: bool = False
+    #: The key's IP ranges; None: any address.
+    allowed_ips: tuple[str, ...] | None = None
 
 
-def check(facts: KeyFacts, req: Requirement, now: datetime) -> None:
+def check(
+    facts: KeyFacts, req: Requirement, now: datetime, client: ips.Address | None = None
+) -> None:
     """Raise the error of the first failing step; return if access is granted.
+    ``client``: the caller's address (``req.ip_version`` says its version).
 
     Raises:
         InvalidKeyError, RevokedKeyError, DisabledKeyError, ExpiredKeyError,
@@ -103,6 +116,10 @@ def check(facts: KeyFacts, req: Requirement, now: datetime) -> None:
         or (facts.project_id is not None and not facts.asked_product_linked)
     ):
         raise ForbiddenError("product", key_id=kid)
+    if facts.allowed_ips is not None and (
+        client is None or not ips.allows(facts.allowed_ips, client)
+    ):
+        raise ForbiddenError("ip", key_id=kid)
     if req.scopes:
         absent = scope_rules.unmet(facts.scopes, req.scopes)
         if absent:

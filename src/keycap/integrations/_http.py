@@ -37,6 +37,7 @@ from keycap._errors import (
     UsageExhaustedError,
 )
 from keycap._models import APIKey, BudgetStatus
+from keycap._rules import ips
 from keycap._rules.money import plain
 
 #: Read in this order; the first present wins.
@@ -65,6 +66,10 @@ class HTTPOptions:
             ``RateLimit-Policy`` as in draft-ietf-httpapi-ratelimit-headers-11;
             ``"legacy"``: ``RateLimit-Limit``, ``RateLimit-Remaining`` and
             ``RateLimit-Reset`` (the 2022 drafts), for clients that read those.
+        trusted_proxies: CIDR ranges of the app's own reverse proxies. The client's
+            address (for keys with ``allowed_ips``) is the connection's peer; only
+            when that peer is one of these is ``X-Forwarded-For`` read, from the
+            right, skipping these proxies: the first other address is the client.
     """
 
     headers: tuple[str, ...] = DEFAULT_HEADERS
@@ -72,6 +77,7 @@ class HTTPOptions:
     usage_exhausted_status: int = 403
     limit_headers: bool = True
     rate_limit_headers: str = "ietf"
+    trusted_proxies: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.headers, str) or not self.headers:
@@ -83,6 +89,36 @@ class HTTPOptions:
             raise ConfigurationError("usage_exhausted_status must be 403 or 429")
         if self.rate_limit_headers not in ("ietf", "legacy"):
             raise ConfigurationError('rate_limit_headers must be "ietf" or "legacy"')
+        proxies = self.trusted_proxies
+        if isinstance(proxies, str):
+            raise ConfigurationError("trusted_proxies must be a list of CIDR ranges")
+        try:
+            ranges = ips.ranges(proxies, "trusted_proxies") if proxies else ()
+        except InvalidArgumentError as error:
+            raise ConfigurationError(f"trusted_proxies: {error.message}") from None
+        object.__setattr__(self, "trusted_proxies", ranges)
+
+    def client_ip(self, peer: str | None, headers: Mapping[str, str]) -> str | None:
+        """The client's address: ``peer`` (the connection's), or, when ``peer`` is a
+        trusted proxy, the rightmost address of ``X-Forwarded-For`` that is not
+        one. None: no address (a test transport, a Unix socket) or an unreadable
+        one, which keys with ``allowed_ips`` refuse. When every hop is a trusted
+        proxy, the request began at one of them: the leftmost is the client."""
+        if peer is None:
+            return None
+        hops = [peer]
+        forwarded = headers.get("x-forwarded-for")
+        if forwarded and self.trusted_proxies:
+            hops = [h.strip() for h in forwarded.split(",")][-32:] + hops
+        address = None
+        for hop in reversed(hops):
+            try:
+                address = ips.address(hop)
+            except InvalidArgumentError:
+                return None
+            if not (self.trusted_proxies and ips.allows(self.trusted_proxies, address)):
+                break
+        return None if address is None else str(address)
 
 
 def credential(headers: Mapping[str, str], names: tuple[str, ...]) -> str | None:

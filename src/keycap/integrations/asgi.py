@@ -109,6 +109,9 @@ class KeycapMiddleware:
             ``RateLimit-Policy``, the current IETF draft) or ``"legacy"``
             (``RateLimit-Limit/Remaining/Reset``).
         close_client: close the client when the application shuts down (default True).
+        trusted_proxies: CIDR ranges of your reverse proxies, whose
+            ``X-Forwarded-For`` gives the client's address (for keys with
+            ``allowed_ips``); without them the connection's peer is the client.
     """
 
     def __init__(
@@ -122,6 +125,7 @@ class KeycapMiddleware:
         limit_headers: bool = True,
         rate_limit_headers: str = "ietf",
         close_client: bool = True,
+        trusted_proxies: Sequence[str] = (),
     ) -> None:
         if not isinstance(client, APIKeyClient):
             raise ConfigurationError("KeycapMiddleware needs client=APIKeyClient(...)")
@@ -133,6 +137,7 @@ class KeycapMiddleware:
             usage_exhausted_status=usage_exhausted_status,
             limit_headers=limit_headers,
             rate_limit_headers=rate_limit_headers,
+            trusted_proxies=tuple(trusted_proxies),
         )
         self.close_client = close_client
 

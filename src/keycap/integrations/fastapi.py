@@ -132,6 +132,9 @@ def require_scope(
                 project_id=project_id,
                 org_id=org_id,
                 cost=cost,
+                client_ip=ctx.options.client_ip(
+                    request.client.host if request.client else None, request.headers
+                ),
             )
         except KeycapError as error:
             raise _refusal(ctx, kc, error) from None

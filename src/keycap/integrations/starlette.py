@@ -115,8 +115,12 @@ class KeycapBackend(AuthenticationBackend):
         if presented is None:
             return None
         try:
+            peer = conn.client.host if conn.client else None
             key = await self.client.validate_key(
-                presented, required_scopes=self.required, product_name=self.product
+                presented,
+                required_scopes=self.required,
+                product_name=self.product,
+                client_ip=self.options.client_ip(peer, conn.headers),
             )
         except KeycapError as error:
             raise KeycapAuthenticationError(error) from None
