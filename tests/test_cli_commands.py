@@ -254,3 +254,26 @@ def test_no_input_to_any_command_prints_a_traceback(cli: CLI) -> None:
                 errors = [ln for ln in found.err.splitlines() if ln.startswith("keycap: error: ")]
                 assert len(errors) == 1 or "usage:" in found.err, (argv, found.err)
     assert tried >= 12 * len(commands)
+
+
+def test_the_audit_log_names_the_command_line_actor(
+    cli: CLI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("KEYCAP_ACTOR", raising=False)
+    cli.ok("org", "create", "Acme")
+    cli.ok("key", "create", "--org", "Acme", "--name", "ops")
+    key_id = json.loads(cli.ok("key", "list", "--json"))[0]["id"]
+    cli.ok("--actor", "alice@acme", "key", "revoke", key_id, "--yes")
+    monkeypatch.setenv("KEYCAP_ACTOR", "deploy-bot")
+    cli.ok("key", "disable", key_id)
+    entries = json.loads(cli.ok("audit", "--org", "Acme", "--json"))
+    assert [(e["action"], e["actor"]) for e in entries[:3]] == [
+        ("key.disabled", "deploy-bot"),
+        ("key.revoked", "alice@acme"),
+        ("key.created", entries[2]["actor"]),
+    ]
+    assert entries[2]["actor"].startswith("cli:")
+    table = cli.ok("audit", "--org", "Acme", "--key", key_id, "--limit", "1")
+    assert "key.disabled" in table and "key.revoked" not in table
+    page = cli("audit", "--org", "Acme", "--limit", "1")
+    assert f"more with --before {entries[0]['id']}" in page.err

@@ -92,6 +92,14 @@ async def test_a_customer_creates_sees_rolls_and_revokes_their_own_keys(
     assert revoked.json()["status"] == "revoked"
     refused = await http.get("/v1/chat", headers={"Authorization": f"Bearer {new}"})
     assert refused.status_code == 401 and refused.json()["code"] == "revoked_key"
+    # Every change through the router is in the audit log, with the manager as actor.
+    org_id = created.json()["key"]["org_id"]
+    logged = await client.audit_log(org_id, subject_id=key_id)
+    assert [(e.action, e.actor) for e in logged] == [
+        ("key.revoked", "alice@acme"),
+        ("key.rolled", "alice@acme"),
+        ("key.created", "alice@acme"),
+    ]
 
 
 async def test_another_organizations_key_does_not_exist_for_a_customer(

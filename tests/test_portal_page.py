@@ -205,6 +205,13 @@ async def test_revoke_disable_enable_and_roll_through_the_forms(
         await http.get("/v1/chat", headers={"Authorization": f"Bearer {new.group(1)}"})
     ).status_code == 401
     assert (await client.get_key(issued.id)).revoked_at is not None
+    logged = await client.audit_log(acme_id, subject_id=issued.id)
+    assert [(e.action, e.actor) for e in logged][:4] == [
+        ("key.revoked", "alice@acme"),
+        ("key.rolled", "alice@acme"),
+        ("key.enabled", "alice@acme"),
+        ("key.disabled", "alice@acme"),
+    ]
 
 
 @pytest.mark.parametrize(

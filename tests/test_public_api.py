@@ -55,6 +55,7 @@ PUBLIC = {
     "UsageExhaustedError",
     "UsageRow",
     "AnyOf",
+    "AuditEntry",
     "any_of",
 }
 #: Subpackages documented as public (docs/architecture.md): importing them makes them

@@ -29,6 +29,7 @@ from keycap._errors import (
 )
 from keycap._models import (
     APIKey,
+    AuditEntry,
     BudgetAlert,
     BudgetStatus,
     Charge,
@@ -63,6 +64,7 @@ __all__ = [
     "AlreadyExistsError",
     "Amount",
     "AnyOf",
+    "AuditEntry",
     "Budget",
     "BudgetAlert",
     "BudgetExceededError",

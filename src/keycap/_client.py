@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -12,7 +13,8 @@ from typing import Any, Final, Self, TypeVar, cast
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from keycap._db import budgets, holds, keys, ledger, rate_limits, rows, tenancy
+from keycap._db import audit as audit_statements
+from keycap._db import holds, keys, ledger, rate_limits, rows, tenancy
 from keycap._db.build import KeyRef
 from keycap._db.engine import (
     Database,
@@ -34,6 +36,7 @@ from keycap._errors import (
 )
 from keycap._models import (
     APIKey,
+    AuditEntry,
     BudgetStatus,
     Charge,
     Hold,
@@ -48,7 +51,7 @@ from keycap._models import (
     Settlement,
     UsageRow,
 )
-from keycap._ops import admin, charges, pipeline, results
+from keycap._ops import admin, audit, charges, pipeline, results
 from keycap._ops import holds as hold_ops
 from keycap._ops import release as release_ops
 from keycap._ops.authcache import AuthCache
@@ -338,10 +341,49 @@ class APIKeyClient:
         """
         org_id = ids.check(ids.ORG, org_id)
         allowed = None if scopes is None else scope_rules.normalize(scopes, "scopes")
-        row = await admin.set_allowed_scopes(self._db, org_id, allowed)
+        row = await admin.set_allowed_scopes(self._db, org_id, allowed, self._now())
         if row is None:
             raise NotFoundError("organization", org_id)
         return rows.to_organization(row)
+
+    def acting_as(self, actor: str) -> contextlib.AbstractContextManager[None]:
+        """Name who makes the administrative changes inside the ``with`` block, for
+        the audit log::
+
+            with client.acting_as("alice@acme.example"):
+                await client.revoke_key(key_id)
+
+        A context variable: concurrent requests (tasks) each keep their own.
+
+        Raises: InvalidArgumentError (a bad actor).
+        """
+        return audit.acting_as(actor)
+
+    async def audit_log(
+        self,
+        org_id: str,
+        *,
+        subject_id: str | None = None,
+        action: str | None = None,
+        before: int | None = None,
+        limit: int = 50,
+    ) -> list[AuditEntry]:
+        """The organization's administrative changes, newest first: who (the actor
+        of :meth:`acting_as`), what, when, and the subject before and after. Each
+        change's row is written in the change's own transaction. Filter by
+        ``subject_id`` (a key, project or the organization) or ``action``; page
+        with ``before=`` the last entry's ``id``.
+
+        Raises: InvalidArgumentError.
+        """
+        org_id = ids.check(ids.ORG, org_id)
+        subject = None if subject_id is None else ids.check_subject(subject_id)
+        what = None if action is None else inputs.text(action, "action")
+        limit, _ = inputs.page(limit, 0)
+        if before is not None and (isinstance(before, bool) or not isinstance(before, int)):
+            raise InvalidArgumentError("before", "must be an audit entry's id")
+        found = await self._db.read(audit_statements.entries, org_id, subject, what, before, limit)
+        return [rows.to_audit_entry(r) for r in found]
 
     async def get_organization(self, org_id: str) -> Organization:
         """Raises: NotFoundError."""
@@ -454,10 +496,11 @@ class APIKeyClient:
 
     async def remove_product_from_project(self, product_id: str, project_id: str) -> bool:
         """Unlink; the project's keys lose the product at once. False if not linked."""
-        unlinked = await self._db.run_in_transaction(
-            tenancy.delete_link,
+        unlinked = await admin.unlink_product(
+            self._db,
             ids.check(ids.PROJECT, project_id),
             ids.check(ids.PRODUCT, product_id),
+            self._now(),
         )
         self._changed()
         return unlinked
@@ -484,7 +527,7 @@ class APIKeyClient:
     async def _delete(self, kind: str, id_: str) -> None:
         id_ = ids.check(kind, id_)
         try:
-            await admin.delete_named(self._db, kind, id_)
+            await admin.delete_named(self._db, kind, id_, self._now())
         finally:
             self._changed()
 
@@ -682,13 +725,19 @@ class APIKeyClient:
         span = _grace(grace)
         _, plaintext = self._format.generate(ids.public_id(key_id))
         now = self._now()
-        row = await self._db.run_in_transaction(
-            keys.roll_key,
+        row = await admin.change_key(
+            self._db,
             key_id,
-            digest=self._ring.digest(plaintext),
-            pepper_id=self._ring.current_id,
-            previous_until=now + span,
-            now=now,
+            "key.rolled",
+            functools.partial(
+                keys.roll_key,
+                key_id=key_id,
+                digest=self._ring.digest(plaintext),
+                pepper_id=self._ring.current_id,
+                previous_until=now + span,
+                now=now,
+            ),
+            now,
         )
         if row is None:
             existing = await self.get_key(key_id)  # NotFoundError if it is not there
@@ -703,20 +752,23 @@ class APIKeyClient:
 
         Raises: NotFoundError.
         """
-        key_id = ids.check(ids.KEY, key_id)
-        row = await self._db.run_in_transaction(keys.revoke_key, key_id, self._now())
+        key_id, now = ids.check(ids.KEY, key_id), self._now()
+        change = functools.partial(keys.revoke_key, key_id=key_id, now=now)
+        row = await admin.change_key(self._db, key_id, "key.revoked", change, now)
         return await self._key_event("revoked", self._found(row, key_id))
 
     async def disable_key(self, key_id: str) -> APIKey:
         """Suspend a key until :meth:`enable_key`. Idempotent. Raises: NotFoundError."""
-        key_id = ids.check(ids.KEY, key_id)
-        row = await self._db.run_in_transaction(keys.set_disabled, key_id, self._now(), True)
+        key_id, now = ids.check(ids.KEY, key_id), self._now()
+        change = functools.partial(keys.set_disabled, key_id=key_id, now=now, disabled=True)
+        row = await admin.change_key(self._db, key_id, "key.disabled", change, now)
         return await self._key_event("disabled", self._found(row, key_id))
 
     async def enable_key(self, key_id: str) -> APIKey:
         """Lift a suspension (a revoked key stays revoked). Raises: NotFoundError."""
-        key_id = ids.check(ids.KEY, key_id)
-        row = await self._db.run_in_transaction(keys.set_disabled, key_id, self._now(), False)
+        key_id, now = ids.check(ids.KEY, key_id), self._now()
+        change = functools.partial(keys.set_disabled, key_id=key_id, now=now, disabled=False)
+        row = await admin.change_key(self._db, key_id, "key.enabled", change, now)
         return await self._key_event("enabled", self._found(row, key_id))
 
     async def delete_key(self, key_id: str) -> None:
@@ -842,7 +894,7 @@ class APIKeyClient:
         """Remove a rate limit by name; False if there was none."""
         subject_id = ids.check_subject(subject_id)
         name = inputs.text(name, "name")
-        return await admin.remove_rate_limit(self._db, subject_id, name)
+        return await admin.remove_rate_limit(self._db, subject_id, name, self._now())
 
     async def get_rate_limits(self, subject_id: str) -> list[RateLimitStatus]:
         """The rate limits attached directly to a key, project or organization."""
@@ -867,7 +919,7 @@ class APIKeyClient:
     async def remove_budget(self, budget_id: str) -> bool:
         """Remove a budget (its ledger rows stay); False if there was none."""
         budget_id = ids.check(ids.BUDGET, budget_id)
-        return await self._db.run_in_transaction(budgets.delete_budget, budget_id)
+        return await admin.remove_budget(self._db, budget_id, self._now())
 
     async def get_budgets(self, subject_id: str) -> list[BudgetStatus]:
         """The budgets attached directly to a key, project or organization, as they stand

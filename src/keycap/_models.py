@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
     "APIKey",
+    "AuditEntry",
     "BudgetAlert",
     "BudgetStatus",
     "Charge",
@@ -239,6 +240,31 @@ class Settlement(_Model):
     budgets: tuple[BudgetStatus, ...]
     alerts: tuple[BudgetAlert, ...]
     replayed: bool = False
+
+
+class AuditEntry(_Model):
+    """One administrative change (:meth:`APIKeyClient.audit_log`)."""
+
+    #: Increasing: a later change has a larger id (pass it as ``before=`` to page).
+    id: int
+    org_id: str
+    at: datetime
+    #: Who, as named with :meth:`APIKeyClient.acting_as`; None: not said.
+    actor: str | None
+    #: ``key.created``, ``key.updated``, ``key.rolled``, ``key.revoked``,
+    #: ``key.disabled``, ``key.enabled``, ``key.deleted``, ``budget.set``,
+    #: ``budget.removed``, ``budget.credited``, ``rate_limit.set``,
+    #: ``rate_limit.removed``, ``organization.created`` (``project.``,
+    #: ``product.``), ``….deleted``, ``organization.allowed_scopes``,
+    #: ``project.product_linked``, ``project.product_unlinked``.
+    action: str
+    #: The key, project or organization changed (for a budget or rate limit: the
+    #: one it is attached to).
+    subject_id: str
+    #: The subject as it was, and as it is after; None where it did not exist.
+    #: Never a secret or a digest.
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
 
 
 class UsageRow(_Model):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
 import os
 import sys
@@ -125,8 +126,44 @@ async def _run(args: argparse.Namespace, url: str, secret: str) -> int:
         url, signing_secret=secret, key_prefix=args.key_prefix, environment=args.environment
     )
     async with client:
-        result: int = await args.run(client, args)
+        with client.acting_as(_actor(args)):
+            result: int = await args.run(client, args)
         return result
+
+
+def _actor(args: argparse.Namespace) -> str:
+    """Who the audit log names for this command's changes: ``--actor``, else
+    ``$KEYCAP_ACTOR``, else ``cli:`` and the login name."""
+    if args.actor:
+        return str(args.actor)
+    if found := os.environ.get("KEYCAP_ACTOR"):
+        return found
+    try:
+        user = getpass.getuser()
+    except Exception:  # no login name (a container without one)
+        user = "unknown"
+    return f"cli:{user}"
+
+
+async def audit_list(client: APIKeyClient, args: argparse.Namespace) -> int:
+    org_id = await _org(client, args.org)
+    subject = args.key or (None if args.subject is None else args.subject)
+    found = await client.audit_log(
+        org_id, subject_id=subject, action=args.action, before=args.before, limit=args.limit
+    )
+    if args.json:
+        _json([entry.model_dump() for entry in found])
+        return 0
+    rows = [["ID", "AT", "ACTOR", "ACTION", "SUBJECT"]]
+    for entry in found:
+        rows.append(
+            [str(entry.id), _when(entry.at), entry.actor or "-", entry.action, entry.subject_id]
+        )
+    if found:
+        _table(rows)
+    if len(found) == args.limit:
+        print(f"keycap: newest first; more with --before {found[-1].id}", file=sys.stderr)
+    return 0
 
 
 #: The library's argument names, as the command line spells them.
@@ -723,6 +760,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dev", action="store_true", help="use a throwaway, insecure signing secret")
     p.add_argument("--key-prefix", default=os.environ.get("KEYCAP_KEY_PREFIX", "sk"))
     p.add_argument("--environment", default=os.environ.get("KEYCAP_ENVIRONMENT", "live"))
+    p.add_argument(
+        "--actor", help="who the audit log names: default $KEYCAP_ACTOR, else cli:<login name>"
+    )
     groups = p.add_subparsers(dest="command", title="commands", metavar="COMMAND")
 
     db = _group(groups, "db", "the schema: keycap's shipped migrations")
@@ -833,6 +873,16 @@ def _parser() -> argparse.ArgumentParser:
         "--json", action="store_true"
     )
     _on_subject(rate, "remove", "remove one by name", rate_remove).add_argument("name")
+
+    log = groups.add_parser("audit", help="administrative changes, newest first")
+    log.add_argument("--org", required=True, help="organization id or name")
+    log.add_argument("--key", help="only this key's changes")
+    log.add_argument("--subject", help="only this project's, key's or organization's")
+    log.add_argument("--action", help="only this action, e.g. key.revoked")
+    log.add_argument("--before", type=_whole(1), help="entries older than this id (next page)")
+    log.add_argument("--limit", type=_whole(1), default=50, help="at most this many (50)")
+    log.add_argument("--json", action="store_true", help="JSON, with before and after")
+    log.set_defaults(run=audit_list)
 
     report = groups.add_parser("usage", help="what was charged, per day or month")
     report.add_argument("--org")

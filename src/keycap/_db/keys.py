@@ -135,6 +135,13 @@ async def get_key(conn: AsyncConnection, key_id: str) -> AnyRow | None:
     return (await conn.execute(select(*KEY_COLUMNS).where(keys.c.id == key_id))).first()
 
 
+async def get_key_audited(conn: AsyncConnection, key_id: str) -> AnyRow | None:
+    """The key as the audit log sees it: its public columns, and until when a
+    rolled key's previous secret works (what a roll changes, besides digests)."""
+    stmt = select(*KEY_COLUMNS, keys.c.previous_until).where(keys.c.id == key_id)
+    return (await conn.execute(stmt)).first()
+
+
 async def list_keys(
     conn: AsyncConnection,
     *,

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import Row
 
 from keycap._db.build import AnyRow
-from keycap._models import APIKey, Organization, Product, Project
+from keycap._models import APIKey, AuditEntry, Organization, Product, Project
 from keycap._rules import ips, scopes
 from keycap._rules.policy import KeyFacts
 
@@ -95,3 +95,17 @@ def to_facts(row: Row[Any], digest_ok: bool) -> KeyFacts:
 def _ranges(stored: str | tuple[str, ...] | None) -> tuple[str, ...] | None:
     """A key's IP ranges from their stored form (or already a tuple); None: any."""
     return ips.decode(stored) if isinstance(stored, str) else stored
+
+
+def to_audit_entry(row: Source) -> AuditEntry:
+    m = _mapping(row)
+    return AuditEntry.model_construct(
+        id=m["id"],
+        org_id=m["org_id"],
+        at=m["at"],
+        actor=m["actor"],
+        action=m["action"],
+        subject_id=m["subject_id"],
+        before=m["before"],
+        after=m["after"],
+    )

@@ -317,6 +317,28 @@ ledger = Table(
     **_MYSQL,
 )
 
+audit = Table(
+    "keycap_audit",
+    metadata,
+    # One row per administrative change, written in the change's own transaction.
+    Column("id", BigInteger().with_variant(Integer(), "sqlite"), autoincrement=True),
+    Column("org_id", String(ID), nullable=False),
+    Column("at", UTCDateTime(), nullable=False),
+    # Who, as the caller said (APIKeyClient.acting_as); NULL: not said.
+    Column("actor", String(NAME), nullable=True),
+    Column("action", String(40), nullable=False),
+    Column("subject_id", String(ID), nullable=False),
+    # The subject as it was and as it is after (no secret, no digest); NULL for
+    # what did not exist before, or no longer exists after.
+    Column("before", JSONText(), nullable=True),
+    Column("after", JSONText(), nullable=True),
+    PrimaryKeyConstraint("id"),
+    # No foreign key: like the ledger, the record outlives what it describes.
+    Index(None, "org_id", "id"),
+    Index(None, "subject_id", "id"),
+    **_MYSQL,
+)
+
 operations = Table(
     "keycap_operations",
     metadata,

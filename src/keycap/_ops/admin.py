@@ -7,7 +7,7 @@ names what clashed.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -20,9 +20,10 @@ from keycap._db.engine import Conflict, Database
 from keycap._db.schema import keys as keys_table
 from keycap._db.schema import organizations, products, projects
 from keycap._errors import AlreadyExistsError, HoldClosedError, InvalidArgumentError, NotFoundError
+from keycap._ops import audit
 from keycap._ops.release import release, sweep
 from keycap._ops.units import retrying
-from keycap._rules import ids, movements
+from keycap._rules import ids, money, movements
 from keycap._rules import scopes as scope_rules
 from keycap._rules.budgets import BudgetSpec
 from keycap._rules.money import MAX_UNITS
@@ -44,8 +45,21 @@ async def create_named(
     if kind != ids.ORG:
         values["org_id"] = org_id
     values["created_at"] = now
+
+    async def unit(conn: AsyncConnection) -> None:
+        await tenancy.insert_named(conn, table, values)
+        await audit.write(
+            conn,
+            org_id=values.get("org_id") or values["id"],
+            action=f"{ids.resource_name(kind)}.created",
+            subject_id=values["id"],
+            before=None,
+            after=audit.plain_state(values, *_NAMED),
+            now=now,
+        )
+
     try:
-        await db.run_in_transaction(tenancy.insert_named, table, values)
+        await db.run_in_transaction(unit)
     except Conflict:
         existing = await db.read(tenancy.find_named, table, name, org_id)
         if existing is not None:
@@ -82,13 +96,31 @@ async def get_named(db: Database, kind: str, id_: str) -> AnyRow:
     return row
 
 
-async def delete_named(db: Database, kind: str, id_: str) -> None:
+async def delete_named(db: Database, kind: str, id_: str, now: datetime) -> None:
     """Delete an organization, project, product or key with what hangs under it.
 
     Raises: NotFoundError.
     """
     table = keys_table if kind == ids.KEY else tenancy.TABLES[kind]
-    if not await db.run_in_transaction(tenancy.delete_by_id, table, id_):
+
+    async def unit(conn: AsyncConnection) -> bool:
+        before = await tenancy.get_by_id(conn, table, id_)
+        if before is None or not await tenancy.delete_by_id(conn, table, id_):
+            return False
+        await audit.write(
+            conn,
+            org_id=id_ if kind == ids.ORG else before.org_id,
+            action=f"{ids.resource_name(kind)}.deleted",
+            subject_id=id_,
+            before=audit.key_state(before)
+            if kind == ids.KEY
+            else audit.plain_state(before, *_NAMED),
+            after=None,
+            now=now,
+        )
+        return True
+
+    if not await db.run_in_transaction(unit):
         raise NotFoundError(ids.resource_name(kind), id_)
 
 
@@ -96,13 +128,47 @@ async def link_product(
     db: Database, org_id: str, project_id: str, product_id: str, now: datetime
 ) -> bool:
     """Link a product to a project of the same organization. False if already linked."""
+
+    async def unit(conn: AsyncConnection) -> None:
+        await tenancy.insert_link(conn, org_id, project_id, product_id, now)
+        await audit.write(
+            conn,
+            org_id=org_id,
+            action="project.product_linked",
+            subject_id=project_id,
+            before=None,
+            after={"project_id": project_id, "product_id": product_id},
+            now=now,
+        )
+
     try:
-        await db.run_in_transaction(tenancy.insert_link, org_id, project_id, product_id, now)
+        await db.run_in_transaction(unit)
     except Conflict:
         if not await db.read(tenancy.is_linked, org_id, project_id, product_id):
             raise
         return False
     return True
+
+
+async def unlink_product(db: Database, project_id: str, product_id: str, now: datetime) -> bool:
+    """Unlink a product from a project, with its audit row. False if not linked."""
+
+    async def unit(conn: AsyncConnection) -> bool:
+        project = await tenancy.get_by_id(conn, projects, project_id)
+        if project is None or not await tenancy.delete_link(conn, project_id, product_id):
+            return False
+        await audit.write(
+            conn,
+            org_id=project.org_id,
+            action="project.product_unlinked",
+            subject_id=project_id,
+            before={"project_id": project_id, "product_id": product_id},
+            after=None,
+            now=now,
+        )
+        return True
+
+    return await db.run_in_transaction(unit)
 
 
 # --- keys ---------------------------------------------------------------------------------
@@ -151,6 +217,29 @@ async def create_key(
             await budgets.insert_budgets(
                 conn, [budgets.new_budget_row(own, spec, now) for spec in budget_specs]
             )
+            after = audit.key_state(row)
+            assert after is not None
+            after["budgets"] = [
+                {
+                    "limit": money.plain(money.from_micros(s.limit_micros)),
+                    "period": s.period.value,
+                    "meter": s.meter,
+                }
+                for s in budget_specs
+            ]
+            after["rate_limits"] = [
+                audit.plain_state(rate_limits.new_rate_limit_row(own, limit, now), *_LIMIT)
+                for limit in limits
+            ]
+            await audit.write(
+                conn,
+                org_id=org_id,
+                action="key.created",
+                subject_id=row["id"],
+                before=None,
+                after=after,
+                now=now,
+            )
 
     try:
         await db.guarded(unit)
@@ -182,28 +271,80 @@ async def subject(db: Database, subject_id: str) -> tenancy.Subject:
 
 async def set_rate_limit(db: Database, subject_id: str, limit: RateLimit, now: datetime) -> AnyRow:
     """Create or change (by name) a limit. Changing the window starts counting afresh."""
-    row = rate_limits.new_rate_limit_row(await subject(db, subject_id), limit, now)
+    owner = await subject(db, subject_id)
+    row = rate_limits.new_rate_limit_row(owner, limit, now)
+
+    async def limited(conn: AsyncConnection, write: Any) -> None:
+        before = await rate_limits.get_rate_limit(conn, row["subject_id"], row["name"])
+        await write(conn)
+        after = await rate_limits.get_rate_limit(conn, row["subject_id"], row["name"])
+        await audit.write(
+            conn,
+            org_id=owner.org_id,
+            action="rate_limit.set",
+            subject_id=subject_id,
+            before=audit.plain_state(before, *_LIMIT),
+            after=audit.plain_state(after, *_LIMIT),
+            now=now,
+        )
+
     try:
-        await db.run_in_transaction(rate_limits.insert_rate_limits, [row])
+        await db.run_in_transaction(
+            limited, lambda conn: rate_limits.insert_rate_limits(conn, [row])
+        )
     except Conflict:
-        await db.run_in_transaction(rate_limits.change_rate_limit, row)
+        await db.run_in_transaction(limited, lambda conn: rate_limits.change_rate_limit(conn, row))
     found = await db.read(rate_limits.get_rate_limit, row["subject_id"], row["name"])
     assert found is not None
     return found
 
 
-async def remove_rate_limit(db: Database, subject_id: str, name: str) -> bool:
-    return await db.run_in_transaction(rate_limits.delete_rate_limit, subject_id, name)
+async def remove_rate_limit(db: Database, subject_id: str, name: str, now: datetime) -> bool:
+    async def unit(conn: AsyncConnection) -> bool:
+        before = await rate_limits.get_rate_limit(conn, subject_id, name)
+        if before is None or not await rate_limits.delete_rate_limit(conn, subject_id, name):
+            return False
+        await audit.write(
+            conn,
+            org_id=before.org_id,
+            action="rate_limit.removed",
+            subject_id=subject_id,
+            before=audit.plain_state(before, *_LIMIT),
+            after=None,
+            now=now,
+        )
+        return True
+
+    return await db.run_in_transaction(unit)
 
 
 async def set_budget(db: Database, subject_id: str, spec: BudgetSpec, now: datetime) -> AnyRow:
     """Create or change a budget (one per subject, meter and period). Changing the
     limit keeps what was used and held."""
-    row = budgets.new_budget_row(await subject(db, subject_id), spec, now)
+    owner = await subject(db, subject_id)
+    row = budgets.new_budget_row(owner, spec, now)
+
+    async def budgeted(conn: AsyncConnection, write: Any) -> Any:
+        before = await budgets.find_budget(conn, row)
+        done = await write(conn)
+        after = await budgets.find_budget(conn, row)
+        await audit.write(
+            conn,
+            org_id=owner.org_id,
+            action="budget.set",
+            subject_id=subject_id,
+            before=audit.plain_state(before, *_BUDGET),
+            after=audit.plain_state(after, *_BUDGET),
+            now=now,
+        )
+        return done
+
     try:
-        await db.run_in_transaction(budgets.insert_budgets, [row])
+        await db.run_in_transaction(budgeted, lambda conn: budgets.insert_budgets(conn, [row]))
     except Conflict:
-        if not await db.run_in_transaction(budgets.change_budget, row, now):
+        if not await db.run_in_transaction(
+            budgeted, lambda conn: budgets.change_budget(conn, row, now)
+        ):
             if await db.read(budgets.find_budget, row) is not None:
                 raise InvalidArgumentError(
                     "limit", f"plus the budget's credit must be at most {MAX_UNITS}"
@@ -248,16 +389,26 @@ async def grant_credit(db: Database, budget_id: str, micros: int, now: datetime)
                     "amount", f"would take the budget's limit plus credit above {MAX_UNITS}"
                 )
             await ledger.insert_ledger(conn, [movements.topup(after, micros, now)])
+            await audit.write(
+                conn,
+                org_id=row.org_id,
+                action="budget.credited",
+                subject_id=row.subject_id,
+                before=audit.plain_state(row, *_BUDGET),
+                after=audit.plain_state(after, *_BUDGET),
+                now=now,
+            )
             return after
 
     return await retrying(db, unit)
 
 
 async def update_key(db: Database, key_id: str, values: Mapping[str, Any]) -> AnyRow | None:
-    """Apply ``values`` to the key in one transaction; new ``scopes`` are checked
-    there against its organization's allowed scopes. None: no such key."""
+    """Apply ``values`` to the key in one transaction, with its audit row; new
+    ``scopes`` are checked there against its organization's allowed scopes. None:
+    no such key."""
 
-    async def unit(conn: AsyncConnection) -> AnyRow | None:
+    async def change(conn: AsyncConnection) -> AnyRow | None:
         if "scopes" in values:
             org_id = await conn.scalar(select(keys_table.c.org_id).where(keys_table.c.id == key_id))
             if org_id is None:
@@ -265,21 +416,103 @@ async def update_key(db: Database, key_id: str, values: Mapping[str, Any]) -> An
             await tenancy.check_scopes(conn, org_id, scope_rules.decode(values["scopes"]))
         return await keys.update_key(conn, key_id, values)
 
-    return await db.run_in_transaction(unit)
+    return await change_key(db, key_id, "key.updated", change, values["updated_at"])
 
 
 async def set_allowed_scopes(
-    db: Database, org_id: str, allowed: tuple[str, ...] | None
+    db: Database, org_id: str, allowed: tuple[str, ...] | None, now: datetime
 ) -> AnyRow | None:
     """Fix (or, with None, lift) the scopes an organization's keys may be granted;
     the organization as it now is, or None if there is none."""
 
     async def unit(conn: AsyncConnection) -> AnyRow | None:
+        query = select(organizations).where(organizations.c.id == org_id)
+        before = (await conn.execute(query)).first()
+        if before is None:
+            return None
         stored = None if allowed is None else scope_rules.encode(allowed)
         await conn.execute(
             update(organizations).where(organizations.c.id == org_id).values(allowed_scopes=stored)
         )
-        found = await conn.execute(select(organizations).where(organizations.c.id == org_id))
-        return found.first()
+        after = (await conn.execute(query)).first()
+        await audit.write(
+            conn,
+            org_id=org_id,
+            action="organization.allowed_scopes",
+            subject_id=org_id,
+            before=audit.plain_state(before, *_NAMED),
+            after=audit.plain_state(after, *_NAMED),
+            now=now,
+        )
+        return after
+
+    return await db.run_in_transaction(unit)
+
+
+# --- changes to a key, with their audit rows --------------------------------------------
+
+#: What the audit log keeps of an organization, project or product; of a rate
+#: limit; of a budget (what an administrator sets, not what use moves).
+_NAMED = ("id", "org_id", "name", "allowed_scopes")
+_LIMIT = ("id", "subject_id", "name", "meter", "limit_units", "window_ms")
+_BUDGET = (
+    "id",
+    "subject_id",
+    "meter",
+    "period",
+    "anchor_day",
+    "limit_micros",
+    "credit_micros",
+    "thresholds",
+)
+
+
+async def change_key(
+    db: Database,
+    key_id: str,
+    action: str,
+    change: Callable[[AsyncConnection], Awaitable[AnyRow | None]],
+    now: datetime,
+) -> AnyRow | None:
+    """``change(conn)`` of the key, with its audit row, in one transaction; the key
+    after it, or None if there is no such key."""
+
+    async def unit(conn: AsyncConnection) -> AnyRow | None:
+        before = await keys.get_key_audited(conn, key_id)
+        if before is None:
+            return None
+        changed = await change(conn)
+        if changed is not None:
+            await audit.write(
+                conn,
+                org_id=before.org_id,
+                action=action,
+                subject_id=key_id,
+                before=audit.key_state(before),
+                after=audit.key_state(await keys.get_key_audited(conn, key_id)),
+                now=now,
+            )
+        return changed
+
+    return await db.run_in_transaction(unit)
+
+
+async def remove_budget(db: Database, budget_id: str, now: datetime) -> bool:
+    """Delete a budget, with its audit row; False if there was none."""
+
+    async def unit(conn: AsyncConnection) -> bool:
+        before = await budgets.get_budget(conn, budget_id)
+        if before is None or not await budgets.delete_budget(conn, budget_id):
+            return False
+        await audit.write(
+            conn,
+            org_id=before.org_id,
+            action="budget.removed",
+            subject_id=before.subject_id,
+            before=audit.plain_state(before, *_BUDGET),
+            after=None,
+            now=now,
+        )
+        return True
 
     return await db.run_in_transaction(unit)

@@ -254,9 +254,11 @@ def add_page(
         except _Refused as why:
             return refused(request, why)
         try:
-            issued = await kc.create_key(
-                manager.org_id, delegated_by=manager.actor, **_create(manager, fields)
-            )
+            arguments = _create(manager, fields)
+            with kc.acting_as(manager.actor):
+                issued = await kc.create_key(
+                    manager.org_id, delegated_by=manager.actor, **arguments
+                )
         except KeycapError as error:
             return await render(
                 request,
@@ -287,7 +289,8 @@ def add_page(
             if grace not in _html.GRACES:
                 raise InvalidArgumentError("grace", "choose one of the offered periods")
             await own_key(kc, manager, key_id)
-            rolled = await kc.roll_key(key_id, grace=grace)
+            with kc.acting_as(manager.actor):
+                rolled = await kc.roll_key(key_id, grace=grace)
         except KeycapError as error:
             return await render(
                 request, manager, kc, status_code=_status(error), error=_said(error)
@@ -318,7 +321,8 @@ def add_page(
                         "disable": kc.disable_key,
                         "enable": kc.enable_key,
                     }[action]
-                    await method(key_id)
+                    with kc.acting_as(manager.actor):
+                        await method(key_id)
                 except KeycapError as error:
                     return await render(
                         request, manager, kc, status_code=_status(error), error=_said(error)

@@ -166,17 +166,18 @@ def key_management_router(
 
     @router.post("/keys", status_code=201, summary="Create a key (its secret is shown once)")
     async def create_key(body: KeyCreate, who: Who, kc: Client) -> KeyIssued:
-        issued = await kc.create_key(
-            who.org_id,
-            name=body.name,
-            scopes=grantable(who, body.scopes),
-            project_id=body.project_id,
-            product_id=body.product_id,
-            expires_in=body.expires_in,
-            budgets=[Budget(b.limit, b.period, meter=b.meter) for b in body.budgets],
-            rate_limits=[RateLimit(r.limit, r.window) for r in body.rate_limits],
-            delegated_by=who.actor,
-        )
+        with kc.acting_as(who.actor):
+            issued = await kc.create_key(
+                who.org_id,
+                name=body.name,
+                scopes=grantable(who, body.scopes),
+                project_id=body.project_id,
+                product_id=body.product_id,
+                expires_in=body.expires_in,
+                budgets=[Budget(b.limit, b.period, meter=b.meter) for b in body.budgets],
+                rate_limits=[RateLimit(r.limit, r.window) for r in body.rate_limits],
+                delegated_by=who.actor,
+            )
         return KeyIssued(key=issued.key, plaintext=issued.plaintext)
 
     @router.get("/keys/{key_id}", summary="A key, with what it can still spend")
@@ -191,12 +192,15 @@ def key_management_router(
             changes["name"] = body.name
         if body.scopes is not None:
             changes["scopes"] = grantable(who, body.scopes)
-        return await _shown(kc, await kc.update_key(key_id, **changes))
+        with kc.acting_as(who.actor):
+            changed = await kc.update_key(key_id, **changes)
+        return await _shown(kc, changed)
 
     @router.post("/keys/{key_id}/roll", summary="A new secret; the old one works for the grace")
     async def roll_key(key_id: str, body: Roll, who: Who, kc: Client) -> KeyIssued:
         await own_key(kc, who, key_id)
-        rolled = await kc.roll_key(key_id, grace=body.grace)
+        with kc.acting_as(who.actor):
+            rolled = await kc.roll_key(key_id, grace=body.grace)
         return KeyIssued(key=rolled.key, plaintext=rolled.plaintext)
 
     for action in ("revoke", "disable", "enable"):
@@ -209,7 +213,9 @@ def key_management_router(
                     "disable": kc.disable_key,
                     "enable": kc.enable_key,
                 }[action]
-                return await _shown(kc, await method(key_id))
+                with kc.acting_as(who.actor):
+                    changed = await method(key_id)
+                return await _shown(kc, changed)
 
             change.__name__ = f"{action}_key"
             return change
