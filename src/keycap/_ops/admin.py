@@ -102,25 +102,16 @@ async def delete_named(db: Database, kind: str, id_: str, now: datetime) -> None
     Raises: NotFoundError.
     """
     table = keys_table if kind == ids.KEY else tenancy.TABLES[kind]
-
-    async def unit(conn: AsyncConnection) -> bool:
-        before = await tenancy.get_by_id(conn, table, id_)
-        if before is None or not await tenancy.delete_by_id(conn, table, id_):
-            return False
-        await audit.write(
-            conn,
-            org_id=id_ if kind == ids.ORG else before.org_id,
-            action=f"{ids.resource_name(kind)}.deleted",
-            subject_id=id_,
-            before=audit.key_state(before)
-            if kind == ids.KEY
-            else audit.plain_state(before, *_NAMED),
-            after=None,
-            now=now,
-        )
-        return True
-
-    if not await db.run_in_transaction(unit):
+    removed = await _removed(
+        db,
+        lambda conn: tenancy.get_by_id(conn, table, id_),
+        lambda conn: tenancy.delete_by_id(conn, table, id_),
+        f"{ids.resource_name(kind)}.deleted",
+        lambda row: (id_ if kind == ids.ORG else row.org_id, id_),
+        audit.key_state if kind == ids.KEY else lambda row: audit.plain_state(row, *_NAMED),
+        now,
+    )
+    if not removed:
         raise NotFoundError(ids.resource_name(kind), id_)
 
 
@@ -152,23 +143,15 @@ async def link_product(
 
 async def unlink_product(db: Database, project_id: str, product_id: str, now: datetime) -> bool:
     """Unlink a product from a project, with its audit row. False if not linked."""
-
-    async def unit(conn: AsyncConnection) -> bool:
-        project = await tenancy.get_by_id(conn, projects, project_id)
-        if project is None or not await tenancy.delete_link(conn, project_id, product_id):
-            return False
-        await audit.write(
-            conn,
-            org_id=project.org_id,
-            action="project.product_unlinked",
-            subject_id=project_id,
-            before={"project_id": project_id, "product_id": product_id},
-            after=None,
-            now=now,
-        )
-        return True
-
-    return await db.run_in_transaction(unit)
+    return await _removed(
+        db,
+        lambda conn: tenancy.get_by_id(conn, projects, project_id),
+        lambda conn: tenancy.delete_link(conn, project_id, product_id),
+        "project.product_unlinked",
+        lambda project: (project.org_id, project_id),
+        lambda _: {"project_id": project_id, "product_id": product_id},
+        now,
+    )
 
 
 # --- keys ---------------------------------------------------------------------------------
@@ -300,22 +283,16 @@ async def set_rate_limit(db: Database, subject_id: str, limit: RateLimit, now: d
 
 
 async def remove_rate_limit(db: Database, subject_id: str, name: str, now: datetime) -> bool:
-    async def unit(conn: AsyncConnection) -> bool:
-        before = await rate_limits.get_rate_limit(conn, subject_id, name)
-        if before is None or not await rate_limits.delete_rate_limit(conn, subject_id, name):
-            return False
-        await audit.write(
-            conn,
-            org_id=before.org_id,
-            action="rate_limit.removed",
-            subject_id=subject_id,
-            before=audit.plain_state(before, *_LIMIT),
-            after=None,
-            now=now,
-        )
-        return True
-
-    return await db.run_in_transaction(unit)
+    """Delete a rate limit by name, with its audit row; False if there was none."""
+    return await _removed(
+        db,
+        lambda conn: rate_limits.get_rate_limit(conn, subject_id, name),
+        lambda conn: rate_limits.delete_rate_limit(conn, subject_id, name),
+        "rate_limit.removed",
+        lambda row: (row.org_id, subject_id),
+        lambda row: audit.plain_state(row, *_LIMIT),
+        now,
+    )
 
 
 async def set_budget(db: Database, subject_id: str, spec: BudgetSpec, now: datetime) -> AnyRow:
@@ -499,17 +476,41 @@ async def change_key(
 
 async def remove_budget(db: Database, budget_id: str, now: datetime) -> bool:
     """Delete a budget, with its audit row; False if there was none."""
+    return await _removed(
+        db,
+        lambda conn: budgets.get_budget(conn, budget_id),
+        lambda conn: budgets.delete_budget(conn, budget_id),
+        "budget.removed",
+        lambda row: (row.org_id, row.subject_id),
+        lambda row: audit.plain_state(row, *_BUDGET),
+        now,
+    )
+
+
+async def _removed(
+    db: Database,
+    find: Callable[[AsyncConnection], Awaitable[Any]],
+    delete: Callable[[AsyncConnection], Awaitable[bool]],
+    action: str,
+    where: Callable[[Any], tuple[str, str]],
+    state: Callable[[Any], dict[str, Any] | None],
+    now: datetime,
+) -> bool:
+    """``delete`` what ``find`` finds, with its audit row (``where``: its organization
+    and subject; ``state``: what the log keeps of it), in one transaction. False:
+    there was nothing to delete."""
 
     async def unit(conn: AsyncConnection) -> bool:
-        before = await budgets.get_budget(conn, budget_id)
-        if before is None or not await budgets.delete_budget(conn, budget_id):
+        before = await find(conn)
+        if before is None or not await delete(conn):
             return False
+        org_id, subject_id = where(before)
         await audit.write(
             conn,
-            org_id=before.org_id,
-            action="budget.removed",
-            subject_id=before.subject_id,
-            before=audit.plain_state(before, *_BUDGET),
+            org_id=org_id,
+            action=action,
+            subject_id=subject_id,
+            before=state(before),
             after=None,
             now=now,
         )

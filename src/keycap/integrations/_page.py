@@ -30,7 +30,7 @@ from keycap._models import KeyStatus
 from keycap._rules.budgets import Budget
 from keycap._rules.rate_limits import RateLimit
 from keycap.integrations import _html
-from keycap.integrations._portal import Manager, grantable, own_key
+from keycap.integrations._portal import Manager, change_state, grantable, own_key
 
 #: keycap's CSRF cookie (when the app gives no ``csrf_token``) and the form field.
 CSRF_COOKIE = "keycap_csrf"
@@ -315,14 +315,7 @@ def add_page(
                 except _Refused as why:
                     return refused(request, why)
                 try:
-                    await own_key(kc, manager, key_id)
-                    method = {
-                        "revoke": kc.revoke_key,
-                        "disable": kc.disable_key,
-                        "enable": kc.enable_key,
-                    }[action]
-                    with kc.acting_as(manager.actor):
-                        await method(key_id)
+                    await change_state(kc, manager, key_id, action)
                 except KeycapError as error:
                     return await render(
                         request, manager, kc, status_code=_status(error), error=_said(error)

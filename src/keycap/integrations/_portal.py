@@ -108,6 +108,14 @@ def grantable(who: Manager, scopes: Sequence[str]) -> list[str]:
     return list(wanted)
 
 
+async def change_state(kc: APIKeyClient, who: Manager, key_id: str, action: str) -> APIKey:
+    """Revoke, disable or enable the manager's own key, as the manager (audit log)."""
+    await own_key(kc, who, key_id)
+    method = {"revoke": kc.revoke_key, "disable": kc.disable_key, "enable": kc.enable_key}[action]
+    with kc.acting_as(who.actor):
+        return await method(key_id)
+
+
 def key_management_router(
     *,
     manager: Any,
@@ -207,15 +215,7 @@ def key_management_router(
 
         def _changer(action: str = action) -> Any:
             async def change(key_id: str, who: Who, kc: Client) -> KeyShown:
-                await own_key(kc, who, key_id)
-                method = {
-                    "revoke": kc.revoke_key,
-                    "disable": kc.disable_key,
-                    "enable": kc.enable_key,
-                }[action]
-                with kc.acting_as(who.actor):
-                    changed = await method(key_id)
-                return await _shown(kc, changed)
+                return await _shown(kc, await change_state(kc, who, key_id, action))
 
             change.__name__ = f"{action}_key"
             return change
