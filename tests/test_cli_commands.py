@@ -277,3 +277,20 @@ def test_the_audit_log_names_the_command_line_actor(
     assert "key.disabled" in table and "key.revoked" not in table
     page = cli("audit", "--org", "Acme", "--limit", "1")
     assert f"more with --before {entries[0]['id']}" in page.err
+
+
+def test_identities_from_the_command_line(cli: CLI) -> None:
+    cli.ok("org", "create", "Acme")
+    identity_id = cli.ok("identity", "create", "Acme", "auth0|7", "--name", "Ada").strip()
+    assert identity_id.startswith("idn_")
+    assert cli.ok("identity", "create", "Acme", "auth0|7").strip() == identity_id  # found
+    cli.ok("key", "create", "--org", "Acme", "--identity", "auth0|7", "--name", "hers")
+    cli.ok("key", "create", "--org", "Acme", "--name", "other")
+    mine = json.loads(cli.ok("key", "list", "--identity", identity_id, "--json"))
+    assert [k["name"] for k in mine] == ["hers"] and mine[0]["identity_id"] == identity_id
+    cli.ok("identity", "disable", identity_id)
+    listed = json.loads(cli.ok("identity", "list", "Acme", "--json"))
+    assert listed[0]["disabled_at"] is not None
+    assert "disabled" in cli.ok("identity", "list", "Acme")
+    missing = cli("key", "create", "--org", "Acme", "--identity", "nobody")
+    one_line(missing, 2, "no identity with external id 'nobody'")

@@ -56,6 +56,7 @@ PUBLIC = {
     "UsageRow",
     "AnyOf",
     "AuditEntry",
+    "Identity",
     "any_of",
 }
 #: Subpackages documented as public (docs/architecture.md): importing them makes them

@@ -25,6 +25,7 @@ from keycap._db.engine import (
     pooler_flag,
     require_pooler_settings,
 )
+from keycap._db.schema import identities
 from keycap._db.schema import metadata as schema_metadata
 from keycap._errors import (
     ConfigurationError,
@@ -40,6 +41,7 @@ from keycap._models import (
     BudgetStatus,
     Charge,
     Hold,
+    Identity,
     IssuedKey,
     KeyEvent,
     KeyStatus,
@@ -371,13 +373,13 @@ class APIKeyClient:
         """The organization's administrative changes, newest first: who (the actor
         of :meth:`acting_as`), what, when, and the subject before and after. Each
         change's row is written in the change's own transaction. Filter by
-        ``subject_id`` (a key, project or the organization) or ``action``; page
+        ``subject_id`` (a key, project, identity or the organization) or ``action``; page
         with ``before=`` the last entry's ``id``.
 
         Raises: InvalidArgumentError.
         """
         org_id = ids.check(ids.ORG, org_id)
-        subject = None if subject_id is None else ids.check_subject(subject_id)
+        subject = None if subject_id is None else inputs.text(subject_id, "subject_id")
         what = None if action is None else inputs.text(action, "action")
         limit, _ = inputs.page(limit, 0)
         if before is not None and (isinstance(before, bool) or not isinstance(before, int)):
@@ -531,6 +533,101 @@ class APIKeyClient:
         finally:
             self._changed()
 
+    # --- identities ---------------------------------------------------------------------
+
+    async def get_or_create_identity(
+        self,
+        org_id: str,
+        external_id: str,
+        *,
+        name: str = "",
+        metadata: dict[str, Any] | None = None,
+    ) -> tuple[Identity, bool]:
+        """The organization's identity with your ``external_id`` (the id your
+        identity provider gives a person or system), created if missing;
+        ``(identity, created)``. ``name`` and ``metadata`` are used only when it is
+        created. Safe to call concurrently: exactly one caller creates it.
+
+        Raises: NotFoundError (the organization), InvalidArgumentError.
+        """
+        org_id = ids.check(ids.ORG, org_id)
+        external = inputs.text(external_id, "external_id")
+        found, created = await admin.get_or_create_identity(
+            self._db,
+            org_id,
+            external,
+            inputs.text(name, "name", allow_empty=True),
+            inputs.metadata(metadata),
+            self._now(),
+        )
+        return rows.to_identity(found), created
+
+    async def get_identity(self, identity_id: str) -> Identity:
+        """Raises: NotFoundError."""
+        identity_id = ids.check(ids.IDENTITY, identity_id)
+        row = await self._db.read(tenancy.get_by_id, identities, identity_id)
+        if row is None:
+            raise NotFoundError("identity", identity_id)
+        return rows.to_identity(row)
+
+    async def list_identities(
+        self, org_id: str, *, limit: int = 100, offset: int = 0
+    ) -> list[Identity]:
+        """The organization's identities, newest first."""
+        org_id = ids.check(ids.ORG, org_id)
+        limit, offset = inputs.page(limit, offset)
+        found = await self._db.read(tenancy.list_identities, org_id, limit, offset)
+        return [rows.to_identity(r) for r in found]
+
+    async def update_identity(
+        self,
+        identity_id: str,
+        *,
+        name: str | _Unset = UNSET,
+        metadata: dict[str, Any] | _Unset = UNSET,
+    ) -> Identity:
+        """Change an identity's name or metadata. Raises: NotFoundError, InvalidArgumentError."""
+        values: dict[str, Any] = {}
+        if name is not UNSET:
+            values["name"] = inputs.text(name, "name", allow_empty=True)
+        if metadata is not UNSET:
+            values["metadata"] = inputs.metadata(metadata)
+        return await self._change_identity(identity_id, "identity.updated", values)
+
+    async def disable_identity(self, identity_id: str) -> Identity:
+        """Refuse every key of the identity (``DisabledKeyError`` with
+        ``identity=True``) until :meth:`enable_identity`, decided in each call's
+        own statement. Idempotent: a second call keeps the first ``disabled_at``.
+
+        Raises: NotFoundError.
+        """
+        current = await self.get_identity(identity_id)
+        if current.disabled_at is not None:
+            return current
+        return await self._change_identity(
+            identity_id, "identity.disabled", {"disabled_at": self._now()}
+        )
+
+    async def enable_identity(self, identity_id: str) -> Identity:
+        """Accept the identity's keys again (each still by its own state).
+
+        Raises: NotFoundError.
+        """
+        return await self._change_identity(identity_id, "identity.enabled", {"disabled_at": None})
+
+    async def _change_identity(
+        self, identity_id: str, action: str, values: dict[str, Any]
+    ) -> Identity:
+        identity_id = ids.check(ids.IDENTITY, identity_id)
+        now = self._now()
+        row = await admin.update_identity(
+            self._db, identity_id, action, {**values, "updated_at": now}, now
+        )
+        self._changed()  # cached validations of its keys must see it
+        if row is None:
+            raise NotFoundError("identity", identity_id)
+        return rows.to_identity(row)
+
     # --- keys: administration -----------------------------------------------------------
 
     async def create_key(
@@ -549,6 +646,7 @@ class APIKeyClient:
         rate_limits: Sequence[RateLimit] = (),
         budgets: Sequence[Budget] = (),
         allowed_ips: Sequence[str] | None = None,
+        identity_id: str | None = None,
     ) -> IssuedKey:
         """Issue a key. Its plaintext is in the result, once; only a digest is stored.
 
@@ -567,6 +665,8 @@ class APIKeyClient:
                 are created in the same transaction as the key.
             allowed_ips: CIDR ranges (IPv4, IPv6) the key may be used from;
                 ``validate_key`` then needs ``client_ip`` inside one of them.
+            identity_id: the identity (of the same organization) the key belongs
+                to: disabling the identity refuses the key.
 
         Raises:
             NotFoundError: the organization, project or product does not exist in that org.
@@ -577,6 +677,7 @@ class APIKeyClient:
         org_id = ids.check(ids.ORG, org_id)
         project_id = ids.check_optional(ids.PROJECT, project_id, field="project_id")
         product_id = ids.check_optional(ids.PRODUCT, product_id, field="product_id")
+        identity_id = ids.check_optional(ids.IDENTITY, identity_id, field="identity_id")
         name = inputs.text(name, "name", allow_empty=True)
         granted = scope_rules.normalize(scopes, "scopes")
         meta = inputs.metadata(metadata)
@@ -606,6 +707,7 @@ class APIKeyClient:
             max_uses=cap,
             now=now,
             allowed_ips=None if networks is None else ips.encode(networks),
+            identity_id=identity_id,
         )
         await admin.create_key(self._db, values, limit_specs, budget_specs)
         key = rows.to_key({**values, "scopes": granted})
@@ -630,15 +732,17 @@ class APIKeyClient:
         limit: int = 100,
         offset: int = 0,
         newest_first: bool = False,
+        identity_id: str | None = None,
     ) -> list[APIKey]:
         """Keys oldest first (or ``newest_first``), filtered in SQL. ``status`` is
-        active, revoked, expired or disabled.
+        active, revoked, expired or disabled; ``identity_id``: only its keys.
 
         Raises: InvalidArgumentError.
         """
         org_id = ids.check_optional(ids.ORG, org_id, field="org_id")
         project_id = ids.check_optional(ids.PROJECT, project_id, field="project_id")
         product_id = ids.check_optional(ids.PRODUCT, product_id, field="product_id")
+        identity_id = ids.check_optional(ids.IDENTITY, identity_id, field="identity_id")
         if status is not None:
             try:
                 status = KeyStatus(status)
@@ -657,6 +761,7 @@ class APIKeyClient:
             limit=limit,
             offset=offset,
             newest_first=inputs.flag(newest_first, "newest_first"),
+            identity_id=identity_id,
         )
         return [rows.to_key(r) for r in found]
 

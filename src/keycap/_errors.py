@@ -61,7 +61,7 @@ __all__ = [
 
 
 #: Fields left out of ``data()`` while they are None.
-_OPTIONAL = frozenset({"key_id", "missing_any_of"})
+_OPTIONAL = frozenset({"key_id", "missing_any_of", "identity"})
 
 
 class KeycapError(Exception):
@@ -187,15 +187,20 @@ class RevokedKeyError(KeyRejectedError):
 
 
 class DisabledKeyError(KeyRejectedError):
-    """The key is suspended; ``enable_key`` reverses this."""
+    """The key is suspended (``enable_key`` reverses this), or the identity it
+    belongs to is (``identity=True``; ``enable_identity``)."""
 
     code = "disabled_key"
-    fields = ("disabled_at",)
+    fields = ("disabled_at", "identity")
     default_message = "API key disabled"
 
-    def __init__(self, disabled_at: datetime, *, key_id: str | None = None) -> None:
-        super().__init__(key_id=key_id)
+    def __init__(
+        self, disabled_at: datetime, *, key_id: str | None = None, identity: bool = False
+    ) -> None:
+        super().__init__("API key's identity disabled" if identity else None, key_id=key_id)
         self.disabled_at = disabled_at
+        #: True: the key's identity is disabled, not the key itself (None when not).
+        self.identity = True if identity else None
 
 
 class ForbiddenError(KeyRejectedError):

@@ -16,6 +16,7 @@ __all__ = [
     "BudgetStatus",
     "Charge",
     "Hold",
+    "Identity",
     "IssuedKey",
     "KeyEvent",
     "KeyStatus",
@@ -64,6 +65,21 @@ class Product(_Model):
     created_at: datetime
 
 
+class Identity(_Model):
+    """A person or system of yours (an id from your identity provider) inside an
+    organization. Keys may belong to one; disabling it refuses all of them."""
+
+    id: str
+    org_id: str
+    #: Your id for it (unique in the organization).
+    external_id: str
+    name: str
+    metadata: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+    disabled_at: datetime | None
+
+
 class APIKey(_Model):
     """A key as stored: everything but its secret and digest."""
 
@@ -88,6 +104,8 @@ class APIKey(_Model):
     max_uses: int | None = None
     #: The client addresses (CIDR ranges) the key may be used from; None: any.
     allowed_ips: tuple[str, ...] | None = None
+    #: The identity the key belongs to; None: none.
+    identity_id: str | None = None
     #: From a metered validate_key: the tightest rate limit after this call.
     rate_limit: RateLimitStatus | None = None
     #: From validate_key(cost=...): what was charged, and the budgets after it.

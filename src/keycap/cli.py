@@ -345,6 +345,7 @@ async def _key_rows(client: APIKeyClient, keys: list[APIKey]) -> list[dict[str, 
                 "status": key.status_at(now).value,
                 "start": key.start,
                 "scopes": list(key.scopes),
+                "identity_id": key.identity_id,
                 "use_count": key.use_count,
                 "max_uses": key.max_uses,
                 "last_used_at": key.last_used_at,
@@ -445,6 +446,56 @@ async def org_list(client: APIKeyClient, args: argparse.Namespace) -> int:
         found,
         [["ID", "NAME", "CREATED"], *([o.id, o.name, _when(o.created_at)] for o in found)],
     )
+    return 0
+
+
+async def _identity(client: APIKeyClient, org_id: str, value: str | None) -> str | None:
+    """An identity's id, given its id or its external id in the organization."""
+    if value is None or ids.is_valid(ids.IDENTITY, value):
+        return value
+    for identity in await client.list_identities(org_id, limit=100):
+        if identity.external_id == value:
+            return identity.id
+    raise UsageError(f"no identity with external id {value!r} in {org_id} (identity create)")
+
+
+async def identity_create(client: APIKeyClient, args: argparse.Namespace) -> int:
+    org_id = await _org(client, args.org)
+    found, created = await client.get_or_create_identity(org_id, args.external_id, name=args.name)
+    print(found.id)
+    if not created:
+        print(f"keycap: {found.id} already existed", file=sys.stderr)
+    return 0
+
+
+async def identity_list(client: APIKeyClient, args: argparse.Namespace) -> int:
+    org_id = await _org(client, args.org)
+    found = await client.list_identities(org_id, limit=args.limit, offset=args.offset)
+    _listed(
+        args,
+        found,
+        [
+            ["ID", "EXTERNAL ID", "NAME", "STATUS", "CREATED"],
+            *(
+                [
+                    i.id,
+                    i.external_id,
+                    i.name,
+                    "disabled" if i.disabled_at else "active",
+                    _when(i.created_at),
+                ]
+                for i in found
+            ),
+        ],
+    )
+    return 0
+
+
+async def identity_change(client: APIKeyClient, args: argparse.Namespace) -> int:
+    method = client.disable_identity if args.action == "disable" else client.enable_identity
+    found = await method(args.id)
+    state = "disabled: its keys are refused" if found.disabled_at else "active"
+    print(f"keycap: {found.id} is {state}", file=sys.stderr)
     return 0
 
 
@@ -614,6 +665,7 @@ async def key_create(client: APIKeyClient, args: argparse.Namespace) -> int:
         max_uses=args.max_uses,
         rate_limits=[_rate(r) for r in args.rate],
         budgets=[_budget(b) for b in args.budget],
+        identity_id=await _identity(client, org_id, args.identity),
     )
     key = issued.key
     print(issued.plaintext)
@@ -637,6 +689,7 @@ async def key_list(client: APIKeyClient, args: argparse.Namespace) -> int:
     keys = await client.list_keys(
         org_id=org_id,
         project_id=project,
+        identity_id=args.identity,
         status=args.status,
         limit=args.limit,
         offset=args.offset,
@@ -802,12 +855,31 @@ def _parser() -> argparse.ArgumentParser:
             link.add_argument("project")
             link.set_defaults(run=product_link)
 
+    identity = _group(groups, "identity", "people or systems of yours, owning keys")
+    made = identity.add_parser("create", help="find or create one by external id; prints its id")
+    made.add_argument("org", help="organization id or name")
+    made.add_argument("external_id", help="your id for it (from your identity provider)")
+    made.add_argument("--name", default="")
+    made.set_defaults(run=identity_create)
+    listed = identity.add_parser("list", help="newest first")
+    listed.add_argument("org", help="organization id or name")
+    _paging(listed)
+    listed.set_defaults(run=identity_list)
+    for action, help_ in (
+        ("disable", "refuse every key of the identity"),
+        ("enable", "accept its keys again"),
+    ):
+        change = identity.add_parser(action, help=help_)
+        change.add_argument("id")
+        change.set_defaults(run=identity_change, action=action)
+
     key = _group(groups, "key", "API keys")
     create = key.add_parser("create", help="issue a key; prints the plaintext alone on stdout")
     create.add_argument("--org", required=True, help="organization id or name")
     create.add_argument("--project", help="project id or name")
     create.add_argument("--product", help="product id or name")
     create.add_argument("--name", default="")
+    create.add_argument("--identity", help="identity id, or its external id")
     create.add_argument("--scope", action="append", default=[], help="repeatable")
     create.add_argument("--budget", action="append", default=[], help="5.00/month[:meter]")
     create.add_argument("--rate", action="append", default=[], help="100/minute[:meter]")
@@ -820,6 +892,7 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--org")
     listing.add_argument("--project")
     listing.add_argument("--status", choices=["active", "revoked", "expired", "disabled"])
+    listing.add_argument("--identity", help="identity id: only its keys")
     _paging(listing)
     listing.set_defaults(run=key_list)
     show = key.add_parser("show", help="one key as JSON, with what it can still spend")

@@ -16,7 +16,14 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, bindparam, exists, func, or_, select
 
 from keycap._db.build import KEY_ID, ORG_ID, PROJECT_ID, contains
-from keycap._db.schema import keys, products, project_products, projects, rate_limits
+from keycap._db.schema import (
+    identities,
+    keys,
+    products,
+    project_products,
+    projects,
+    rate_limits,
+)
 from keycap._rules import ips
 from keycap._rules import scopes as scope_rules
 from keycap._rules.policy import Requirement
@@ -25,14 +32,32 @@ from keycap._rules.policy import Requirement
 
 
 def key_is_live_now(now: Any) -> list[ColumnElement[bool]]:
-    """A key row that is not revoked, not disabled and not expired at ``now``
-    (steps 4-6 of the grant rule; every statement that charges re-checks them)."""
+    """A key row that is not revoked, not disabled (nor its identity) and not
+    expired at ``now`` (steps 4-6 of the grant rule; every statement that charges
+    re-checks them)."""
     k = keys.c
     return [
         k.revoked_at.is_(None),
         k.disabled_at.is_(None),
+        or_(
+            k.identity_id.is_(None),
+            ~exists().where(
+                identities.c.id == k.identity_id, identities.c.disabled_at.is_not(None)
+            ),
+        ),
         or_(k.expires_at.is_(None), k.expires_at > now),
     ]
+
+
+def identity_disabled_at() -> Any:
+    """The key's identity's ``disabled_at`` (NULL: none, or not disabled), as a
+    column of a statement over ``keys``: what the Python twin of step 5 reads."""
+    return (
+        select(identities.c.disabled_at)
+        .where(identities.c.id == keys.c.identity_id)
+        .correlate(keys)
+        .scalar_subquery()
+    )
 
 
 def key_is_live(key_id: Any, now: Any) -> ColumnElement[bool]:

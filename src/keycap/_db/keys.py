@@ -40,6 +40,7 @@ from keycap._db.grant import (
     asked_product,
     grant_predicate,
     has_rate_limits,
+    identity_disabled_at,
     key_is_live_now,
     rate_limit_count,
     status_filter,
@@ -68,6 +69,7 @@ KEY_COLUMNS = (
     keys.c.use_count,
     keys.c.max_uses,
     keys.c.allowed_ips,
+    keys.c.identity_id,
 )
 _AUTH_COLUMNS = (
     *KEY_COLUMNS,
@@ -96,6 +98,7 @@ def new_key_row(
     max_uses: int | None,
     now: datetime,
     allowed_ips: str | None = None,
+    identity_id: str | None = None,
 ) -> dict[str, Any]:
     """A key's row as created: never used, not revoked, not disabled."""
     return {
@@ -119,6 +122,7 @@ def new_key_row(
         "use_count": 0,
         "max_uses": max_uses,
         "allowed_ips": allowed_ips,
+        "identity_id": identity_id,
     }
 
 
@@ -133,6 +137,13 @@ async def insert_key(conn: AsyncConnection, values: Mapping[str, Any]) -> None:
 
 async def get_key(conn: AsyncConnection, key_id: str) -> AnyRow | None:
     return (await conn.execute(select(*KEY_COLUMNS).where(keys.c.id == key_id))).first()
+
+
+async def get_key_state(conn: AsyncConnection, key_id: str) -> AnyRow | None:
+    """The key with its identity's ``disabled_at``: all the grant rule's state
+    steps need (why a charge was refused)."""
+    stmt = select(*KEY_COLUMNS, identity_disabled_at().label("identity_disabled_at"))
+    return (await conn.execute(stmt.where(keys.c.id == key_id))).first()
 
 
 async def get_key_audited(conn: AsyncConnection, key_id: str) -> AnyRow | None:
@@ -153,6 +164,7 @@ async def list_keys(
     limit: int,
     offset: int,
     newest_first: bool = False,
+    identity_id: str | None = None,
 ) -> Sequence[AnyRow]:
     order = (
         (keys.c.created_at.desc(), keys.c.id.desc())
@@ -169,6 +181,8 @@ async def list_keys(
         stmt = stmt.where(keys.c.project_id == project_id)
     if product_id is not None:
         stmt = stmt.where(keys.c.product_id == product_id)
+    if identity_id is not None:
+        stmt = stmt.where(keys.c.identity_id == identity_id)
     if status is not None:
         stmt = stmt.where(status_filter(status, now))
     return (await conn.execute(stmt)).all()
@@ -306,6 +320,7 @@ def _lookup_stmt(req: Requirement) -> Any:
         )
     return select(
         *_AUTH_COLUMNS,
+        identity_disabled_at().label("identity_disabled_at"),
         has_rate_limits().label("has_rate_limits"),
         project_org.label("asked_project_org_id"),
         product_org.label("asked_product_org_id"),

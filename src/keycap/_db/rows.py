@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import Row
 
 from keycap._db.build import AnyRow
-from keycap._models import APIKey, AuditEntry, Organization, Product, Project
+from keycap._models import APIKey, AuditEntry, Identity, Organization, Product, Project
 from keycap._rules import ips, scopes
 from keycap._rules.policy import KeyFacts
 
@@ -67,6 +67,7 @@ def to_key(row: Source, **override: Any) -> APIKey:
         use_count=override.get("use_count", m["use_count"]),
         max_uses=m.get("max_uses"),
         allowed_ips=_ranges(m.get("allowed_ips")),
+        identity_id=m.get("identity_id"),
         rate_limit=override.get("rate_limit"),
         charge=override.get("charge"),
     )
@@ -89,6 +90,7 @@ def to_facts(row: Row[Any], digest_ok: bool) -> KeyFacts:
         asked_product_linked=bool(m.get("asked_product_linked")),
         asked_product_id=m.get("asked_product_id"),
         allowed_ips=_ranges(m.get("allowed_ips")),
+        identity_disabled_at=m.get("identity_disabled_at"),
     )
 
 
@@ -108,4 +110,18 @@ def to_audit_entry(row: Source) -> AuditEntry:
         subject_id=m["subject_id"],
         before=m["before"],
         after=m["after"],
+    )
+
+
+def to_identity(row: Source) -> Identity:
+    m = _mapping(row)
+    return Identity.model_construct(
+        id=m["id"],
+        org_id=m["org_id"],
+        external_id=m["external_id"],
+        name=m["name"],
+        metadata=m["metadata"],
+        created_at=m["created_at"],
+        updated_at=m["updated_at"],
+        disabled_at=m["disabled_at"],
     )

@@ -91,6 +91,26 @@ def _org_child(name: str) -> Table:
 projects = _org_child("keycap_projects")
 products = _org_child("keycap_products")
 
+identities = Table(
+    "keycap_identities",
+    metadata,
+    # A person or system of the user's (an id from their identity provider) inside
+    # an organization; keys may belong to one. Disabling it refuses all its keys.
+    Column("id", String(ID), nullable=False),
+    Column("org_id", String(ID), nullable=False),
+    Column("external_id", String(NAME), nullable=False),
+    Column("name", String(NAME), nullable=False),
+    Column("metadata", JSONText(), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+    Column("disabled_at", UTCDateTime(), nullable=True),
+    PrimaryKeyConstraint("id"),
+    UniqueConstraint("org_id", "external_id"),
+    UniqueConstraint("org_id", "id"),
+    ForeignKeyConstraint(["org_id"], [organizations.c.id], ondelete="CASCADE"),
+    **_MYSQL,
+)
+
 project_products = Table(
     "keycap_project_products",
     metadata,
@@ -146,6 +166,8 @@ keys = Table(
     # " 10.0.0.0/8 2001:db8::/32 ": the addresses the key may be used from (see
     # keycap._rules.ips); NULL: any.
     Column("allowed_ips", Text(), nullable=True),
+    # The identity the key belongs to (same organization); NULL: none.
+    Column("identity_id", String(ID), nullable=True),
     PrimaryKeyConstraint("id"),
     ForeignKeyConstraint(["org_id"], [organizations.c.id], ondelete="CASCADE"),
     ForeignKeyConstraint(
@@ -154,10 +176,14 @@ keys = Table(
     ForeignKeyConstraint(
         ["org_id", "product_id"], [products.c.org_id, products.c.id], ondelete="CASCADE"
     ),
+    ForeignKeyConstraint(
+        ["org_id", "identity_id"], [identities.c.org_id, identities.c.id], ondelete="CASCADE"
+    ),
     CheckConstraint("use_count >= 0", name="use_count_nonnegative"),
     CheckConstraint("length(digest) = 64", name="digest_length"),
     Index(None, "org_id", "project_id"),
     Index(None, "org_id", "product_id"),
+    Index(None, "org_id", "identity_id"),
     **_MYSQL,
 )
 

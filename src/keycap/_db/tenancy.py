@@ -9,11 +9,18 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, delete, insert, literal, select
+from sqlalchemy import Table, delete, insert, literal, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from keycap._db.build import AnyRow
-from keycap._db.schema import keys, organizations, products, project_products, projects
+from keycap._db.schema import (
+    identities,
+    keys,
+    organizations,
+    products,
+    project_products,
+    projects,
+)
 from keycap._errors import InvalidArgumentError
 from keycap._rules import ids
 from keycap._rules import scopes as scope_rules
@@ -182,3 +189,40 @@ async def find_subject(conn: AsyncConnection, subject_id: str) -> Subject | None
     elif await conn.scalar(select(organizations.c.id).where(organizations.c.id == subject_id)):
         return Subject(subject_id, subject_id, None, None)
     return None
+
+
+# --- identities -------------------------------------------------------------------------
+
+
+async def insert_identity(conn: AsyncConnection, values: Mapping[str, Any]) -> None:
+    """The unique (org_id, external_id) decides a race between two creators."""
+    await conn.execute(insert(identities).values(**values))
+
+
+async def find_identity(conn: AsyncConnection, org_id: str, external_id: str) -> AnyRow | None:
+    i = identities.c
+    stmt = select(identities).where(i.org_id == org_id, i.external_id == external_id)
+    return (await conn.execute(stmt)).first()
+
+
+async def list_identities(
+    conn: AsyncConnection, org_id: str, limit: int, offset: int
+) -> Sequence[AnyRow]:
+    """Newest first."""
+    i = identities.c
+    stmt = (
+        select(identities)
+        .where(i.org_id == org_id)
+        .order_by(i.created_at.desc(), i.id.desc())
+        .limit(limit)
+        .offset(offset)
+    )
+    return (await conn.execute(stmt)).all()
+
+
+async def update_identity(
+    conn: AsyncConnection, identity_id: str, values: Mapping[str, Any]
+) -> AnyRow | None:
+    """Apply ``values``; the identity as it now is, or None if there is none."""
+    await conn.execute(update(identities).where(identities.c.id == identity_id).values(**values))
+    return await get_by_id(conn, identities, identity_id)

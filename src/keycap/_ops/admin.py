@@ -17,8 +17,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from keycap._db import budgets, holds, keys, ledger, rate_limits, tenancy
 from keycap._db.build import AnyRow, KeyRef
 from keycap._db.engine import Conflict, Database
+from keycap._db.schema import identities, organizations, products, projects
 from keycap._db.schema import keys as keys_table
-from keycap._db.schema import organizations, products, projects
 from keycap._errors import AlreadyExistsError, HoldClosedError, InvalidArgumentError, NotFoundError
 from keycap._ops import audit
 from keycap._ops.release import release, sweep
@@ -172,6 +172,7 @@ async def create_key(
         InvalidArgumentError: a product not linked to the key's project.
     """
     org_id, project_id, product_id = row["org_id"], row["project_id"], row["product_id"]
+    identity_id = row.get("identity_id")
     own = tenancy.Subject(row["id"], org_id, project_id, row["id"])
     now = row["created_at"]
 
@@ -180,6 +181,7 @@ async def create_key(
             for table, resource, id_ in (
                 (projects, "project", project_id),
                 (products, "product", product_id),
+                (identities, "identity", identity_id),
             ):
                 if id_ is not None and not await tenancy.owned_by(conn, table, id_, org_id):
                     raise NotFoundError(resource, id_)
@@ -515,5 +517,80 @@ async def _removed(
             now=now,
         )
         return True
+
+    return await db.run_in_transaction(unit)
+
+
+# --- identities ---------------------------------------------------------------------------
+
+_IDENTITY = ("id", "org_id", "external_id", "name", "metadata", "disabled_at")
+
+
+async def get_or_create_identity(
+    db: Database, org_id: str, external_id: str, name: str, meta: Mapping[str, Any], now: datetime
+) -> tuple[AnyRow | Mapping[str, Any], bool]:
+    """The organization's identity with that external id, created if missing (with
+    its audit row). Safe to call concurrently: exactly one caller creates it.
+
+    Raises: NotFoundError (the organization).
+    """
+    existing = await db.read(tenancy.find_identity, org_id, external_id)
+    if existing is not None:
+        return existing, False
+    identity_id = ids.new_id(ids.IDENTITY)
+    values: dict[str, Any] = {
+        "id": identity_id,
+        "org_id": org_id,
+        "external_id": external_id,
+        "name": name,
+        "metadata": dict(meta),
+        "created_at": now,
+        "updated_at": now,
+        "disabled_at": None,
+    }
+
+    async def unit(conn: AsyncConnection) -> None:
+        await tenancy.insert_identity(conn, values)
+        await audit.write(
+            conn,
+            org_id=org_id,
+            action="identity.created",
+            subject_id=identity_id,
+            before=None,
+            after=audit.plain_state(values, *_IDENTITY),
+            now=now,
+        )
+
+    try:
+        await db.run_in_transaction(unit)
+    except Conflict:
+        winner = await db.read(tenancy.find_identity, org_id, external_id)
+        if winner is not None:  # lost a race with another creator: theirs is the one
+            return winner, False
+        raise NotFoundError("organization", org_id) from None
+    return values, True
+
+
+async def update_identity(
+    db: Database, identity_id: str, action: str, values: Mapping[str, Any], now: datetime
+) -> AnyRow | None:
+    """Change an identity (name, metadata, disabled), with its audit row; None if
+    there is no such identity."""
+
+    async def unit(conn: AsyncConnection) -> AnyRow | None:
+        before = await tenancy.get_by_id(conn, identities, identity_id)
+        if before is None:
+            return None
+        after = await tenancy.update_identity(conn, identity_id, values)
+        await audit.write(
+            conn,
+            org_id=before.org_id,
+            action=action,
+            subject_id=identity_id,
+            before=audit.plain_state(before, *_IDENTITY),
+            after=audit.plain_state(after, *_IDENTITY),
+            now=now,
+        )
+        return after
 
     return await db.run_in_transaction(unit)

@@ -71,7 +71,7 @@ async def budget_refusal(
 async def key_refusal(db: Database, key_id: str, now: datetime) -> Exception | None:
     """Why a key could not be charged: not found, or the state the policy names.
     None: it is live after all (enabled meanwhile), so the caller tries again."""
-    row = await db.read(keys.get_key, key_id)
+    row = await db.read(keys.get_key_state, key_id)
     if row is None:
         return NotFoundError("key", key_id)
     # A charge by key id has no client address: IP ranges restrict validations only.

@@ -19,6 +19,7 @@ KEY: Final = "key"
 BUDGET: Final = "bud"
 HOLD: Final = "hold"
 RATE_LIMIT: Final = "rl"
+IDENTITY: Final = "idn"
 
 #: Random characters after the kind; a key id's part is the public id inside the token.
 RANDOM_LENGTH: Final = 16
@@ -32,6 +33,7 @@ _RESOURCE = {
     BUDGET: "budget",
     HOLD: "hold",
     RATE_LIMIT: "rate limit",
+    IDENTITY: "identity",
 }
 _PATTERNS = {
     kind: re.compile(

@@ -6,7 +6,7 @@ Access is granted if and only if, in this order:
 2. a key with that public id exists;
 3. its digest matches under the pepper that made it;
 4. it is not revoked;
-5. it is not disabled;
+5. it is not disabled, nor is the identity it belongs to;
 6. it is not expired (``expires_at`` is unset or later than now);
 7. if an organization is asked for, the key belongs to it;
 8. if a project is asked for: a project key must be of that project; a key
@@ -79,6 +79,8 @@ class KeyFacts:
     asked_product_linked: bool = False
     #: The key's IP ranges; None: any address.
     allowed_ips: tuple[str, ...] | None = None
+    #: When the key's identity was disabled; None: no identity, or not disabled.
+    identity_disabled_at: datetime | None = None
 
 
 def check(
@@ -98,6 +100,8 @@ def check(
         raise RevokedKeyError(facts.revoked_at, key_id=kid)
     if facts.disabled_at is not None:
         raise DisabledKeyError(facts.disabled_at, key_id=kid)
+    if facts.identity_disabled_at is not None:
+        raise DisabledKeyError(facts.identity_disabled_at, key_id=kid, identity=True)
     if facts.expires_at is not None and facts.expires_at <= now:
         raise ExpiredKeyError(facts.expires_at, key_id=kid)
     if req.org_id is not None and req.org_id != facts.org_id:

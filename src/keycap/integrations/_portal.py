@@ -162,10 +162,12 @@ def key_management_router(
         offset: Annotated[int, Query(ge=0)] = 0,
         status: KeyStatus | None = None,
         project_id: str | None = None,
+        identity_id: str | None = None,
     ) -> list[APIKey]:
         return await kc.list_keys(
             org_id=who.org_id,
             project_id=project_id,
+            identity_id=identity_id,
             status=status,
             limit=limit,
             offset=offset,

@@ -1,0 +1,137 @@
+"""Identities: a person or system of the user's, owning keys; disabling it refuses them all."""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal as D
+from typing import Any
+
+import pytest
+
+from keycap import (
+    APIKeyClient,
+    Budget,
+    DisabledKeyError,
+    InvalidArgumentError,
+    NotFoundError,
+    RateLimit,
+)
+from tests.conftest import SECRET, FakeClock
+
+
+async def test_an_identity_is_found_by_its_external_id_and_created_once(
+    client: APIKeyClient,
+) -> None:
+    org = (await client.create_organization("Acme")).id
+    made = await asyncio.gather(
+        *(
+            client.get_or_create_identity(org, "auth0|42", name="Ada", metadata={"plan": "pro"})
+            for _ in range(8)
+        )
+    )
+    assert sum(created for _, created in made) == 1
+    assert len({identity.id for identity, _ in made}) == 1
+    identity = made[0][0]
+    assert identity.id.startswith("idn_") and identity.external_id == "auth0|42"
+    again, created = await client.get_or_create_identity(org, "auth0|42", name="ignored")
+    assert (again.id, again.name, created) == (identity.id, "Ada", False)
+    other = (await client.create_organization("Other")).id
+    theirs, _ = await client.get_or_create_identity(other, "auth0|42")
+    assert theirs.id != identity.id  # external ids are per organization
+    assert [i.id for i in await client.list_identities(org)] == [identity.id]
+    renamed = await client.update_identity(identity.id, name="Ada L.")
+    assert renamed.name == "Ada L." and renamed.metadata == {"plan": "pro"}
+    with pytest.raises(NotFoundError):
+        await client.get_or_create_identity("org_AAAAAAAAAAAAAAAA", "x")
+    with pytest.raises(InvalidArgumentError):
+        await client.get_or_create_identity(org, "")
+    with pytest.raises(NotFoundError):
+        await client.get_identity("idn_AAAAAAAAAAAAAAAA")
+
+
+async def test_keys_belong_to_an_identity_of_their_own_organization(
+    client: APIKeyClient,
+) -> None:
+    org = (await client.create_organization("Acme")).id
+    other = (await client.create_organization("Other")).id
+    ada, _ = await client.get_or_create_identity(org, "ada")
+    theirs, _ = await client.get_or_create_identity(other, "bob")
+    first = await client.create_key(org, name="laptop", identity_id=ada.id)
+    await client.create_key(org, name="server")
+    assert first.key.identity_id == ada.id
+    assert (await client.get_key(first.id)).identity_id == ada.id
+    listed = await client.list_keys(org_id=org, identity_id=ada.id)
+    assert [k.name for k in listed] == ["laptop"]
+    with pytest.raises(NotFoundError) as refused:
+        await client.create_key(org, identity_id=theirs.id)
+    assert refused.value.resource == "identity"
+
+
+PATHS: dict[str, dict[str, Any]] = {
+    "read": {},
+    "tracked": {"track_usage": True},
+    "metered": {"cost": D("0.01")},
+}
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+async def test_disabling_an_identity_refuses_all_its_keys_at_once(
+    client: APIKeyClient, clock: FakeClock, path: str
+) -> None:
+    org = (await client.create_organization("Acme")).id
+    ada, _ = await client.get_or_create_identity(org, "ada")
+    hers = [
+        await client.create_key(org, identity_id=ada.id, budgets=[Budget(D("1"))]),
+        await client.create_key(org, identity_id=ada.id, rate_limits=[RateLimit(100, "minute")]),
+    ]
+    someone_elses = await client.create_key(org, budgets=[Budget(D("1"))])
+    options = PATHS[path]
+    for issued in hers:
+        await client.validate_key(issued.plaintext, **options)
+    disabled = await client.disable_identity(ada.id)
+    assert disabled.disabled_at == clock.now
+    clock.advance(seconds=1)
+    assert (await client.disable_identity(ada.id)).disabled_at == disabled.disabled_at
+    for issued in hers:
+        with pytest.raises(DisabledKeyError) as refused:
+            await client.validate_key(issued.plaintext, **options)
+        assert refused.value.identity is True
+        assert refused.value.to_dict()["identity"] is True
+        assert refused.value.disabled_at == disabled.disabled_at
+    await client.validate_key(someone_elses.plaintext, **options)
+    with pytest.raises(DisabledKeyError):  # a charge by key id too
+        await client.charge(hers[0].id, D("0.01"))
+    await client.enable_identity(ada.id)
+    for issued in hers:
+        await client.validate_key(issued.plaintext, **options)
+
+
+async def test_a_cached_validation_sees_the_identity_disabled(
+    client: APIKeyClient, db_url: str, clock: FakeClock
+) -> None:
+    async with APIKeyClient(db_url, signing_secret=SECRET, clock=clock, auth_cache_ttl=60) as kc:
+        org = (await kc.create_organization("Acme")).id
+        ada, _ = await kc.get_or_create_identity(org, "ada")
+        issued = await kc.create_key(org, identity_id=ada.id)
+        await kc.validate_key(issued.plaintext)
+        await kc.validate_key(issued.plaintext)  # from the cache
+        await kc.disable_identity(ada.id)
+        with pytest.raises(DisabledKeyError):
+            await kc.validate_key(issued.plaintext)
+
+
+async def test_identity_changes_are_in_the_audit_log(client: APIKeyClient) -> None:
+    org = (await client.create_organization("Acme")).id
+    with client.acting_as("admin"):
+        ada, _ = await client.get_or_create_identity(org, "ada", name="Ada")
+        await client.update_identity(ada.id, metadata={"team": "ml"})
+        await client.disable_identity(ada.id)
+        await client.enable_identity(ada.id)
+    logged = await client.audit_log(org, subject_id=ada.id)
+    assert [e.action for e in logged] == [
+        "identity.enabled",
+        "identity.disabled",
+        "identity.updated",
+        "identity.created",
+    ]
+    assert logged[-1].after is not None and logged[-1].after["external_id"] == "ada"
