@@ -11,12 +11,15 @@ import pytest
 from keycap import (
     APIKeyClient,
     Budget,
+    BudgetExceededError,
     DisabledKeyError,
     InvalidArgumentError,
     NotFoundError,
     RateLimit,
+    RateLimitedError,
 )
-from tests.conftest import SECRET, FakeClock
+from tests._ledger import assert_balances_match_ledger
+from tests.conftest import REPORT, SECRET, FakeClock
 
 
 async def test_an_identity_is_found_by_its_external_id_and_created_once(
@@ -135,3 +138,80 @@ async def test_identity_changes_are_in_the_audit_log(client: APIKeyClient) -> No
         "identity.created",
     ]
     assert logged[-1].after is not None and logged[-1].after["external_id"] == "ada"
+
+
+# --- an identity's own budgets and rate limits, shared by its keys ----------------------
+
+
+async def test_an_identity_budget_is_shared_by_its_keys_on_every_path(
+    client: APIKeyClient,
+) -> None:
+    org = (await client.create_organization("Acme")).id
+    ada, _ = await client.get_or_create_identity(org, "ada")
+    budget = await client.set_budget(ada.id, Budget(D("1.00")))
+    assert budget.scope == "identity" and budget.subject_id == ada.id
+    laptop = await client.create_key(org, identity_id=ada.id)
+    agent = await client.create_key(org, identity_id=ada.id)
+    stranger = await client.create_key(org)
+    await client.charge(laptop.id, D("0.40"))
+    await client.validate_key(agent.plaintext, cost=D("0.30"))
+    hold = await client.reserve(agent.id, D("0.20"))
+    with pytest.raises(BudgetExceededError) as refused:
+        await client.charge(laptop.id, D("0.20"))
+    assert (refused.value.scope, refused.value.subject_id) == ("identity", ada.id)
+    with pytest.raises(BudgetExceededError):
+        await client.validate_key(laptop.plaintext, cost=D("0.20"))
+    await client.settle(hold.id, D("0.05"))
+    await client.charge(laptop.id, D("0.25"))  # what the settle gave back
+    await client.charge(stranger.id, D("5"))  # not hers: no identity budget applies
+    (status,) = await client.get_budgets(ada.id)
+    assert (status.used, status.held, status.remaining) == (D("1.00"), D(0), D(0))
+    [remaining] = await client.remaining(agent.id)
+    assert (remaining.binding.scope, remaining.amount) == ("identity", D(0))
+    await assert_balances_match_ledger(client)
+
+
+async def test_an_identity_rate_limit_counts_the_calls_of_all_its_keys(
+    client: APIKeyClient,
+) -> None:
+    org = (await client.create_organization("Acme")).id
+    ada, _ = await client.get_or_create_identity(org, "ada")
+    limit = await client.set_rate_limit(ada.id, RateLimit(3, "minute"))
+    assert limit.scope == "identity"
+    first = await client.create_key(org, identity_id=ada.id)
+    second = await client.create_key(org, identity_id=ada.id)
+    for key in (first, second, first):
+        await client.validate_key(key.plaintext)
+    with pytest.raises(RateLimitedError) as refused:
+        await client.validate_key(second.plaintext)
+    assert refused.value.scope == "identity"
+    assert await client.remove_rate_limit(ada.id, limit.name)
+    await client.validate_key(second.plaintext)
+
+
+@pytest.mark.concurrency
+async def test_an_identity_budget_is_exact_under_charges_from_4_processes_through_2_keys(
+    client: APIKeyClient, db_url: str, backend: str
+) -> None:
+    from tests.test_metering_concurrency import _fire
+
+    org = (await client.create_organization("Acme")).id
+    ada, _ = await client.get_or_create_identity(org, "ada")
+    await client.set_budget(ada.id, Budget(D("2.00")))
+    a = await client.create_key(org, identity_id=ada.id, budgets=[Budget(D("1.50"))])
+    b = await client.create_key(org, identity_id=ada.id, budgets=[Budget(D("1.50"))])
+    outcomes, _ = _fire(
+        [(db_url, "charge", a.id, "0.10", 50, None), (db_url, "charge", b.id, "0.10", 50, None)] * 2
+    )
+    (shared,) = await client.get_budgets(ada.id)
+    (a_status,) = await client.get_budgets(a.id)
+    (b_status,) = await client.get_budgets(b.id)
+    ledger = await assert_balances_match_ledger(client)
+    REPORT.append(
+        f"{backend}: identity 2.00 + keys 1.50 each, 200 charges of 0.10 via 2 keys from "
+        f"4 processes -> admitted={outcomes['ok']}, identity used={shared.used}, "
+        f"key a={a_status.used}, key b={b_status.used}; {'; '.join(ledger)}"
+    )
+    assert outcomes["ok"] == 20 and shared.used == D("2.00")
+    assert a_status.used + b_status.used == shared.used
+    assert a_status.used <= D("1.50") and b_status.used <= D("1.50")

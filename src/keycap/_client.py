@@ -1046,7 +1046,9 @@ class APIKeyClient:
         """
         key = await self.get_key(key_id)
         now = self._now()
-        found = await admin.key_budgets(self._db, KeyRef(key.id, key.org_id, key.project_id), now)
+        found = await admin.key_budgets(
+            self._db, KeyRef(key.id, key.org_id, key.project_id, key.identity_id), now
+        )
         return results.remaining(found, now)
 
     async def grant_credit(self, budget_id: str, amount: money.Amount) -> BudgetStatus:

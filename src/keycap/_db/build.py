@@ -49,6 +49,7 @@ def int_param(name: str) -> Any:
 KEY_ID = bindparam("m_key_id", type_=keys.c.id.type)
 ORG_ID = bindparam("m_org_id", type_=keys.c.org_id.type)
 PROJECT_ID = bindparam("m_project_id", type_=keys.c.project_id.type)
+IDENTITY_ID = bindparam("m_identity_id", type_=keys.c.identity_id.type)
 NOW = bindparam("m_now", type_=keys.c.last_used_at.type)
 BUDGET_ID = bindparam("m_budget_id", type_=budgets.c.id.type)
 HOLD_ID = bindparam("m_hold_id", type_=holds.c.id.type)
@@ -61,11 +62,17 @@ class KeyRef:
     id: str
     org_id: str
     project_id: str | None
+    identity_id: str | None
 
 
 def key_params(key: KeyRef) -> dict[str, Any]:
-    """The values of ``KEY_ID``, ``ORG_ID`` and ``PROJECT_ID`` for ``key``."""
-    return {"m_key_id": key.id, "m_org_id": key.org_id, "m_project_id": key.project_id}
+    """The values of ``KEY_ID``, ``ORG_ID``, ``PROJECT_ID`` and ``IDENTITY_ID`` for ``key``."""
+    return {
+        "m_key_id": key.id,
+        "m_org_id": key.org_id,
+        "m_project_id": key.project_id,
+        "m_identity_id": key.identity_id,
+    }
 
 
 # --- the bind parameters of the key's own validation statements -----------------------

@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, and_, bindparam, exists, func, or_, select
 
-from keycap._db.build import KEY_ID, ORG_ID, PROJECT_ID, contains
+from keycap._db.build import IDENTITY_ID, KEY_ID, ORG_ID, PROJECT_ID, contains
 from keycap._db.schema import (
     identities,
     keys,
@@ -179,22 +179,29 @@ def asked_product(req: Requirement) -> Any:
 # --- what applies to a key ------------------------------------------------------------
 
 
-def applies_to(table: Any, key_id: Any, org_id: Any, project_id: Any) -> ColumnElement[bool]:
-    """A rate limit's or budget's row belongs to the key, its project or its
-    organization. A key without a project has a NULL ``project_id``, which
+def applies_to(
+    table: Any, key_id: Any, org_id: Any, project_id: Any, identity_id: Any
+) -> ColumnElement[bool]:
+    """A rate limit's or budget's row belongs to the key, its identity, its project
+    or its organization. A key without a project (identity) has a NULL there, which
     matches nothing. The one spelling of this rule: every statement below uses it."""
-    return table.c.subject_id.in_([key_id, org_id, project_id])  # type: ignore[no-any-return]
+    return table.c.subject_id.in_([key_id, org_id, project_id, identity_id])  # type: ignore[no-any-return]
 
 
 def applies_to_key(table: Any) -> ColumnElement[bool]:
-    """:func:`applies_to` the key of the ``KEY_ID``/``ORG_ID``/``PROJECT_ID`` binds."""
-    return applies_to(table, KEY_ID, ORG_ID, PROJECT_ID)
+    """:func:`applies_to` the key of the ``KEY_ID``/``ORG_ID``/``PROJECT_ID``/
+    ``IDENTITY_ID`` binds."""
+    return applies_to(table, KEY_ID, ORG_ID, PROJECT_ID, IDENTITY_ID)
+
+
+def applies_to_row(table: Any, key: Any) -> ColumnElement[bool]:
+    """:func:`applies_to` the key of a row (``keys.c`` or a CTE's columns)."""
+    return applies_to(table, key.id, key.org_id, key.project_id, key.identity_id)
 
 
 def has_rate_limits() -> ColumnElement[bool]:
     """A rate limit applies to the key of the ``keys`` row in the statement."""
-    k = keys.c
-    return exists().where(applies_to(rate_limits, k.id, k.org_id, k.project_id))
+    return exists().where(applies_to_row(rate_limits, keys.c))
 
 
 def rate_limit_count(key_id: Any) -> Any:
@@ -213,7 +220,13 @@ def rate_limit_count(key_id: Any) -> Any:
         select(func.count())
         .select_from(rate_limits)
         .where(
-            applies_to(rate_limits, key_id, of_key(counted.c.org_id), of_key(counted.c.project_id))
+            applies_to(
+                rate_limits,
+                key_id,
+                of_key(counted.c.org_id),
+                of_key(counted.c.project_id),
+                of_key(counted.c.identity_id),
+            )
         )
         .scalar_subquery()
         .label("rate_limit_count")

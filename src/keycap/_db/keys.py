@@ -400,14 +400,14 @@ async def lock_live_key(conn: AsyncConnection, key_id: str, now: datetime) -> Ke
     anything is read.
     """
     row = await changed(conn, _lock_key(), {"m_key_id": key_id, "m_now": now})
-    return None if row is None else KeyRef(key_id, row.org_id, row.project_id)
+    return None if row is None else KeyRef(key_id, row.org_id, row.project_id, row.identity_id)
 
 
 @lru_cache(maxsize=1)
 def _lock_key() -> Changing:
     k = keys.c
     stmt = update(keys).where(k.id == KEY_ID, *key_is_live_now(NOW)).values(last_used_at=NOW)
-    return changing(stmt, select(k.org_id, k.project_id).where(k.id == KEY_ID))
+    return changing(stmt, select(k.org_id, k.project_id, k.identity_id).where(k.id == KEY_ID))
 
 
 async def record_metered_use(

@@ -73,7 +73,7 @@ from keycap._db.build import (
     hot_params,
     int_param,
 )
-from keycap._db.grant import applies_to, grant_predicate, key_is_live_now
+from keycap._db.grant import applies_to_row, grant_predicate, key_is_live_now
 from keycap._db.hot import HotRow
 from keycap._db.keys import KEY_COLUMNS, metered_use, usage_cap_open
 from keycap._db.rate_limits import call_cost, window_step
@@ -196,7 +196,9 @@ def reserve_params(
 def _spend(meter_count: int, *, hold: bool, lock_pass: bool) -> Any:
     k = keys.c
     cost = _Cost(meter_count)
-    key_q = select(k.id, k.org_id, k.project_id).where(k.id == KEY_ID, *key_is_live_now(NOW))
+    key_q = select(k.id, k.org_id, k.project_id, k.identity_id).where(
+        k.id == KEY_ID, *key_is_live_now(NOW)
+    )
     key = key_q.with_for_update(key_share=True).cte("hot_key")
     room = _budget_pass(key, cost, lock_pass)
 
@@ -227,6 +229,7 @@ def _spend(meter_count: int, *, hold: bool, lock_pass: bool) -> Any:
             decision.c.ok,
             key.c.org_id.label("key_org_id"),
             key.c.project_id.label("key_project_id"),
+            key.c.identity_id.label("key_identity_id"),
             *(debited.c[c.name] for c in budgets.c),
             *refused_columns,
         )
@@ -451,6 +454,7 @@ class Metered:
     rates_ok: bool
     key_org_id: str | None
     key_project_id: str | None
+    key_identity_id: str | None
     key: AnyRow | None
     rate_limits: list[TableRow]
     budgets: list[TableRow]
@@ -468,6 +472,7 @@ class Metered:
             rates_ok=bool(first.rates_ok),
             key_org_id=first.key_org_id,
             key_project_id=first.key_project_id,
+            key_identity_id=first.key_identity_id,
             key=first if first.ok else None,
             rate_limits=_distinct(rows, "r_"),
             budgets=_distinct(rows, "b_"),
@@ -516,9 +521,7 @@ def validation_statement(
     # Rate limits after the key, in id order; then what the call does to each.
     limits_q = (
         select(*rate_limits.c)
-        .select_from(
-            rate_limits.join(key, applies_to(rate_limits, key.c.id, key.c.org_id, key.c.project_id))
-        )
+        .select_from(rate_limits.join(key, applies_to_row(rate_limits, key.c)))
         .order_by(rl.id)
     )
     limits = _locked(limits_q, rate_limits, lock_pass).cte("hot_limits")
@@ -574,6 +577,7 @@ def validation_statement(
         decision.c.rates_ok,
         key.c.org_id.label("key_org_id"),
         key.c.project_id.label("key_project_id"),
+        key.c.identity_id.label("key_identity_id"),
         *used.c,
         *(counted.c[c.name].label(f"r_{c.name}") for c in rate_limits.c),
         *(rate_refused.c[c.name].label(f"y_{c.name}") for c in rate_limits.c),
@@ -630,9 +634,7 @@ def _budget_pass(key: Any, cost: _Cost, lock_pass: bool, after: Any = None) -> A
     b = budgets.c
     locking = (
         select(*budgets.c, _current_start().label("current_start"))
-        .select_from(
-            budgets.join(key, applies_to(budgets, key.c.id, key.c.org_id, key.c.project_id))
-        )
+        .select_from(budgets.join(key, applies_to_row(budgets, key.c)))
         .where(b.meter.in_(cost.meters))
         .order_by(b.id)
     )

@@ -195,7 +195,7 @@ keys = Table(
 # the limit's name); org_id/project_id/key_id are there for cascades and are
 # tied to subject_id by a CHECK.
 
-_SUBJECT_CHECK = "subject_id = COALESCE(key_id, project_id, org_id)"
+_SUBJECT_CHECK = "subject_id = COALESCE(key_id, identity_id, project_id, org_id)"
 
 
 def _subject_columns() -> list[Any]:
@@ -204,14 +204,20 @@ def _subject_columns() -> list[Any]:
         Column("project_id", String(ID), nullable=True),
         Column("key_id", String(ID), nullable=True),
         Column("subject_id", String(ID), nullable=False),
+        # Set only for an identity's own limits and budgets.
+        Column("identity_id", String(ID), nullable=True),
         ForeignKeyConstraint(["org_id"], [organizations.c.id], ondelete="CASCADE"),
         ForeignKeyConstraint(
             ["org_id", "project_id"], [projects.c.org_id, projects.c.id], ondelete="CASCADE"
         ),
         ForeignKeyConstraint(["key_id"], [keys.c.id], ondelete="CASCADE"),
+        ForeignKeyConstraint(
+            ["org_id", "identity_id"], [identities.c.org_id, identities.c.id], ondelete="CASCADE"
+        ),
         CheckConstraint(_SUBJECT_CHECK, name="subject"),
         Index(None, "key_id"),
         Index(None, "org_id", "project_id"),
+        Index(None, "org_id", "identity_id"),
     ]
 
 

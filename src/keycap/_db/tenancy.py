@@ -32,11 +32,17 @@ TABLES: Mapping[str, Table] = {
     ids.PRODUCT: products,
 }
 
-_SCOPES = {ids.KEY: "key", ids.PROJECT: "project", ids.ORG: "organization"}
+_SCOPES = {
+    ids.KEY: "key",
+    ids.IDENTITY: "identity",
+    ids.PROJECT: "project",
+    ids.ORG: "organization",
+}
 
 
 def scope_of(subject_id: str) -> str:
-    """``"key"``, ``"project"`` or ``"organization"``: what a subject id names."""
+    """``"key"``, ``"identity"``, ``"project"`` or ``"organization"``: what a subject
+    id names."""
     return _SCOPES[subject_id.split("_", 1)[0]]
 
 
@@ -159,6 +165,7 @@ class Subject:
     org_id: str
     project_id: str | None
     key_id: str | None
+    identity_id: str | None = None
 
     @property
     def columns(self) -> dict[str, Any]:
@@ -167,12 +174,13 @@ class Subject:
             "org_id": self.org_id,
             "project_id": self.project_id,
             "key_id": self.key_id,
+            "identity_id": self.identity_id,
         }
 
 
 async def find_subject(conn: AsyncConnection, subject_id: str) -> Subject | None:
-    """The key, project or organization ``subject_id`` with its parents' ids; None if
-    there is none."""
+    """The key, identity, project or organization ``subject_id`` with its parents'
+    ids; None if there is none."""
     kind = subject_id.split("_", 1)[0]
     if kind == ids.KEY:
         row = (
@@ -182,6 +190,10 @@ async def find_subject(conn: AsyncConnection, subject_id: str) -> Subject | None
         ).first()
         if row is not None:
             return Subject(subject_id, row.org_id, row.project_id, subject_id)
+    elif kind == ids.IDENTITY:
+        org = await conn.scalar(select(identities.c.org_id).where(identities.c.id == subject_id))
+        if org is not None:
+            return Subject(subject_id, org, None, None, subject_id)
     elif kind == ids.PROJECT:
         org = await conn.scalar(select(projects.c.org_id).where(projects.c.id == subject_id))
         if org is not None:

@@ -83,7 +83,7 @@ def by_remaining(statuses: Sequence[BudgetStatus]) -> tuple[BudgetStatus, ...]:
     return tuple(sorted(statuses, key=lambda s: (s.remaining, s.id)))
 
 
-_SPECIFIC = {"key": 0, "project": 1, "organization": 2}
+_SPECIFIC = {"key": 0, "identity": 1, "project": 2, "organization": 3}
 
 
 def remaining(rows: Sequence[AnyRow], now: datetime) -> list[Remaining]:

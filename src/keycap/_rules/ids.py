@@ -89,15 +89,18 @@ def check_optional(kind: str, value: object, *, field: str | None = None) -> str
 
 
 def check_subject(value: object, field: str = "subject_id") -> str:
-    """The id of a key, project or organization (what limits and budgets belong to).
+    """The id of a key, identity, project or organization (what limits and budgets
+    belong to).
 
     Raises:
         InvalidArgumentError: not a string.
         NotFoundError: not an id of one of those kinds.
     """
     if not isinstance(value, str):
-        raise InvalidArgumentError(field, "must be the id of a key, project or organization")
-    for kind in (KEY, PROJECT, ORG):
+        raise InvalidArgumentError(
+            field, "must be the id of a key, identity, project or organization"
+        )
+    for kind in (KEY, IDENTITY, PROJECT, ORG):
         if is_valid(kind, value):
             return value
-    raise NotFoundError("key, project or organization", "(malformed id)")
+    raise NotFoundError("key, identity, project or organization", "(malformed id)")

@@ -276,7 +276,12 @@ def _detail(view: View, selected: Selected) -> str:
     return "\n".join(p for p in parts if p)
 
 
-_SCOPE_NAMES = {"key": "This key", "project": "Its project", "org": "The organization"}
+_SCOPE_NAMES = {
+    "key": "This key",
+    "identity": "Its owner",
+    "project": "Its project",
+    "organization": "The organization",
+}
 
 
 def budget_bar(budget: BudgetStatus, now: datetime) -> str:
