@@ -288,6 +288,10 @@ def test_identities_from_the_command_line(cli: CLI) -> None:
     cli.ok("key", "create", "--org", "Acme", "--name", "other")
     mine = json.loads(cli.ok("key", "list", "--identity", identity_id, "--json"))
     assert [k["name"] for k in mine] == ["hers"] and mine[0]["identity_id"] == identity_id
+    cli.ok("budget", "set", identity_id, "5.00/month")  # shared by all her keys
+    shown = json.loads(cli.ok("key", "show", mine[0]["id"]))
+    assert shown["remaining"][0]["binding"]["scope"] == "identity"
+    assert shown["remaining"][0]["amount"] == "5"
     cli.ok("identity", "disable", identity_id)
     listed = json.loads(cli.ok("identity", "list", "Acme", "--json"))
     assert listed[0]["disabled_at"] is not None

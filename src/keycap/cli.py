@@ -305,8 +305,8 @@ def _metadata(text: str | None) -> dict[str, Any] | None:
 
 
 async def _subject(client: APIKeyClient, value: str) -> str:
-    """A key, project or organization id; or an organization's name."""
-    if any(ids.is_valid(kind, value) for kind in (ids.KEY, ids.PROJECT, ids.ORG)):
+    """A key, identity, project or organization id; or an organization's name."""
+    if any(ids.is_valid(kind, value) for kind in (ids.KEY, ids.IDENTITY, ids.PROJECT, ids.ORG)):
         return value
     return await _org(client, value)
 
@@ -800,7 +800,9 @@ def _paging(parser: argparse.ArgumentParser) -> None:
 def _on_subject(group: Any, action: str, help_: str, run: Any) -> argparse.ArgumentParser:
     """An action on a key's, project's or organization's budgets or limits."""
     parser: argparse.ArgumentParser = group.add_parser(action, help=help_)
-    parser.add_argument("subject", help="key, project or organization id (or organization name)")
+    parser.add_argument(
+        "subject", help="key, identity, project or organization id (or organization name)"
+    )
     parser.set_defaults(run=run)
     return parser
 
