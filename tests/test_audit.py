@@ -52,6 +52,8 @@ async def test_every_change_to_a_key_is_recorded_with_who_and_what(
     assert created.before is None and created.after is not None
     assert created.after["name"] == "agent" and created.after["scopes"] == ["chat:write"]
     assert created.after["budgets"] == [{"limit": "5", "period": "month", "meter": "spend"}]
+    [limit] = await client.get_rate_limits(issued.id)
+    assert [r["id"] for r in created.after["rate_limits"]] == [limit.id]  # the row inserted
     assert updated.before is not None and updated.after is not None
     assert (updated.before["name"], updated.after["name"]) == ("agent", "billing agent")
     assert updated.at == clock.now and created.at < updated.at

@@ -196,9 +196,8 @@ async def create_key(
                 )
             await tenancy.check_scopes(conn, org_id, scope_rules.decode(row["scopes"]))
             await keys.insert_key(conn, row)
-            await rate_limits.insert_rate_limits(
-                conn, [rate_limits.new_rate_limit_row(own, limit, now) for limit in limits]
-            )
+            limit_rows = [rate_limits.new_rate_limit_row(own, limit, now) for limit in limits]
+            await rate_limits.insert_rate_limits(conn, limit_rows)
             await budgets.insert_budgets(
                 conn, [budgets.new_budget_row(own, spec, now) for spec in budget_specs]
             )
@@ -212,10 +211,7 @@ async def create_key(
                 }
                 for s in budget_specs
             ]
-            after["rate_limits"] = [
-                audit.plain_state(rate_limits.new_rate_limit_row(own, limit, now), *_LIMIT)
-                for limit in limits
-            ]
+            after["rate_limits"] = [audit.plain_state(r, *_LIMIT) for r in limit_rows]
             await audit.write(
                 conn,
                 org_id=org_id,
