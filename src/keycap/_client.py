@@ -601,11 +601,11 @@ class APIKeyClient:
 
         Raises: NotFoundError.
         """
-        current = await self.get_identity(identity_id)
-        if current.disabled_at is not None:
-            return current
         return await self._change_identity(
-            identity_id, "identity.disabled", {"disabled_at": self._now()}
+            identity_id,
+            "identity.disabled",
+            {"disabled_at": self._now()},
+            only_if=identities.c.disabled_at.is_(None),  # the first disabled_at stays
         )
 
     async def enable_identity(self, identity_id: str) -> Identity:
@@ -616,12 +616,12 @@ class APIKeyClient:
         return await self._change_identity(identity_id, "identity.enabled", {"disabled_at": None})
 
     async def _change_identity(
-        self, identity_id: str, action: str, values: dict[str, Any]
+        self, identity_id: str, action: str, values: dict[str, Any], only_if: Any = None
     ) -> Identity:
         identity_id = ids.check(ids.IDENTITY, identity_id)
         now = self._now()
         row = await admin.update_identity(
-            self._db, identity_id, action, {**values, "updated_at": now}, now
+            self._db, identity_id, action, {**values, "updated_at": now}, now, only_if
         )
         self._changed()  # cached validations of its keys must see it
         if row is None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, delete, insert, literal, select, update
+from sqlalchemy import ColumnElement, Table, delete, insert, literal, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from keycap._db.build import AnyRow
@@ -233,8 +233,13 @@ async def list_identities(
 
 
 async def update_identity(
-    conn: AsyncConnection, identity_id: str, values: Mapping[str, Any]
-) -> AnyRow | None:
-    """Apply ``values``; the identity as it now is, or None if there is none."""
-    await conn.execute(update(identities).where(identities.c.id == identity_id).values(**values))
-    return await get_by_id(conn, identities, identity_id)
+    conn: AsyncConnection,
+    identity_id: str,
+    values: Mapping[str, Any],
+    only_if: ColumnElement[bool] | None = None,
+) -> None:
+    """Apply ``values`` when ``only_if`` holds (as ``keys.update_key`` does)."""
+    stmt = update(identities).where(identities.c.id == identity_id).values(**values)
+    if only_if is not None:
+        stmt = stmt.where(only_if)
+    await conn.execute(stmt)

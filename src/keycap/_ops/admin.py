@@ -256,17 +256,18 @@ async def set_rate_limit(db: Database, subject_id: str, limit: RateLimit, now: d
     row = rate_limits.new_rate_limit_row(owner, limit, now)
 
     async def limited(conn: AsyncConnection, write: Any) -> None:
-        before = await rate_limits.get_rate_limit(conn, row["subject_id"], row["name"])
-        await write(conn)
-        after = await rate_limits.get_rate_limit(conn, row["subject_id"], row["name"])
-        await audit.write(
+        def find(c: AsyncConnection) -> Awaitable[AnyRow | None]:
+            return rate_limits.get_rate_limit(c, row["subject_id"], row["name"])
+
+        await _audited(
             conn,
-            org_id=owner.org_id,
-            action="rate_limit.set",
-            subject_id=subject_id,
-            before=audit.plain_state(before, *_LIMIT),
-            after=audit.plain_state(after, *_LIMIT),
-            now=now,
+            await find(conn),
+            write,
+            find,
+            "rate_limit.set",
+            lambda _: (owner.org_id, subject_id),
+            lambda r: audit.plain_state(r, *_LIMIT),
+            now,
         )
 
     try:
@@ -300,17 +301,18 @@ async def set_budget(db: Database, subject_id: str, spec: BudgetSpec, now: datet
     row = budgets.new_budget_row(owner, spec, now)
 
     async def budgeted(conn: AsyncConnection, write: Any) -> Any:
-        before = await budgets.find_budget(conn, row)
-        done = await write(conn)
-        after = await budgets.find_budget(conn, row)
-        await audit.write(
+        def find(c: AsyncConnection) -> Awaitable[AnyRow | None]:
+            return budgets.find_budget(c, row)
+
+        done, _ = await _audited(
             conn,
-            org_id=owner.org_id,
-            action="budget.set",
-            subject_id=subject_id,
-            before=audit.plain_state(before, *_BUDGET),
-            after=audit.plain_state(after, *_BUDGET),
-            now=now,
+            await find(conn),
+            write,
+            find,
+            "budget.set",
+            lambda _: (owner.org_id, subject_id),
+            lambda r: audit.plain_state(r, *_BUDGET),
+            now,
         )
         return done
 
@@ -400,24 +402,29 @@ async def set_allowed_scopes(
     """Fix (or, with None, lift) the scopes an organization's keys may be granted;
     the organization as it now is, or None if there is none."""
 
-    async def unit(conn: AsyncConnection) -> AnyRow | None:
-        query = select(organizations).where(organizations.c.id == org_id)
-        before = (await conn.execute(query)).first()
-        if before is None:
-            return None
-        stored = None if allowed is None else scope_rules.encode(allowed)
-        await conn.execute(
+    stored = None if allowed is None else scope_rules.encode(allowed)
+
+    def find(conn: AsyncConnection) -> Awaitable[AnyRow | None]:
+        return tenancy.get_by_id(conn, organizations, org_id)
+
+    def write(conn: AsyncConnection) -> Awaitable[Any]:
+        return conn.execute(
             update(organizations).where(organizations.c.id == org_id).values(allowed_scopes=stored)
         )
-        after = (await conn.execute(query)).first()
-        await audit.write(
+
+    async def unit(conn: AsyncConnection) -> AnyRow | None:
+        before = await find(conn)
+        if before is None:
+            return None
+        _, after = await _audited(
             conn,
-            org_id=org_id,
-            action="organization.allowed_scopes",
-            subject_id=org_id,
-            before=audit.plain_state(before, *_NAMED),
-            after=audit.plain_state(after, *_NAMED),
-            now=now,
+            before,
+            write,
+            find,
+            "organization.allowed_scopes",
+            lambda _: (org_id, org_id),
+            lambda r: audit.plain_state(r, *_NAMED),
+            now,
         )
         return after
 
@@ -452,21 +459,24 @@ async def change_key(
     """``change(conn)`` of the key, with its audit row, in one transaction; the key
     after it, or None if there is no such key."""
 
+    def find(conn: AsyncConnection) -> Awaitable[AnyRow | None]:
+        return keys.get_key_audited(conn, key_id)
+
     async def unit(conn: AsyncConnection) -> AnyRow | None:
-        before = await keys.get_key_audited(conn, key_id)
+        before = await find(conn)
         if before is None:
             return None
-        changed = await change(conn)
-        if changed is not None:
-            await audit.write(
-                conn,
-                org_id=before.org_id,
-                action=action,
-                subject_id=key_id,
-                before=audit.key_state(before),
-                after=audit.key_state(await keys.get_key_audited(conn, key_id)),
-                now=now,
-            )
+        changed: AnyRow | None
+        changed, _ = await _audited(
+            conn,
+            before,
+            change,
+            find,
+            action,
+            lambda _: (before.org_id, key_id),
+            audit.key_state,
+            now,
+        )
         return changed
 
     return await db.run_in_transaction(unit)
@@ -487,7 +497,7 @@ async def remove_budget(db: Database, budget_id: str, now: datetime) -> bool:
 
 async def _removed(
     db: Database,
-    find: Callable[[AsyncConnection], Awaitable[Any]],
+    find: Callable[[AsyncConnection], Awaitable[AnyRow | None]],
     delete: Callable[[AsyncConnection], Awaitable[bool]],
     action: str,
     where: Callable[[Any], tuple[str, str]],
@@ -509,12 +519,41 @@ async def _removed(
             action=action,
             subject_id=subject_id,
             before=state(before),
-            after=None,
+            after=None,  # gone (for a link, ``find`` finds the project, still there)
             now=now,
         )
         return True
 
     return await db.run_in_transaction(unit)
+
+
+async def _audited(
+    conn: AsyncConnection,
+    before: Any,
+    write: Callable[[AsyncConnection], Awaitable[Any]],
+    find: Callable[[AsyncConnection], Awaitable[AnyRow | None]],
+    action: str,
+    where: Callable[[Any], tuple[str, str]],
+    state: Callable[[Any], dict[str, Any] | None],
+    now: datetime,
+) -> tuple[Any, AnyRow | None]:
+    """In ``conn``'s transaction: ``write``, then the audit row of the change from
+    ``before`` to what ``find`` finds after it (``where``: the organization and
+    subject; ``state``: what the log keeps of a row; no row if nothing changed).
+    ``(what write returned, the row after)``."""
+    done = await write(conn)
+    after = await find(conn)
+    org_id, subject_id = where(before if before is not None else after)
+    await audit.write(
+        conn,
+        org_id=org_id,
+        action=action,
+        subject_id=subject_id,
+        before=state(before),
+        after=state(after),
+        now=now,
+    )
+    return done, after
 
 
 # --- identities ---------------------------------------------------------------------------
@@ -568,24 +607,32 @@ async def get_or_create_identity(
 
 
 async def update_identity(
-    db: Database, identity_id: str, action: str, values: Mapping[str, Any], now: datetime
+    db: Database,
+    identity_id: str,
+    action: str,
+    values: Mapping[str, Any],
+    now: datetime,
+    only_if: Any = None,
 ) -> AnyRow | None:
-    """Change an identity (name, metadata, disabled), with its audit row; None if
-    there is no such identity."""
+    """Change an identity (name, metadata, disabled), with its audit row, when
+    ``only_if`` holds; the identity as it now is, or None if there is none."""
+
+    def find(conn: AsyncConnection) -> Awaitable[AnyRow | None]:
+        return tenancy.get_by_id(conn, identities, identity_id)
 
     async def unit(conn: AsyncConnection) -> AnyRow | None:
-        before = await tenancy.get_by_id(conn, identities, identity_id)
+        before = await find(conn)
         if before is None:
             return None
-        after = await tenancy.update_identity(conn, identity_id, values)
-        await audit.write(
+        _, after = await _audited(
             conn,
-            org_id=before.org_id,
-            action=action,
-            subject_id=identity_id,
-            before=audit.plain_state(before, *_IDENTITY),
-            after=audit.plain_state(after, *_IDENTITY),
-            now=now,
+            before,
+            lambda c: tenancy.update_identity(c, identity_id, values, only_if),
+            find,
+            action,
+            lambda _: (before.org_id, identity_id),
+            lambda r: audit.plain_state(r, *_IDENTITY),
+            now,
         )
         return after
 
