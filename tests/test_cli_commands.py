@@ -298,3 +298,21 @@ def test_identities_from_the_command_line(cli: CLI) -> None:
     assert "disabled" in cli.ok("identity", "list", "Acme")
     missing = cli("key", "create", "--org", "Acme", "--identity", "nobody")
     one_line(missing, 2, "no identity with external id 'nobody'")
+
+
+def test_an_identity_is_found_by_external_id_past_the_first_page(cli: CLI) -> None:
+    import asyncio
+    import os
+
+    from keycap import APIKeyClient
+
+    org_id = cli.ok("org", "create", "Acme").strip()
+    cli.ok("identity", "create", "Acme", "first")
+
+    async def many() -> None:
+        async with APIKeyClient(os.environ["KEYCAP_DATABASE_URL"], signing_secret=SECRET) as kc:
+            for n in range(120):  # newer than "first": it is on the second page
+                await kc.get_or_create_identity(org_id, f"later-{n}")
+
+    asyncio.run(many())
+    cli.ok("key", "create", "--org", "Acme", "--identity", "first", "--name", "hers")

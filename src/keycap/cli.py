@@ -228,12 +228,14 @@ async def _child(client: APIKeyClient, kind: str, org_id: str, value: str | None
     return found
 
 
-async def _named(page_at: Callable[[int], Awaitable[Sequence[Any]]], name: str) -> str | None:
-    """The id of the entity called ``name``, paging through a list_* method."""
+async def _named(
+    page_at: Callable[[int], Awaitable[Sequence[Any]]], name: str, field: str = "name"
+) -> str | None:
+    """The id of the entity whose ``field`` is ``name``, paging through a list_* method."""
     offset = 0
     while page := await page_at(offset):
         for item in page:
-            if item.name == name:
+            if getattr(item, field) == name:
                 return str(item.id)
         offset += len(page)
     return None
@@ -453,9 +455,13 @@ async def _identity(client: APIKeyClient, org_id: str, value: str | None) -> str
     """An identity's id, given its id or its external id in the organization."""
     if value is None or ids.is_valid(ids.IDENTITY, value):
         return value
-    for identity in await client.list_identities(org_id, limit=100):
-        if identity.external_id == value:
-            return identity.id
+    found = await _named(
+        lambda offset: client.list_identities(org_id, limit=100, offset=offset),
+        value,
+        "external_id",
+    )
+    if found is not None:
+        return found
     raise UsageError(f"no identity with external id {value!r} in {org_id} (identity create)")
 
 
