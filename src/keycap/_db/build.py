@@ -81,14 +81,16 @@ def key_params(key: KeyRef) -> dict[str, Any]:
 def hot_params(
     key_id: str, now: datetime, digests: Mapping[str, str], client: ips.Address | None = None
 ) -> dict[str, Any]:
-    """The key id, ``now``, the digests and the networks holding ``client``'s
-    address (``keycap._db.grant.ip_allowed``)."""
-    params: dict[str, Any] = {"hot_key_id": key_id, "hot_now": now}
-    for i, digest in enumerate(digests.values()):
-        params[f"hot_digest_{i}"] = digest
+    """The key id, ``now`` and :func:`grant_params`."""
+    return {"hot_key_id": key_id, "hot_now": now, **grant_params(digests, client)}
+
+
+def grant_params(digests: Mapping[str, str], client: ips.Address | None) -> dict[str, str]:
+    """The grant predicate's own binds: one digest per pepper, and the networks
+    holding ``client``'s address (``keycap._db.grant.ip_allowed``)."""
+    params = {f"hot_digest_{i}": digest for i, digest in enumerate(digests.values())}
     if client is not None:
-        for i, net in enumerate(ips.networks(client)):
-            params[f"hot_net_{i}"] = net
+        params.update({f"hot_net_{i}": net for i, net in enumerate(ips.networks(client))})
     return params
 
 

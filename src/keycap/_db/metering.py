@@ -69,8 +69,8 @@ from keycap._db.build import (
     AnyRow,
     Execute,
     big,
+    grant_params,
     hot_binds,
-    hot_params,
     int_param,
 )
 from keycap._db.grant import applies_to_row, grant_predicate, key_is_live_now
@@ -420,9 +420,7 @@ def validation_params(
     """The values of :func:`validation_statement`'s bind parameters."""
     params = charge_params(key_id, amounts, None, now)
     params["m_now_ms"] = now_ms
-    for name, value in hot_params(key_id, now, digests, client).items():
-        if name.startswith(("hot_digest_", "hot_net_")):
-            params[name] = value
+    params.update(grant_params(digests, client))
     return params
 
 
