@@ -15,12 +15,13 @@ from keycap._rules.policy import KeyFacts
 Source = AnyRow | Mapping[str, Any]
 
 
-def _mapping(row: Source) -> Mapping[str, Any]:
+def as_mapping(row: Source) -> Mapping[str, Any]:
+    """A row's columns by name, whether it is a ``Row`` or already a mapping."""
     return row._mapping if isinstance(row, Row) else row  # type: ignore[return-value]
 
 
 def to_organization(row: Source) -> Organization:
-    m = _mapping(row)
+    m = as_mapping(row)
     allowed = m.get("allowed_scopes")
     return Organization.model_construct(
         id=m["id"],
@@ -31,14 +32,14 @@ def to_organization(row: Source) -> Organization:
 
 
 def to_project(row: Source) -> Project:
-    m = _mapping(row)
+    m = as_mapping(row)
     return Project.model_construct(
         id=m["id"], org_id=m["org_id"], name=m["name"], created_at=m["created_at"]
     )
 
 
 def to_product(row: Source) -> Product:
-    m = _mapping(row)
+    m = as_mapping(row)
     return Product.model_construct(
         id=m["id"], org_id=m["org_id"], name=m["name"], created_at=m["created_at"]
     )
@@ -46,7 +47,7 @@ def to_product(row: Source) -> Product:
 
 def to_key(row: Source, **override: Any) -> APIKey:
     """A key from its row; ``scopes`` may be the stored string or already a tuple."""
-    m = _mapping(row)
+    m = as_mapping(row)
     stored_scopes = m["scopes"]
     return APIKey.model_construct(
         id=m["id"],
@@ -100,7 +101,7 @@ def _ranges(stored: str | tuple[str, ...] | None) -> tuple[str, ...] | None:
 
 
 def to_audit_entry(row: Source) -> AuditEntry:
-    m = _mapping(row)
+    m = as_mapping(row)
     return AuditEntry.model_construct(
         id=m["id"],
         org_id=m["org_id"],
@@ -114,7 +115,7 @@ def to_audit_entry(row: Source) -> AuditEntry:
 
 
 def to_identity(row: Source) -> Identity:
-    m = _mapping(row)
+    m = as_mapping(row)
     return Identity.model_construct(
         id=m["id"],
         org_id=m["org_id"],

@@ -9,7 +9,7 @@ the subject as the public API shows it, never a secret or a digest.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import datetime
@@ -46,7 +46,7 @@ def key_state(row: Any) -> dict[str, Any] | None:
     state = {k: v for k, v in shown.items() if k not in _USE_FIELDS}
     # A roll changes only the secret: the audit log says until when the old one
     # works (never the digest itself).
-    until = row._mapping.get("previous_until") if hasattr(row, "_mapping") else None
+    until = rows.as_mapping(row).get("previous_until")
     state["previous_secret_until"] = until.isoformat() if until is not None else None
     return state
 
@@ -55,7 +55,7 @@ def plain_state(row: Any, *names: str) -> dict[str, Any] | None:
     """``names`` of a row (an organization, project, product, limit or budget), JSON-ready."""
     if row is None:
         return None
-    mapping: Mapping[str, Any] = row._mapping if hasattr(row, "_mapping") else row
+    mapping = rows.as_mapping(row)
     out: dict[str, Any] = {}
     for name in names:
         value = mapping.get(name)
