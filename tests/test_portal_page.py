@@ -385,3 +385,16 @@ async def test_two_pages_under_two_prefixes_in_a_mounted_app_keep_their_own_link
                 f"{prefix}/ui/keys/{key.id}/disable", data={"csrf_token": token_of(page.text)}
             )
             assert done.headers["location"] == f"{prefix}/?key={key.id}&done=disable"
+
+
+async def test_a_form_past_the_size_bound_is_refused_unread(
+    acme: tuple[httpx.AsyncClient, str, str], client: APIKeyClient
+) -> None:
+    from keycap.integrations._page import MAX_FORM_BYTES
+
+    http, acme_id, _ = acme
+    token = await form_token(http)
+    big = {"csrf_token": token, "name": "n" * MAX_FORM_BYTES}
+    refused = await http.post(f"{PREFIX}/ui/keys", data=big)
+    assert refused.status_code == 403 and "too big" in refused.text
+    assert await client.list_keys(org_id=acme_id) == []

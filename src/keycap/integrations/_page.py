@@ -104,9 +104,11 @@ def add_page(
             "application/x-www-form-urlencoded"
         ):
             raise _Refused("This is not a form of this page.")
-        body = await request.body()
-        if len(body) > MAX_FORM_BYTES:
-            raise _Refused("This form is too big.")
+        body = b""
+        async for chunk in request.stream():  # stop reading past the bound
+            body += chunk
+            if len(body) > MAX_FORM_BYTES:
+                raise _Refused("This form is too big.")
         try:
             fields = dict(
                 parse_qsl(
