@@ -152,6 +152,55 @@ def test_a_key_is_rolled_from_the_command_line(cli: CLI, monkeypatch: pytest.Mon
     one_line(cli("key", "roll", key_id), 2, "KEYCAP_SIGNING_SECRET")
 
 
+def test_a_key_is_delegated_from_the_command_line(cli: CLI) -> None:
+    cli.ok("org", "create", "Acme")
+    cli.ok("key", "create", "--org", "Acme", "--scope", "chat:*", "--expires", "7d")
+    parent = json.loads(cli.ok("key", "list", "--json"))[0]["id"]
+    made = cli("key", "delegate", parent, "--scope", "chat:write", "--budget", "1.00/day")
+    assert made.code == 0 and made.out.strip().startswith("sk_live_")
+    assert f"from {parent}" in made.err and "scopes: chat:write" in made.err
+    children = json.loads(cli.ok("key", "list", "--descendants-of", parent, "--json"))
+    assert len(children) == 1
+    shown = json.loads(cli.ok("key", "show", children[0]["id"]))
+    assert shown["ancestors"] == [parent]
+    one_line(cli("key", "delegate", parent, "--scope", "admin"), 2, "scopes")
+
+
+def test_an_access_request_is_asked_decided_and_claimed_from_the_command_line(
+    cli: CLI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cli.ok("org", "create", "Acme")
+    asked = cli.ok(
+        "access",
+        "request",
+        "Acme",
+        "--requester",
+        "ci-bot",
+        "--scope",
+        "chat:write",
+        "--budget",
+        "3.00/month",
+        "--expires",
+        "30d",
+        "--reason",
+        "nightly evals",
+    )
+    request_id, secret = asked.split()
+    assert secret.startswith("kcr_")
+    listed = json.loads(cli.ok("access", "list", "Acme", "--json"))
+    assert [(r["id"], r["status"]) for r in listed] == [(request_id, "pending")]
+    assert "ci-bot" in cli.ok("access", "list", "Acme")
+    one_line(cli("access", "approve", request_id, "--budget", "9/month"), 2, "budgets")
+    cli.ok("access", "approve", request_id, "--budget", "1.00/month", "--expires", "1d")
+    monkeypatch.setenv("KEYCAP_CLAIM_SECRET", secret)
+    plaintext = cli.ok("access", "claim", request_id).strip()
+    assert plaintext.startswith("sk_live_")
+    one_line(cli("access", "claim", request_id), 1, "claimed")
+    second = cli.ok("access", "request", "Acme", "--requester", "other").split()[0]
+    cli.ok("access", "deny", second, "--reason", "use the team key")
+    assert json.loads(cli.ok("access", "list", "Acme", "--status", "all", "--json"))[0]["status"]
+
+
 def test_the_db_commands_say_where_the_database_stands(cli: CLI) -> None:
     head = migrations.head()
     assert cli.ok("db", "current").strip() == head

@@ -68,6 +68,7 @@ STATUSES = [
     (errors.AlreadyExistsError("organization", "org_AAAAAAAAAAAAAAAA"), 409),
     (errors.HoldClosedError("hold_AAAAAAAAAAAAAAAA", "settled"), 409),
     (errors.IdempotencyConflictError("pay-7", "charge"), 409),
+    (errors.AccessNotGrantedError("denied", "use the team key"), 409),
     (errors.InvalidArgumentError("name", "must not be empty"), 400),
     (errors.ConfigurationError("no client"), 500),
 ]

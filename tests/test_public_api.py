@@ -12,6 +12,9 @@ from keycap import _errors as errors
 PUBLIC = {
     "APIKey",
     "APIKeyClient",
+    "AccessNotGrantedError",
+    "AccessRequest",
+    "AccessTerms",
     "AlertHandler",
     "AlreadyExistsError",
     "Amount",

@@ -5,6 +5,7 @@ Start with :class:`APIKeyClient`; every error is a :class:`KeycapError`.
 
 from keycap._client import UNSET, APIKeyClient
 from keycap._errors import (
+    AccessNotGrantedError,
     AlreadyExistsError,
     BudgetExceededError,
     ConfigurationError,
@@ -28,6 +29,8 @@ from keycap._errors import (
     UsageExhaustedError,
 )
 from keycap._models import (
+    AccessRequest,
+    AccessTerms,
     APIKey,
     AuditEntry,
     BudgetAlert,
@@ -61,6 +64,9 @@ __all__ = [
     "UNSET",
     "APIKey",
     "APIKeyClient",
+    "AccessNotGrantedError",
+    "AccessRequest",
+    "AccessTerms",
     "AlertHandler",
     "AlreadyExistsError",
     "Amount",

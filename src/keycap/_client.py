@@ -13,6 +13,7 @@ from typing import Any, Final, Self, TypeVar, cast
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from keycap._db import access as access_db
 from keycap._db import audit as audit_statements
 from keycap._db import holds, keys, ledger, rate_limits, rows, tenancy
 from keycap._db.build import KeyRef
@@ -25,7 +26,7 @@ from keycap._db.engine import (
     pooler_flag,
     require_pooler_settings,
 )
-from keycap._db.schema import identities
+from keycap._db.schema import ANCESTORS, MAX_DEPTH, identities
 from keycap._db.schema import metadata as schema_metadata
 from keycap._errors import (
     ConfigurationError,
@@ -36,6 +37,7 @@ from keycap._errors import (
     RevokedKeyError,
 )
 from keycap._models import (
+    AccessRequest,
     APIKey,
     AuditEntry,
     BudgetStatus,
@@ -53,12 +55,15 @@ from keycap._models import (
     Settlement,
     UsageRow,
 )
+from keycap._ops import access as access_ops
 from keycap._ops import admin, audit, charges, pipeline, results
 from keycap._ops import holds as hold_ops
 from keycap._ops import release as release_ops
 from keycap._ops.authcache import AuthCache
-from keycap._rules import ids, inputs, ips, money, policy, timeutil, tokens
+from keycap._rules import access as access_rules
+from keycap._rules import delegation, ids, inputs, ips, money, policy, timeutil, tokens
 from keycap._rules import scopes as scope_rules
+from keycap._rules.base62 import random_string
 from keycap._rules.budgets import Budget
 from keycap._rules.hashing import PepperRing
 from keycap._rules.rate_limits import RateLimit
@@ -179,6 +184,9 @@ class APIKeyClient:
             prepared on a server connection. An engine you pass in must already
             be set up so (docs/deployment.md); if not, ConfigurationError. An engine
             keycap made for a pooler (``other_client.engine``) is known as one.
+        max_delegation_depth: how many generations of delegated keys may sit below
+            a root key (:meth:`delegate`): 4 at most and by default; 0 forbids
+            delegation.
 
     Raises:
         ConfigurationError: a bad URL, a missing driver, or bad secrets/prefixes.
@@ -202,6 +210,7 @@ class APIKeyClient:
         opentelemetry: bool = False,
         on_unsettled: Callable[[PendingSettlement], Awaitable[None]] | None = None,
         on_key_event: Callable[[KeyEvent], Awaitable[None]] | None = None,
+        max_delegation_depth: int = MAX_DEPTH,
     ) -> None:
         self._format = tokens.KeyFormat(key_prefix, environment)
         self._telemetry = Telemetry(inputs.flag(opentelemetry, "opentelemetry"))
@@ -211,6 +220,7 @@ class APIKeyClient:
         if on_key_event is not None and not callable(on_key_event):
             raise ConfigurationError("on_key_event must be an async callable")
         self._on_key_event = on_key_event
+        self._max_depth = _depth(max_delegation_depth)
         self._ring = PepperRing(signing_secret)
         self._track_usage = inputs.flag(track_usage, "track_usage")
         if clock is not None and not callable(clock):
@@ -714,6 +724,283 @@ class APIKeyClient:
         await self._key_event("created", key)
         return IssuedKey.model_construct(key=key, plaintext=plaintext)
 
+    async def delegate(
+        self,
+        key_id: str,
+        *,
+        name: str = "",
+        scopes: Sequence[str] | None = None,
+        project_id: str | None = None,
+        product_id: str | None = None,
+        expires_in: str | timedelta | None = None,
+        expires_at: datetime | None = None,
+        metadata: dict[str, Any] | None = None,
+        max_uses: int | None = None,
+        rate_limits: Sequence[RateLimit] = (),
+        budgets: Sequence[Budget] = (),
+        allowed_ips: Sequence[str] | None = None,
+    ) -> IssuedKey:
+        """Mint a child of the key ``key_id`` (for an agent, a script, a sub-task).
+
+        A child never exceeds its parent: its scopes are covered by the parent's,
+        it expires no later, and it stays inside the parent's project, product and
+        IP ranges; what is left out (``None``) is the parent's. It belongs to the
+        parent's organization and identity. Its own ``budgets``, ``rate_limits``
+        and ``max_uses`` come on top of its ancestors': every charge and metered
+        validation of the child debits the child's and every ancestor's budgets
+        and rate limits in the same atomic step, so a tree of keys never spends
+        more than its root allows. Revoking or disabling an ancestor refuses the
+        child on its next call; narrowing one (:meth:`update_key`) narrows the
+        child; deleting one deletes it.
+
+        Raises:
+            NotFoundError: no such key (or project, product).
+            RevokedKeyError, DisabledKeyError, ExpiredKeyError: the parent cannot
+                delegate (``ancestor=True``: a key above it was revoked or disabled).
+            InvalidArgumentError: the child would exceed its parent (the field is
+                named), or would sit deeper than ``max_delegation_depth``.
+        """
+        parent_id = ids.check(ids.KEY, key_id)
+        project_id = ids.check_optional(ids.PROJECT, project_id, field="project_id")
+        product_id = ids.check_optional(ids.PRODUCT, product_id, field="product_id")
+        name = inputs.text(name, "name", allow_empty=True)
+        granted = None if scopes is None else scope_rules.normalize(scopes, "scopes")
+        meta = inputs.metadata(metadata)
+        cap = _max_uses(max_uses)
+        networks = None if allowed_ips is None else ips.ranges(allowed_ips)
+        limit_specs = _sequence(rate_limits, RateLimit, "rate_limits")
+        budget_specs = [b.spec for b in _sequence(budgets, Budget, "budgets")]
+        now = self._now()
+        expiry = timeutil.resolve_expiry(expires_in, expires_at, now)
+        asked = delegation.Grants(granted or (), expiry, project_id, product_id, networks)
+        left_out = {
+            "scopes": granted is None,
+            "expires_at": expiry is None,
+            "project_id": project_id is None,
+            "product_id": product_id is None,
+            "allowed_ips": networks is None,
+        }
+        inherit = frozenset(field for field, out in left_out.items() if out)
+        if self._max_depth == 0:
+            raise InvalidArgumentError("key_id", "delegation is off (max_delegation_depth=0)")
+
+        public_id, plaintext = self._format.generate()
+        child_id = ids.key_id(public_id)
+
+        def child_row(parent: Any) -> dict[str, Any]:
+            m = parent._mapping
+            grants = delegation.child(delegation.Grants.of(m), asked, inherit=inherit)
+            ancestors = (parent_id, *(m[name] for name in ANCESTORS))[: len(ANCESTORS)]
+            return {
+                **keys.new_key_row(
+                    key_id=child_id,
+                    org_id=m["org_id"],
+                    project_id=grants.project_id,
+                    product_id=grants.product_id,
+                    name=name,
+                    start=self._format.start(plaintext),
+                    digest=self._ring.digest(plaintext),
+                    pepper_id=self._ring.current_id,
+                    scopes=scope_rules.encode(grants.scopes),
+                    metadata=meta,
+                    delegated_by=parent_id,
+                    expires_at=grants.expires_at,
+                    max_uses=cap,
+                    now=now,
+                    allowed_ips=None
+                    if grants.allowed_ips is None
+                    else ips.encode(grants.allowed_ips),
+                    identity_id=m["identity_id"],
+                ),
+                **dict(zip(ANCESTORS, ancestors, strict=True)),
+            }
+
+        values = await admin.delegate(
+            self._db, parent_id, child_row, limit_specs, budget_specs, self._max_depth, now
+        )
+        key = rows.to_key(values)
+        await self._key_event("delegated", key)
+        return IssuedKey.model_construct(key=key, plaintext=plaintext)
+
+    # --- access requests ------------------------------------------------------------
+
+    async def request_access(
+        self,
+        org_id: str,
+        *,
+        requester: str,
+        scopes: Sequence[str] = (),
+        project_id: str | None = None,
+        product_id: str | None = None,
+        budgets: Sequence[Budget] = (),
+        expires_in: str | timedelta | None = None,
+        reason: str = "",
+        identity_id: str | None = None,
+        ttl: str | timedelta = "7d",
+    ) -> tuple[AccessRequest, str]:
+        """An agent or app asks the organization for a key: these scopes, project or
+        product, budgets, and a key that lives ``expires_in`` from its claim. The
+        owner approves it (:meth:`approve_access`, as asked or narrower) or denies
+        it; the requester then claims the key once (:meth:`claim_access`) with the
+        claim secret returned here, shown once (only its digest is kept). The
+        request expires after ``ttl`` (7 days; at most 30) if not claimed by then.
+
+        Returns: the pending request, and its claim secret (``kcr_...``).
+
+        Raises: NotFoundError (organization, project, product, identity),
+        InvalidArgumentError.
+        """
+        org_id = ids.check(ids.ORG, org_id)
+        identity_id = ids.check_optional(ids.IDENTITY, identity_id, field="identity_id")
+        asked = access_rules.Terms(
+            scopes=scope_rules.normalize(scopes, "scopes"),
+            project_id=ids.check_optional(ids.PROJECT, project_id, field="project_id"),
+            product_id=ids.check_optional(ids.PRODUCT, product_id, field="product_id"),
+            budgets=tuple(_sequence(budgets, Budget, "budgets")),
+            lifetime=access_rules.lifetime(expires_in),
+        )
+        open_for = timeutil.parse_duration(ttl, "ttl")
+        if open_for > _MAX_GRACE:
+            raise InvalidArgumentError("ttl", "must be at most 30 days")
+        now = self._now()
+        secret = access_rules.CLAIM_PREFIX + random_string(32)
+        values = {
+            "id": ids.new_id(ids.ACCESS_REQUEST),
+            "org_id": org_id,
+            "requester": inputs.text(requester, "requester"),
+            "reason": access_rules.reason(reason, allow_empty=True),
+            "identity_id": identity_id,
+            "asked": asked.to_json(),
+            "granted": None,
+            "status": "pending",
+            "claim_digest": self._ring.digest(secret),
+            "claim_pepper_id": self._ring.current_id,
+            "created_at": now,
+            "expires_at": now + open_for,
+            "decided_at": None,
+            "decided_by": None,
+            "decision_reason": None,
+            "key_id": None,
+            "claimed_at": None,
+        }
+        await access_ops.request(self._db, values)
+        return rows.to_access_request(values, now), secret
+
+    async def get_access_request(self, request_id: str) -> AccessRequest:
+        """Raises: NotFoundError."""
+        request_id = ids.check(ids.ACCESS_REQUEST, request_id)
+        row = await self._db.read(access_db.get_request, request_id)
+        if row is None:
+            raise NotFoundError("access request", request_id)
+        return rows.to_access_request(row, self._now())
+
+    async def list_access_requests(
+        self, org_id: str, *, status: str | None = "pending", limit: int = 100, offset: int = 0
+    ) -> list[AccessRequest]:
+        """The organization's requests, newest first; ``status``: pending (the
+        default), approved, denied, claimed, expired, or None for all.
+
+        Raises: InvalidArgumentError."""
+        org_id = ids.check(ids.ORG, org_id)
+        status = access_rules.status(status)
+        limit, offset = inputs.page(limit, offset)
+        now = self._now()
+        found = await self._db.read(access_db.list_requests, org_id, status, now, limit, offset)
+        return [rows.to_access_request(r, now) for r in found]
+
+    async def approve_access(
+        self,
+        request_id: str,
+        *,
+        scopes: Sequence[str] | None = None,
+        budgets: Sequence[Budget] | None = None,
+        expires_in: str | timedelta | None = None,
+        note: str | None = None,
+    ) -> AccessRequest:
+        """Approve a pending request, as asked or narrower: fewer ``scopes``,
+        ``budgets`` no larger (each asked-for budget stays; more may be added), a
+        shorter ``expires_in``. Who approved is the actor (:meth:`acting_as`).
+
+        Raises: NotFoundError, AccessNotGrantedError (not pending: decided,
+        claimed or expired), InvalidArgumentError (wider than asked).
+        """
+        request_id = ids.check(ids.ACCESS_REQUEST, request_id)
+        granted_scopes = None if scopes is None else scope_rules.normalize(scopes, "scopes")
+        granted_budgets = None if budgets is None else tuple(_sequence(budgets, Budget, "budgets"))
+        lifetime = access_rules.lifetime(expires_in)
+        said = None if note is None else access_rules.reason(note, "note")
+        now = self._now()
+
+        def values(asked: access_rules.Terms) -> dict[str, Any]:
+            terms = access_rules.approved(
+                asked, scopes=granted_scopes, budgets=granted_budgets, lifetime=lifetime
+            )
+            return access_ops.decision("approved", now, said, granted=terms.to_json())
+
+        row = await access_ops.decide(self._db, request_id, values, "access.approved", now)
+        return rows.to_access_request(row, now)
+
+    async def deny_access(self, request_id: str, *, reason: str) -> AccessRequest:
+        """Deny a pending request; the requester's claim then says ``reason``.
+
+        Raises: NotFoundError, AccessNotGrantedError (not pending), InvalidArgumentError.
+        """
+        request_id = ids.check(ids.ACCESS_REQUEST, request_id)
+        why = access_rules.reason(reason)
+        now = self._now()
+        row = await access_ops.decide(
+            self._db,
+            request_id,
+            lambda _: access_ops.decision("denied", now, why),
+            "access.denied",
+            now,
+        )
+        return rows.to_access_request(row, now)
+
+    async def claim_access(self, request_id: str, claim_secret: str) -> IssuedKey:
+        """The key of an approved request, with its plaintext: once. The key has
+        the granted terms, the request's identity, and ``metadata`` naming the
+        request.
+
+        Raises:
+            NotFoundError: no such request, or not its claim secret.
+            AccessNotGrantedError: pending, denied (with the owner's reason),
+                already claimed, or expired.
+        """
+        request_id = ids.check(ids.ACCESS_REQUEST, request_id)
+        if not access_rules.looks_like_claim_secret(claim_secret):
+            raise NotFoundError("access request", request_id)
+        now = self._now()
+        public_id, plaintext = self._format.generate()
+
+        def verify(pepper_id: str, digest: str) -> bool:
+            ring = self._ring
+            return ring.knows(pepper_id) and ring.verify(claim_secret, pepper_id, digest)
+
+        def key_row(found: Any, granted: access_rules.Terms) -> dict[str, Any]:
+            return keys.new_key_row(
+                key_id=ids.key_id(public_id),
+                org_id=found.org_id,
+                project_id=granted.project_id,
+                product_id=granted.product_id,
+                name=found.requester,
+                start=self._format.start(plaintext),
+                digest=self._ring.digest(plaintext),
+                pepper_id=self._ring.current_id,
+                scopes=scope_rules.encode(granted.scopes),
+                metadata={"access_request": request_id},
+                delegated_by=found.decided_by,
+                expires_at=None if granted.lifetime is None else now + granted.lifetime,
+                max_uses=None,
+                now=now,
+                identity_id=found.identity_id,
+            )
+
+        row = await access_ops.claim(self._db, request_id, verify, key_row, now)
+        key = rows.to_key(row)
+        await self._key_event("created", key)
+        return IssuedKey.model_construct(key=key, plaintext=plaintext)
+
     async def get_key(self, key_id: str) -> APIKey:
         """Raises: NotFoundError."""
         key_id = ids.check(ids.KEY, key_id)
@@ -733,12 +1020,15 @@ class APIKeyClient:
         offset: int = 0,
         newest_first: bool = False,
         identity_id: str | None = None,
+        descendants_of: str | None = None,
     ) -> list[APIKey]:
         """Keys oldest first (or ``newest_first``), filtered in SQL. ``status`` is
-        active, revoked, expired or disabled; ``identity_id``: only its keys.
+        active, revoked, expired or disabled; ``identity_id``: only its keys;
+        ``descendants_of``: only keys delegated from that key, at any depth.
 
         Raises: InvalidArgumentError.
         """
+        descendants_of = ids.check_optional(ids.KEY, descendants_of, field="descendants_of")
         org_id = ids.check_optional(ids.ORG, org_id, field="org_id")
         project_id = ids.check_optional(ids.PROJECT, project_id, field="project_id")
         product_id = ids.check_optional(ids.PRODUCT, product_id, field="product_id")
@@ -762,6 +1052,7 @@ class APIKeyClient:
             offset=offset,
             newest_first=inputs.flag(newest_first, "newest_first"),
             identity_id=identity_id,
+            descendants_of=descendants_of,
         )
         return [rows.to_key(r) for r in found]
 
@@ -877,10 +1168,11 @@ class APIKeyClient:
         return await self._key_event("enabled", self._found(row, key_id))
 
     async def delete_key(self, key_id: str) -> None:
-        """Delete a key with its own limits and budgets. Prefer :meth:`revoke_key`,
-        which keeps the record. The key is revoked first and its open holds are
-        released, so no reservation is left holding a project's or organization's
-        budget; its ledger rows stay (with its id) as financial history.
+        """Delete a key with its own limits and budgets, and the keys delegated from
+        it. Prefer :meth:`revoke_key`, which keeps the record. The keys are revoked
+        first and their open holds are released, so no reservation is left holding
+        an ancestor's, project's or organization's budget; their ledger rows stay
+        (with their ids) as financial history.
 
         Raises: NotFoundError.
         """
@@ -1036,7 +1328,8 @@ class APIKeyClient:
 
     async def remaining(self, key_id: str) -> list[Remaining]:
         """What the key can still spend now, per meter: the least any budget of that
-        meter applying to it (its own, its project's, its organization's) has left,
+        meter applying to it (its own, its ancestors', its identity's, its project's,
+        its organization's) has left,
         the budget that binds, and when that one resets. Holds past their ttl are
         returned first. Meters without a budget are not listed (nothing limits
         them); nor are rate limits (``get_rate_limits``). The key's state is not
@@ -1044,11 +1337,12 @@ class APIKeyClient:
 
         Raises: NotFoundError.
         """
-        key = await self.get_key(key_id)
+        key_id = ids.check(ids.KEY, key_id)
+        row = await self._db.read(keys.get_key, key_id)
+        if row is None:
+            raise NotFoundError("key", key_id)
         now = self._now()
-        found = await admin.key_budgets(
-            self._db, KeyRef(key.id, key.org_id, key.project_id, key.identity_id), now
-        )
+        found = await admin.key_budgets(self._db, KeyRef.of(key_id, row), now)
         return results.remaining(found, now)
 
     async def grant_credit(self, budget_id: str, amount: money.Amount) -> BudgetStatus:
@@ -1263,6 +1557,12 @@ class APIKeyClient:
 
 
 _MAX_GRACE = timedelta(days=30)
+
+
+def _depth(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_DEPTH:
+        raise ConfigurationError(f"max_delegation_depth must be an integer from 0 to {MAX_DEPTH}")
+    return value
 
 
 def _grace(value: object) -> timedelta:

@@ -8,8 +8,8 @@
     │   ├── InvalidKeyError          malformed, unknown or wrong secret (alike on purpose)
     │   │   └── RolledKeyError       .rolled_until: a secret replaced by roll_key, past its grace
     │   ├── ExpiredKeyError          .expired_at
-    │   ├── RevokedKeyError          .revoked_at
-    │   ├── DisabledKeyError         .disabled_at
+    │   ├── RevokedKeyError          .revoked_at, .ancestor
+    │   ├── DisabledKeyError         .disabled_at, .identity, .ancestor
     │   ├── ForbiddenError           .reason: wrong organization, project or product
     │   ├── InsufficientScopeError   .missing_scopes, .missing_any_of
     │   ├── RateLimitedError         .retry_after, .limit, .remaining, .reset_at, .name
@@ -17,6 +17,7 @@
     ├── BudgetExceededError          .scope, .meter, .limit, .used, .remaining, .reset_at
     ├── HoldClosedError              .hold_id, .status
     ├── IdempotencyConflictError     .idempotency_key, .kind: reused with other parameters
+    ├── AccessNotGrantedError        .status, .reason: an access request not (or no longer) open
     ├── NotFoundError                .resource, .id
     ├── AlreadyExistsError           .resource, .existing_id
     ├── InvalidArgumentError         .field (also a ValueError)
@@ -37,6 +38,7 @@ from decimal import Decimal
 from typing import Any, ClassVar
 
 __all__ = [
+    "AccessNotGrantedError",
     "AlreadyExistsError",
     "BudgetExceededError",
     "ConfigurationError",
@@ -175,32 +177,51 @@ class ExpiredKeyError(KeyRejectedError):
 
 
 class RevokedKeyError(KeyRejectedError):
-    """The key was revoked; revocation is permanent."""
+    """The key was revoked; revocation is permanent. ``ancestor=True``: a key it
+    was delegated from was (revoking a key refuses all its descendants)."""
 
     code = "revoked_key"
-    fields = ("revoked_at",)
+    fields = ("revoked_at", "ancestor")
     default_message = "API key revoked"
 
-    def __init__(self, revoked_at: datetime, *, key_id: str | None = None) -> None:
-        super().__init__(f"API key revoked at {revoked_at.isoformat()}", key_id=key_id)
+    def __init__(
+        self, revoked_at: datetime, *, key_id: str | None = None, ancestor: bool = False
+    ) -> None:
+        whose = "API key's parent" if ancestor else "API key"
+        super().__init__(f"{whose} revoked at {revoked_at.isoformat()}", key_id=key_id)
         self.revoked_at = revoked_at
+        #: True: an ancestor of the key is revoked, not the key itself (None when not).
+        self.ancestor = True if ancestor else None
 
 
 class DisabledKeyError(KeyRejectedError):
     """The key is suspended (``enable_key`` reverses this), or the identity it
-    belongs to is (``identity=True``; ``enable_identity``)."""
+    belongs to is (``identity=True``; ``enable_identity``), or a key it was
+    delegated from is (``ancestor=True``)."""
 
     code = "disabled_key"
-    fields = ("disabled_at", "identity")
+    fields = ("disabled_at", "identity", "ancestor")
     default_message = "API key disabled"
 
     def __init__(
-        self, disabled_at: datetime, *, key_id: str | None = None, identity: bool = False
+        self,
+        disabled_at: datetime,
+        *,
+        key_id: str | None = None,
+        identity: bool = False,
+        ancestor: bool = False,
     ) -> None:
-        super().__init__("API key's identity disabled" if identity else None, key_id=key_id)
+        message = None
+        if identity:
+            message = "API key's identity disabled"
+        elif ancestor:
+            message = "API key's parent disabled"
+        super().__init__(message, key_id=key_id)
         self.disabled_at = disabled_at
         #: True: the key's identity is disabled, not the key itself (None when not).
         self.identity = True if identity else None
+        #: True: an ancestor of the key is disabled (None when not).
+        self.ancestor = True if ancestor else None
 
 
 class ForbiddenError(KeyRejectedError):
@@ -251,7 +272,8 @@ class InsufficientScopeError(KeyRejectedError):
 
 
 class RateLimitedError(KeyRejectedError):
-    """A rate limit of the key, its project or its organization is used up for now."""
+    """A rate limit of the key (or a key it was delegated from), its identity, its
+    project or its organization is used up for now."""
 
     code = "rate_limited"
     fields = (
@@ -263,6 +285,7 @@ class RateLimitedError(KeyRejectedError):
         "reset_at",
         "window_seconds",
         "meter",
+        "subject_id",
     )
 
     def __init__(
@@ -277,6 +300,7 @@ class RateLimitedError(KeyRejectedError):
         window_seconds: Decimal | None = None,
         meter: str | None = None,
         key_id: str | None = None,
+        subject_id: str | None = None,
     ) -> None:
         when = (
             "never (the cost exceeds the limit)" if retry_after is None else f"{retry_after:.3f}s"
@@ -285,8 +309,11 @@ class RateLimitedError(KeyRejectedError):
             f"rate limit {name!r} ({scope}) exceeded; retry after {when}", key_id=key_id
         )
         self.name = name
-        #: "key", "project" or "organization": whose limit refused.
+        #: "key", "identity", "project" or "organization": whose limit refused.
         self.scope = scope
+        #: The id of that key (the one presented, or one it was delegated from),
+        #: identity, project or organization.
+        self.subject_id = subject_id
         self.limit = limit
         self.remaining = remaining
         #: Seconds until the same call fits (millisecond precision); None: it never will.
@@ -448,3 +475,19 @@ class DatabaseUnavailableError(DatabaseError):
 
     code = "database_unavailable"
     default_message = "database unavailable"
+
+
+class AccessNotGrantedError(KeycapError):
+    """An access request cannot be claimed (or decided): it is still pending, was
+    denied (``reason`` says why), was already claimed, or has expired."""
+
+    code = "access_not_granted"
+    fields = ("status", "reason")
+    default_message = "access request not granted"
+
+    def __init__(self, status: str, reason: str | None = None) -> None:
+        said = f": {reason}" if reason else ""
+        super().__init__(f"access request {status}{said}")
+        #: pending, denied, claimed or expired.
+        self.status = status
+        self.reason = reason

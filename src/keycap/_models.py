@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from keycap._rules.budgets import Budget
+
 __all__ = [
     "APIKey",
+    "AccessRequest",
+    "AccessTerms",
     "AuditEntry",
     "BudgetAlert",
     "BudgetStatus",
@@ -80,6 +84,44 @@ class Identity(_Model):
     disabled_at: datetime | None
 
 
+class AccessTerms(_Model):
+    """What a key issued for an access request may do: as asked, or as granted."""
+
+    scopes: tuple[str, ...]
+    project_id: str | None
+    product_id: str | None
+    budgets: tuple[Budget, ...]
+    #: How long the key lives from its claim; None: no expiry.
+    expires_in: timedelta | None
+
+
+class AccessRequest(_Model):
+    """An agent or app asking for a key (:meth:`APIKeyClient.request_access`)."""
+
+    id: str
+    org_id: str
+    #: Who asks, in their words (an app name, an agent id).
+    requester: str
+    reason: str
+    #: The identity the key will belong to; None: none.
+    identity_id: str | None
+    #: pending, approved, denied, claimed or expired (not claimed by ``expires_at``).
+    status: str
+    asked: AccessTerms
+    #: What the owner approved (the asked terms or narrower); None until approved.
+    granted: AccessTerms | None
+    created_at: datetime
+    #: Until when it may be decided and claimed.
+    expires_at: datetime
+    decided_at: datetime | None
+    decided_by: str | None
+    #: Why it was denied (or a note on the approval).
+    decision_reason: str | None
+    #: The key issued at the claim.
+    key_id: str | None
+    claimed_at: datetime | None
+
+
 class APIKey(_Model):
     """A key as stored: everything but its secret and digest."""
 
@@ -106,10 +148,18 @@ class APIKey(_Model):
     allowed_ips: tuple[str, ...] | None = None
     #: The identity the key belongs to; None: none.
     identity_id: str | None = None
+    #: A delegated key's ancestors, nearest first (its parent, its parent's
+    #: parent, ... up to the root); empty for a key that was not delegated.
+    ancestors: tuple[str, ...] = ()
     #: From a metered validate_key: the tightest rate limit after this call.
     rate_limit: RateLimitStatus | None = None
     #: From validate_key(cost=...): what was charged, and the budgets after it.
     charge: Charge | None = None
+
+    @property
+    def parent_id(self) -> str | None:
+        """The key this one was delegated from; None: a root key."""
+        return self.ancestors[0] if self.ancestors else None
 
     def status_at(self, now: datetime) -> KeyStatus:
         if self.revoked_at is not None:
@@ -161,7 +211,8 @@ class BudgetStatus(_Model):
 class KeyEvent(_Model):
     """A change to a key, for ``APIKeyClient(on_key_event=...)``, after it committed."""
 
-    #: "created", "updated", "rolled", "revoked", "disabled", "enabled" or "deleted".
+    #: "created", "delegated", "updated", "rolled", "revoked", "disabled", "enabled"
+    #: or "deleted".
     kind: str
     key_id: str
     org_id: str

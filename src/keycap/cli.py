@@ -505,6 +505,63 @@ async def identity_change(client: APIKeyClient, args: argparse.Namespace) -> int
     return 0
 
 
+async def access_request(client: APIKeyClient, args: argparse.Namespace) -> int:
+    org_id = await _org(client, args.org)
+    request, secret = await client.request_access(
+        org_id,
+        requester=args.requester,
+        reason=args.reason,
+        scopes=args.scope,
+        budgets=[_budget(b) for b in args.budget],
+        expires_in=args.expires,
+        ttl=args.ttl,
+    )
+    print(f"{request.id} {secret}")
+    print(
+        f"keycap: {request.id} is pending until {request.expires_at.isoformat()}; the claim "
+        "secret above is shown once (keycap access claim ID, with it on stdin)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+async def access_list(client: APIKeyClient, args: argparse.Namespace) -> int:
+    org_id = await _org(client, args.org)
+    status = None if args.status == "all" else args.status
+    found = await client.list_access_requests(
+        org_id, status=status, limit=args.limit, offset=args.offset
+    )
+    rows = [["ID", "REQUESTER", "STATUS", "SCOPES", "REASON", "EXPIRES"]]
+    for r in found:
+        scopes = " ".join((r.granted or r.asked).scopes) or "(none)"
+        rows.append([r.id, r.requester, r.status, scopes, r.reason, _when(r.expires_at)])
+    _listed(args, found, rows)
+    return 0
+
+
+async def access_decide(client: APIKeyClient, args: argparse.Namespace) -> int:
+    if args.action == "deny":
+        decided = await client.deny_access(args.id, reason=args.reason)
+    else:
+        decided = await client.approve_access(
+            args.id,
+            scopes=args.scope,
+            budgets=None if args.budget is None else [_budget(b) for b in args.budget],
+            expires_in=args.expires,
+            note=args.note,
+        )
+    print(f"keycap: {decided.id} {decided.status}", file=sys.stderr)
+    return 0
+
+
+async def access_claim(client: APIKeyClient, args: argparse.Namespace) -> int:
+    secret = os.environ.get("KEYCAP_CLAIM_SECRET") or sys.stdin.readline().strip()
+    issued = await client.claim_access(args.id, secret)
+    print(issued.plaintext)
+    print(f"keycap: claimed {issued.id}; the key above is shown once", file=sys.stderr)
+    return 0
+
+
 async def child_list(client: APIKeyClient, args: argparse.Namespace) -> int:
     org_id = await _org(client, args.org)
     lister = client.list_projects if args.kind == ids.PROJECT else client.list_products
@@ -685,6 +742,32 @@ async def key_create(client: APIKeyClient, args: argparse.Namespace) -> int:
     return 0
 
 
+async def key_delegate(client: APIKeyClient, args: argparse.Namespace) -> int:
+    parent = await client.get_key(args.parent)
+    issued = await client.delegate(
+        parent.id,
+        name=args.name,
+        scopes=args.scope,
+        project_id=await _child(client, ids.PROJECT, parent.org_id, args.project),
+        product_id=await _child(client, ids.PRODUCT, parent.org_id, args.product),
+        expires_in=args.expires,
+        metadata=_metadata(args.metadata),
+        max_uses=args.max_uses,
+        rate_limits=[_rate(r) for r in args.rate],
+        budgets=[_budget(b) for b in args.budget],
+    )
+    key = issued.key
+    print(issued.plaintext)
+    print(
+        f"keycap: delegated {key.id} ({key.name or 'unnamed'}) from {parent.id}; "
+        f"scopes: {' '.join(key.scopes) or '(none)'}; "
+        f"expires: {key.expires_at.isoformat() if key.expires_at else 'never'}. "
+        "The key above is shown once.",
+        file=sys.stderr,
+    )
+    return 0
+
+
 async def key_list(client: APIKeyClient, args: argparse.Namespace) -> int:
     org_id = None if args.org is None else await _org(client, args.org)
     project = args.project
@@ -696,6 +779,7 @@ async def key_list(client: APIKeyClient, args: argparse.Namespace) -> int:
         org_id=org_id,
         project_id=project,
         identity_id=args.identity,
+        descendants_of=args.descendants_of,
         status=args.status,
         limit=args.limit,
         offset=args.offset,
@@ -720,6 +804,7 @@ async def key_show(client: APIKeyClient, args: argparse.Namespace) -> int:
         product_id=key.product_id,
         metadata=key.metadata,
         delegated_by=key.delegated_by,
+        ancestors=list(key.ancestors),
         created_at=key.created_at,
         rate_limits=[r.model_dump() for r in await client.get_rate_limits(key.id)],
         remaining=[
@@ -881,6 +966,46 @@ def _parser() -> argparse.ArgumentParser:
         change.add_argument("id")
         change.set_defaults(run=identity_change, action=action)
 
+    access = _group(groups, "access", "requests for keys, from agents and apps")
+    ask = access.add_parser(
+        "request", help="ask for a key; prints the request id and its claim secret"
+    )
+    ask.add_argument("org", help="organization id or name")
+    ask.add_argument("--requester", required=True, help="who asks (an app or agent name)")
+    ask.add_argument("--reason", default="")
+    ask.add_argument("--scope", action="append", default=[], help="repeatable")
+    ask.add_argument("--budget", action="append", default=[], help="5.00/month[:meter]")
+    ask.add_argument("--expires", help="the key's lifetime: 30m, 12h, 7d")
+    ask.add_argument("--ttl", default="7d", help="how long the request stays open (7d)")
+    ask.set_defaults(run=access_request, needs_secret=True)
+    pending = access.add_parser("list", help="newest first (pending by default)")
+    pending.add_argument("org", help="organization id or name")
+    pending.add_argument(
+        "--status",
+        default="pending",
+        choices=["pending", "approved", "denied", "claimed", "expired", "all"],
+    )
+    _paging(pending)
+    pending.set_defaults(run=access_list)
+    approve = access.add_parser("approve", help="as asked, or narrower")
+    approve.add_argument("id")
+    approve.add_argument("--scope", action="append", help="repeatable; narrows the scopes")
+    approve.add_argument("--budget", action="append", help="repeatable; no larger than asked")
+    approve.add_argument("--expires", help="a key lifetime no longer than asked")
+    approve.add_argument("--note")
+    approve.set_defaults(run=access_decide, action="approve")
+    deny = access.add_parser("deny", help="refuse, saying why")
+    deny.add_argument("id")
+    deny.add_argument("--reason", required=True)
+    deny.set_defaults(run=access_decide, action="deny")
+    claim = access.add_parser(
+        "claim",
+        help="the key of an approved request, once; the claim secret from "
+        "$KEYCAP_CLAIM_SECRET or stdin",
+    )
+    claim.add_argument("id")
+    claim.set_defaults(run=access_claim, needs_secret=True)
+
     key = _group(groups, "key", "API keys")
     create = key.add_parser("create", help="issue a key; prints the plaintext alone on stdout")
     create.add_argument("--org", required=True, help="organization id or name")
@@ -896,11 +1021,28 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--metadata", help="a JSON object")
     create.add_argument("--delegated-by")
     create.set_defaults(run=key_create, needs_secret=True)
+    child = key.add_parser(
+        "delegate", help="mint a child of a key, never wider; prints the plaintext on stdout"
+    )
+    child.add_argument("parent", help="the parent key's id")
+    child.add_argument("--name", default="")
+    child.add_argument("--project", help="project id or name (if the parent has none)")
+    child.add_argument("--product", help="product id or name (if the parent has none)")
+    child.add_argument(
+        "--scope", action="append", default=None, help="repeatable; default: the parent's"
+    )
+    child.add_argument("--budget", action="append", default=[], help="5.00/month[:meter]")
+    child.add_argument("--rate", action="append", default=[], help="100/minute[:meter]")
+    child.add_argument("--max-uses", type=_whole(1), help="at least 1")
+    child.add_argument("--expires", help="a duration: 30m, 12h, 7d; default: the parent's")
+    child.add_argument("--metadata", help="a JSON object")
+    child.set_defaults(run=key_delegate, needs_secret=True)
     listing = key.add_parser("list", help="newest first, with status, used/limit and reset")
     listing.add_argument("--org")
     listing.add_argument("--project")
     listing.add_argument("--status", choices=["active", "revoked", "expired", "disabled"])
     listing.add_argument("--identity", help="identity id: only its keys")
+    listing.add_argument("--descendants-of", help="key id: only keys delegated from it")
     _paging(listing)
     listing.set_defaults(run=key_list)
     show = key.add_parser("show", help="one key as JSON, with what it can still spend")

@@ -18,7 +18,7 @@ from typing import Any, TypeAlias
 from sqlalchemy import BigInteger, ColumnElement, Row, bindparam, func, literal
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from keycap._db.schema import budgets, holds, keys
+from keycap._db.schema import ANCESTORS, budgets, holds, keys
 from keycap._rules import ips
 
 #: A result row of any width.
@@ -50,6 +50,7 @@ KEY_ID = bindparam("m_key_id", type_=keys.c.id.type)
 ORG_ID = bindparam("m_org_id", type_=keys.c.org_id.type)
 PROJECT_ID = bindparam("m_project_id", type_=keys.c.project_id.type)
 IDENTITY_ID = bindparam("m_identity_id", type_=keys.c.identity_id.type)
+ANCESTOR_IDS = tuple(bindparam(f"m_{name}", type_=keys.c.id.type) for name in ANCESTORS)
 NOW = bindparam("m_now", type_=keys.c.last_used_at.type)
 BUDGET_ID = bindparam("m_budget_id", type_=budgets.c.id.type)
 HOLD_ID = bindparam("m_hold_id", type_=holds.c.id.type)
@@ -63,15 +64,32 @@ class KeyRef:
     org_id: str
     project_id: str | None
     identity_id: str | None
+    #: A delegated key's ancestors, nearest first (``ancestor_1`` ...).
+    ancestors: tuple[str | None, ...] = (None,) * len(ANCESTORS)
+
+    @classmethod
+    def of(cls, key_id: str, row: Any, prefix: str = "") -> KeyRef:
+        """The key ``key_id`` as a row describes it: its columns ``org_id`` ...,
+        each named with ``prefix`` (``"key_"`` in a one-statement result)."""
+        m = row._mapping
+        return cls(
+            key_id,
+            m[f"{prefix}org_id"] or "",
+            m[f"{prefix}project_id"],
+            m[f"{prefix}identity_id"],
+            tuple(m[f"{prefix}{name}"] for name in ANCESTORS),
+        )
 
 
 def key_params(key: KeyRef) -> dict[str, Any]:
-    """The values of ``KEY_ID``, ``ORG_ID``, ``PROJECT_ID`` and ``IDENTITY_ID`` for ``key``."""
+    """The values of ``KEY_ID``, ``ORG_ID``, ``PROJECT_ID``, ``IDENTITY_ID`` and
+    ``ANCESTOR_IDS`` for ``key``."""
     return {
         "m_key_id": key.id,
         "m_org_id": key.org_id,
         "m_project_id": key.project_id,
         "m_identity_id": key.identity_id,
+        **{f"m_{name}": ancestor for name, ancestor in zip(ANCESTORS, key.ancestors, strict=True)},
     }
 
 

@@ -4,19 +4,21 @@ statement that records a use or charges re-decides the rule at the moment of
 writing. ``tests/test_validation.py`` holds each twin to its Python original.
 
 Also the one spelling of "which rate limits and budgets apply to a key": its own,
-its project's and its organization's.
+its ancestors' (a delegated key's), its identity's, its project's and its
+organization's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, bindparam, exists, func, or_, select
+from sqlalchemy import ColumnElement, and_, bindparam, case, exists, func, null, or_, select
 
-from keycap._db.build import IDENTITY_ID, KEY_ID, ORG_ID, PROJECT_ID, contains
+from keycap._db.build import ANCESTOR_IDS, IDENTITY_ID, KEY_ID, ORG_ID, PROJECT_ID, contains
 from keycap._db.schema import (
+    ANCESTORS,
     identities,
     keys,
     products,
@@ -32,9 +34,11 @@ from keycap._rules.policy import Requirement
 
 
 def key_is_live_now(now: Any) -> list[ColumnElement[bool]]:
-    """A key row that is not revoked, not disabled (nor its identity) and not
-    expired at ``now`` (steps 4-6 of the grant rule; every statement that charges
-    re-checks them)."""
+    """A key row that is not revoked, not disabled (nor its identity, nor any of its
+    ancestors) and not expired at ``now`` (steps 4-6 of the grant rule; every
+    statement that charges re-checks them). A delegated key never expires after
+    its ancestors (``delegate`` and ``update_key`` keep it so), so their expiry
+    needs no reading here."""
     k = keys.c
     return [
         k.revoked_at.is_(None),
@@ -46,7 +50,41 @@ def key_is_live_now(now: Any) -> list[ColumnElement[bool]]:
             ),
         ),
         or_(k.expires_at.is_(None), k.expires_at > now),
+        or_(k.ancestor_1.is_(None), and_(*(_ancestor_live(name) for name in ANCESTORS))),
     ]
+
+
+def _ancestor_live(name: str) -> ColumnElement[bool]:
+    """The ancestor in column ``name`` of the statement's ``keys`` row, if any, is
+    neither revoked nor disabled: a primary-key lookup. (One EXISTS per column:
+    MariaDB refuses ``id IN (outer columns)`` inside an UPDATE of the same table.)"""
+    elder = keys.alias("elder_key")
+    ancestor = keys.c[name]
+    stopped = or_(elder.c.revoked_at.is_not(None), elder.c.disabled_at.is_not(None))
+    return or_(ancestor.is_(None), ~exists().where(elder.c.id == ancestor, stopped))
+
+
+def state_columns() -> list[Any]:
+    """What the Python twin of steps 4-5 reads beside the key's own row, as columns
+    of a statement over ``keys``: its identity's ``disabled_at``, and when the
+    first of its ancestors was revoked and disabled (each NULL: not so)."""
+    return [
+        identity_disabled_at().label("identity_disabled_at"),
+        _earliest_of_ancestors("revoked_at").label("ancestors_revoked_at"),
+        _earliest_of_ancestors("disabled_at").label("ancestors_disabled_at"),
+    ]
+
+
+def _earliest_of_ancestors(column: str) -> Any:
+    elder = keys.alias("elder_key")
+    earliest = (
+        select(func.min(elder.c[column]))
+        .where(elder.c.id.in_([keys.c[name] for name in ANCESTORS]))
+        .correlate(keys)
+        .scalar_subquery()
+    )
+    # A root key (nearly every key) reads nothing more.
+    return case((keys.c.ancestor_1.is_(None), null()), else_=earliest)
 
 
 def identity_disabled_at() -> Any:
@@ -117,17 +155,33 @@ def grant_predicate(
                 ),
             )
         )
-    asked = asked_product(req)
-    if asked is not None:
-        conds.append(exists().where(products.c.id == asked, products.c.org_id == k.org_id))
-        conds.append(or_(k.product_id.is_(None), k.product_id == asked))
+    if req.product_id is not None or req.product_name is not None:
+        # Each an EXISTS over the asked-for product itself, never "= (SELECT ...)":
+        # MariaDB rewrites such an EXISTS into a row IN, which it cannot do with a
+        # subquery in the row (error 1235) once the UPDATE reads keycap_keys again.
+        def asked(p: Any) -> ColumnElement[bool]:
+            match = (
+                p.c.id == req.product_id
+                if req.product_id is not None
+                else (p.c.name == req.product_name)
+            )
+            return and_(p.c.org_id == k.org_id, match)
+
+        conds.append(exists().where(asked(products)))
+        own = products.alias("own_product")
+        conds.append(
+            or_(k.product_id.is_(None), exists().where(own.c.id == k.product_id, asked(own)))
+        )
+        linked = products.alias("linked_product")
+        pp = project_products.c
         conds.append(
             or_(
                 k.project_id.is_(None),
                 exists().where(
-                    project_products.c.org_id == k.org_id,
-                    project_products.c.project_id == k.project_id,
-                    project_products.c.product_id == asked,
+                    pp.org_id == k.org_id,
+                    pp.project_id == k.project_id,
+                    linked.c.id == pp.product_id,
+                    asked(linked),
                 ),
             )
         )
@@ -180,23 +234,38 @@ def asked_product(req: Requirement) -> Any:
 
 
 def applies_to(
-    table: Any, key_id: Any, org_id: Any, project_id: Any, identity_id: Any
+    table: Any,
+    key_id: Any,
+    org_id: Any,
+    project_id: Any,
+    identity_id: Any,
+    ancestors: Sequence[Any],
 ) -> ColumnElement[bool]:
-    """A rate limit's or budget's row belongs to the key, its identity, its project
-    or its organization. A key without a project (identity) has a NULL there, which
-    matches nothing. The one spelling of this rule: every statement below uses it."""
-    return table.c.subject_id.in_([key_id, org_id, project_id, identity_id])  # type: ignore[no-any-return]
+    """A rate limit's or budget's row belongs to the key, one of its ancestors, its
+    identity, its project or its organization. A key without a project (identity,
+    parent) has a NULL there, which matches nothing. The one spelling of this
+    rule: every statement below uses it. One IN list, so every database finds
+    the rows by the index on ``subject_id``."""
+    subjects = [key_id, org_id, project_id, identity_id, *ancestors]
+    return table.c.subject_id.in_(subjects)  # type: ignore[no-any-return]
 
 
 def applies_to_key(table: Any) -> ColumnElement[bool]:
     """:func:`applies_to` the key of the ``KEY_ID``/``ORG_ID``/``PROJECT_ID``/
-    ``IDENTITY_ID`` binds."""
-    return applies_to(table, KEY_ID, ORG_ID, PROJECT_ID, IDENTITY_ID)
+    ``IDENTITY_ID``/``ANCESTOR_IDS`` binds."""
+    return applies_to(table, KEY_ID, ORG_ID, PROJECT_ID, IDENTITY_ID, ANCESTOR_IDS)
 
 
 def applies_to_row(table: Any, key: Any) -> ColumnElement[bool]:
     """:func:`applies_to` the key of a row (``keys.c`` or a CTE's columns)."""
-    return applies_to(table, key.id, key.org_id, key.project_id, key.identity_id)
+    return applies_to(
+        table,
+        key.id,
+        key.org_id,
+        key.project_id,
+        key.identity_id,
+        [key[name] for name in ANCESTORS],
+    )
 
 
 def has_rate_limits() -> ColumnElement[bool]:
@@ -226,6 +295,7 @@ def rate_limit_count(key_id: Any) -> Any:
                 of_key(counted.c.org_id),
                 of_key(counted.c.project_id),
                 of_key(counted.c.identity_id),
+                [of_key(counted.c[name]) for name in ANCESTORS],
             )
         )
         .scalar_subquery()

@@ -14,6 +14,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from keycap._db.build import HOLD_ID, AnyRow, contains
+from keycap._db.keys import selected_by
 from keycap._db.schema import (
     holds,
     keys,
@@ -58,12 +59,12 @@ async def expired_hold_ids(
 
 
 async def open_hold_ids(conn: AsyncConnection, column: str, value: str) -> list[str]:
-    """Open holds of the keys whose ``column`` (id, project_id, product_id) is ``value``."""
+    """Open holds of the keys ``keycap._db.keys.selected_by(column, value)``."""
     h = holds.c
     stmt = (
         select(h.id)
         .join(keys, keys.c.id == h.key_id)
-        .where(keys.c[column] == value, h.status == "open")
+        .where(selected_by(column, value), h.status == "open")
         .order_by(h.id)
     )
     return list((await conn.execute(stmt)).scalars())

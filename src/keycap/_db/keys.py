@@ -40,12 +40,12 @@ from keycap._db.grant import (
     asked_product,
     grant_predicate,
     has_rate_limits,
-    identity_disabled_at,
     key_is_live_now,
     rate_limit_count,
+    state_columns,
     status_filter,
 )
-from keycap._db.schema import keys, products, project_products, projects
+from keycap._db.schema import ANCESTORS, keys, products, project_products, projects
 from keycap._rules import ips
 from keycap._rules.policy import Requirement
 
@@ -70,6 +70,7 @@ KEY_COLUMNS = (
     keys.c.max_uses,
     keys.c.allowed_ips,
     keys.c.identity_id,
+    *(keys.c[name] for name in ANCESTORS),
 )
 _AUTH_COLUMNS = (
     *KEY_COLUMNS,
@@ -140,9 +141,9 @@ async def get_key(conn: AsyncConnection, key_id: str) -> AnyRow | None:
 
 
 async def get_key_state(conn: AsyncConnection, key_id: str) -> AnyRow | None:
-    """The key with its identity's ``disabled_at``: all the grant rule's state
+    """The key with its identity's and ancestors' state: all the grant rule's state
     steps need (why a charge was refused)."""
-    stmt = select(*KEY_COLUMNS, identity_disabled_at().label("identity_disabled_at"))
+    stmt = select(*KEY_COLUMNS, *state_columns())
     return (await conn.execute(stmt.where(keys.c.id == key_id))).first()
 
 
@@ -165,6 +166,7 @@ async def list_keys(
     offset: int,
     newest_first: bool = False,
     identity_id: str | None = None,
+    descendants_of: str | None = None,
 ) -> Sequence[AnyRow]:
     order = (
         (keys.c.created_at.desc(), keys.c.id.desc())
@@ -183,8 +185,31 @@ async def list_keys(
         stmt = stmt.where(keys.c.product_id == product_id)
     if identity_id is not None:
         stmt = stmt.where(keys.c.identity_id == identity_id)
+    if descendants_of is not None:
+        stmt = stmt.where(or_(*(keys.c[name] == descendants_of for name in ANCESTORS)))
     if status is not None:
         stmt = stmt.where(status_filter(status, now))
+    return (await conn.execute(stmt)).all()
+
+
+async def lock_key_state(conn: AsyncConnection, key_id: str) -> AnyRow | None:
+    """:func:`get_key_state`, after taking the key's row lock for the transaction
+    (what a delegation and a narrowing of the same key serialize on)."""
+    locked = select(keys.c.id).where(keys.c.id == key_id).with_for_update()
+    if (await conn.execute(locked)).first() is None:
+        return None
+    return await get_key_state(conn, key_id)
+
+
+async def children_of(conn: AsyncConnection, parent_ids: Sequence[str]) -> Sequence[AnyRow]:
+    """The keys delegated directly from any of ``parent_ids``, locked for the
+    transaction (by the index on ``ancestor_1``), in id order."""
+    stmt = (
+        select(*KEY_COLUMNS, keys.c.previous_until)
+        .where(keys.c.ancestor_1.in_(parent_ids))
+        .order_by(keys.c.id)
+        .with_for_update()
+    )
     return (await conn.execute(stmt)).all()
 
 
@@ -228,12 +253,21 @@ async def set_disabled(
 
 
 async def revoke_keys_where(conn: AsyncConnection, column: str, value: str, now: datetime) -> None:
-    """Revoke every unrevoked key whose ``column`` (id, project_id, product_id) is ``value``."""
+    """Revoke every unrevoked key of :func:`selected_by`."""
     await conn.execute(
         update(keys)
-        .where(keys.c[column] == value, keys.c.revoked_at.is_(None))
+        .where(selected_by(column, value), keys.c.revoked_at.is_(None))
         .values(revoked_at=now, updated_at=now)
     )
+
+
+def selected_by(column: str, value: str) -> ColumnElement[bool]:
+    """The keys whose ``column`` (id, project_id, product_id) is ``value``; for
+    ``id``, with the keys delegated from it (deleting a key deletes them)."""
+    match = keys.c[column] == value
+    if column != "id":
+        return match
+    return or_(match, *(keys.c[name] == value for name in ANCESTORS))
 
 
 async def upgrade_digest(
@@ -320,7 +354,7 @@ def _lookup_stmt(req: Requirement) -> Any:
         )
     return select(
         *_AUTH_COLUMNS,
-        identity_disabled_at().label("identity_disabled_at"),
+        *state_columns(),
         has_rate_limits().label("has_rate_limits"),
         project_org.label("asked_project_org_id"),
         product_org.label("asked_product_org_id"),
@@ -400,14 +434,15 @@ async def lock_live_key(conn: AsyncConnection, key_id: str, now: datetime) -> Ke
     anything is read.
     """
     row = await changed(conn, _lock_key(), {"m_key_id": key_id, "m_now": now})
-    return None if row is None else KeyRef(key_id, row.org_id, row.project_id, row.identity_id)
+    return None if row is None else KeyRef.of(key_id, row)
 
 
 @lru_cache(maxsize=1)
 def _lock_key() -> Changing:
     k = keys.c
     stmt = update(keys).where(k.id == KEY_ID, *key_is_live_now(NOW)).values(last_used_at=NOW)
-    return changing(stmt, select(k.org_id, k.project_id, k.identity_id).where(k.id == KEY_ID))
+    ids_ = (k.org_id, k.project_id, k.identity_id, *(k[name] for name in ANCESTORS))
+    return changing(stmt, select(*ids_).where(k.id == KEY_ID))
 
 
 async def record_metered_use(

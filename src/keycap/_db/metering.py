@@ -68,6 +68,7 @@ from keycap._db.build import (
     NOW,
     AnyRow,
     Execute,
+    KeyRef,
     big,
     grant_params,
     hot_binds,
@@ -77,7 +78,7 @@ from keycap._db.grant import applies_to_row, grant_predicate, key_is_live_now
 from keycap._db.hot import HotRow
 from keycap._db.keys import KEY_COLUMNS, metered_use, usage_cap_open
 from keycap._db.rate_limits import call_cost, window_step
-from keycap._db.schema import budgets, holds, keys, ledger, rate_limits
+from keycap._db.schema import ANCESTORS, budgets, holds, keys, ledger, rate_limits
 from keycap._db.types import JSONText, UTCDateTime
 from keycap._rules import ips, periods
 from keycap._rules.policy import Requirement
@@ -196,9 +197,9 @@ def reserve_params(
 def _spend(meter_count: int, *, hold: bool, lock_pass: bool) -> Any:
     k = keys.c
     cost = _Cost(meter_count)
-    key_q = select(k.id, k.org_id, k.project_id, k.identity_id).where(
-        k.id == KEY_ID, *key_is_live_now(NOW)
-    )
+    key_q = select(
+        k.id, k.org_id, k.project_id, k.identity_id, *(k[name] for name in ANCESTORS)
+    ).where(k.id == KEY_ID, *key_is_live_now(NOW))
     key = key_q.with_for_update(key_share=True).cte("hot_key")
     room = _budget_pass(key, cost, lock_pass)
 
@@ -230,6 +231,7 @@ def _spend(meter_count: int, *, hold: bool, lock_pass: bool) -> Any:
             key.c.org_id.label("key_org_id"),
             key.c.project_id.label("key_project_id"),
             key.c.identity_id.label("key_identity_id"),
+            *(key.c[name].label(f"key_{name}") for name in ANCESTORS),
             *(debited.c[c.name] for c in budgets.c),
             *refused_columns,
         )
@@ -438,7 +440,7 @@ async def validate_at_once(
     """Run :func:`validation_statement`; what it decided and wrote."""
     stmt = validation_statement(req, tuple(digests), len(amounts), track)
     params = validation_params(key_id, digests, amounts, now, now_ms, client)
-    return Metered.of(await execute(stmt, params))
+    return Metered.of(key_id, await execute(stmt, params))
 
 
 @dataclass(frozen=True, slots=True)
@@ -450,9 +452,8 @@ class Metered:
     ok: bool
     key_found: bool
     rates_ok: bool
-    key_org_id: str | None
-    key_project_id: str | None
-    key_identity_id: str | None
+    #: The key's ids (None: the key itself was refused).
+    ref: KeyRef | None
     key: AnyRow | None
     rate_limits: list[TableRow]
     budgets: list[TableRow]
@@ -462,15 +463,14 @@ class Metered:
     refused_rate: TableRow | None
 
     @classmethod
-    def of(cls, rows: Sequence[AnyRow]) -> Metered:
+    def of(cls, key_id: str, rows: Sequence[AnyRow]) -> Metered:
         first = rows[0]
+        found = first.key_org_id is not None
         return cls(
             ok=bool(first.ok),
-            key_found=first.key_org_id is not None,
+            key_found=found,
             rates_ok=bool(first.rates_ok),
-            key_org_id=first.key_org_id,
-            key_project_id=first.key_project_id,
-            key_identity_id=first.key_identity_id,
+            ref=KeyRef.of(key_id, first, "key_") if found else None,
             key=first if first.ok else None,
             rate_limits=_distinct(rows, "r_"),
             budgets=_distinct(rows, "b_"),
@@ -576,6 +576,7 @@ def validation_statement(
         key.c.org_id.label("key_org_id"),
         key.c.project_id.label("key_project_id"),
         key.c.identity_id.label("key_identity_id"),
+        *(key.c[name].label(f"key_{name}") for name in ANCESTORS),
         *used.c,
         *(counted.c[c.name].label(f"r_{c.name}") for c in rate_limits.c),
         *(rate_refused.c[c.name].label(f"y_{c.name}") for c in rate_limits.c),

@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Row
 
 from keycap._db.build import AnyRow
-from keycap._models import APIKey, AuditEntry, Identity, Organization, Product, Project
-from keycap._rules import ips, scopes
+from keycap._db.schema import ANCESTORS
+from keycap._models import (
+    AccessRequest,
+    AccessTerms,
+    APIKey,
+    AuditEntry,
+    Identity,
+    Organization,
+    Product,
+    Project,
+)
+from keycap._rules import access, ips, scopes
 from keycap._rules.policy import KeyFacts
 
 Source = AnyRow | Mapping[str, Any]
@@ -69,6 +80,7 @@ def to_key(row: Source, **override: Any) -> APIKey:
         max_uses=m.get("max_uses"),
         allowed_ips=_ranges(m.get("allowed_ips")),
         identity_id=m.get("identity_id"),
+        ancestors=tuple(a for name in ANCESTORS if (a := m.get(name)) is not None),
         rate_limit=override.get("rate_limit"),
         charge=override.get("charge"),
     )
@@ -92,6 +104,8 @@ def to_facts(row: Row[Any], digest_ok: bool) -> KeyFacts:
         asked_product_id=m.get("asked_product_id"),
         allowed_ips=_ranges(m.get("allowed_ips")),
         identity_disabled_at=m.get("identity_disabled_at"),
+        ancestors_revoked_at=m.get("ancestors_revoked_at"),
+        ancestors_disabled_at=m.get("ancestors_disabled_at"),
     )
 
 
@@ -125,4 +139,37 @@ def to_identity(row: Source) -> Identity:
         created_at=m["created_at"],
         updated_at=m["updated_at"],
         disabled_at=m["disabled_at"],
+    )
+
+
+def to_access_request(row: Source, now: datetime) -> AccessRequest:
+    """An access request as of ``now`` (a pending one past its time: expired)."""
+    m = as_mapping(row)
+    granted = m["granted"]
+    return AccessRequest.model_construct(
+        id=m["id"],
+        org_id=m["org_id"],
+        requester=m["requester"],
+        reason=m["reason"],
+        identity_id=m["identity_id"],
+        status=access.status_at(m["status"], m["expires_at"], now),
+        asked=_terms(access.Terms.from_json(m["asked"])),
+        granted=None if granted is None else _terms(access.Terms.from_json(granted)),
+        created_at=m["created_at"],
+        expires_at=m["expires_at"],
+        decided_at=m["decided_at"],
+        decided_by=m["decided_by"],
+        decision_reason=m["decision_reason"],
+        key_id=m["key_id"],
+        claimed_at=m["claimed_at"],
+    )
+
+
+def _terms(terms: access.Terms) -> AccessTerms:
+    return AccessTerms.model_construct(
+        scopes=terms.scopes,
+        project_id=terms.project_id,
+        product_id=terms.product_id,
+        budgets=terms.budgets,
+        expires_in=terms.lifetime,
     )

@@ -43,6 +43,10 @@ metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 ID = 32
 NAME = 200
+#: How many generations a delegated key may sit below its root: a key's
+#: ancestors are the columns ancestor_1 (its parent) ... ancestor_4 (see keys).
+MAX_DEPTH = 4
+ANCESTORS = tuple(f"ancestor_{i}" for i in range(1, MAX_DEPTH + 1))
 
 # MySQL/MariaDB: 4-byte UTF-8 and a binary collation, so names and scopes
 # compare exactly as on PostgreSQL and SQLite (case-sensitive, no accent folding).
@@ -168,6 +172,11 @@ keys = Table(
     Column("allowed_ips", Text(), nullable=True),
     # The identity the key belongs to (same organization); NULL: none.
     Column("identity_id", String(ID), nullable=True),
+    # A delegated key's ancestors, nearest first (ancestor_1: its parent); NULL
+    # past the root. Fixed columns, so that every statement that validates or
+    # charges a key reads them from its row and finds their limits and budgets
+    # by index on all three databases (keycap._db.grant.applies_to). Written once.
+    *(Column(name, String(ID), nullable=True) for name in ANCESTORS),
     PrimaryKeyConstraint("id"),
     ForeignKeyConstraint(["org_id"], [organizations.c.id], ondelete="CASCADE"),
     ForeignKeyConstraint(
@@ -179,11 +188,54 @@ keys = Table(
     ForeignKeyConstraint(
         ["org_id", "identity_id"], [identities.c.org_id, identities.c.id], ondelete="CASCADE"
     ),
+    # Deleting a key deletes its children (and theirs): none outlives its limits.
+    ForeignKeyConstraint(["ancestor_1"], ["keycap_keys.id"], ondelete="CASCADE"),
     CheckConstraint("use_count >= 0", name="use_count_nonnegative"),
     CheckConstraint("length(digest) = 64", name="digest_length"),
     Index(None, "org_id", "project_id"),
     Index(None, "org_id", "product_id"),
     Index(None, "org_id", "identity_id"),
+    Index(None, "ancestor_1"),
+    **_MYSQL,
+)
+
+
+access_requests = Table(
+    "keycap_access_requests",
+    metadata,
+    # An agent or app asking for a key (keycap._rules.access): the owner approves
+    # (as asked or narrower) or denies; the requester claims the key once, with a
+    # claim secret of which only the HMAC digest is kept, as for keys.
+    Column("id", String(ID), nullable=False),
+    Column("org_id", String(ID), nullable=False),
+    Column("requester", String(NAME), nullable=False),
+    Column("reason", Text(), nullable=False),
+    # The identity the issued key will belong to (same organization); NULL: none.
+    Column("identity_id", String(ID), nullable=True),
+    # Terms.to_json: what was asked, and what was granted (NULL until approved).
+    Column("asked", JSONText(), nullable=False),
+    Column("granted", JSONText(), nullable=True),
+    # pending, approved, denied or claimed; "expired" is read from expires_at.
+    Column("status", String(16), nullable=False),
+    Column("claim_digest", String(64), nullable=False),
+    Column("claim_pepper_id", String(16), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    # Until when it may be decided and claimed.
+    Column("expires_at", UTCDateTime(), nullable=False),
+    Column("decided_at", UTCDateTime(), nullable=True),
+    Column("decided_by", String(NAME), nullable=True),
+    Column("decision_reason", Text(), nullable=True),
+    Column("key_id", String(ID), nullable=True),
+    Column("claimed_at", UTCDateTime(), nullable=True),
+    PrimaryKeyConstraint("id"),
+    ForeignKeyConstraint(["org_id"], [organizations.c.id], ondelete="CASCADE"),
+    ForeignKeyConstraint(
+        ["org_id", "identity_id"], [identities.c.org_id, identities.c.id], ondelete="CASCADE"
+    ),
+    ForeignKeyConstraint(["key_id"], [keys.c.id], ondelete="SET NULL"),
+    CheckConstraint("status IN ('pending', 'approved', 'denied', 'claimed')", name="status_known"),
+    Index(None, "org_id", "status", "created_at"),
+    Index(None, "key_id"),
     **_MYSQL,
 )
 

@@ -7,6 +7,7 @@ names what clashed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -14,16 +15,16 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from keycap._db import budgets, holds, keys, ledger, rate_limits, tenancy
+from keycap._db import budgets, holds, keys, ledger, rate_limits, rows, tenancy
 from keycap._db.build import AnyRow, KeyRef
 from keycap._db.engine import Conflict, Database
-from keycap._db.schema import identities, organizations, products, projects
+from keycap._db.schema import ANCESTORS, identities, organizations, products, projects
 from keycap._db.schema import keys as keys_table
 from keycap._errors import AlreadyExistsError, HoldClosedError, InvalidArgumentError, NotFoundError
 from keycap._ops import audit
 from keycap._ops.release import release, sweep
 from keycap._ops.units import retrying
-from keycap._rules import ids, money, movements
+from keycap._rules import delegation, ids, ips, money, movements, policy
 from keycap._rules import scopes as scope_rules
 from keycap._rules.budgets import BudgetSpec
 from keycap._rules.money import MAX_UNITS
@@ -171,56 +172,11 @@ async def create_key(
         NotFoundError: the organization, project or product.
         InvalidArgumentError: a product not linked to the key's project.
     """
-    org_id, project_id, product_id = row["org_id"], row["project_id"], row["product_id"]
-    identity_id = row.get("identity_id")
-    own = tenancy.Subject(row["id"], org_id, project_id, row["id"])
-    now = row["created_at"]
+    org_id = row["org_id"]
 
     async def unit() -> None:
         async with db.begin() as conn:
-            for table, resource, id_ in (
-                (projects, "project", project_id),
-                (products, "product", product_id),
-                (identities, "identity", identity_id),
-            ):
-                if id_ is not None and not await tenancy.owned_by(conn, table, id_, org_id):
-                    raise NotFoundError(resource, id_)
-            if (
-                project_id is not None
-                and product_id is not None
-                and not await tenancy.is_linked(conn, org_id, project_id, product_id)
-            ):
-                raise InvalidArgumentError(
-                    "product_id",
-                    "is not linked to the key's project (add_product_to_project first)",
-                )
-            await tenancy.check_scopes(conn, org_id, scope_rules.decode(row["scopes"]))
-            await keys.insert_key(conn, row)
-            limit_rows = [rate_limits.new_rate_limit_row(own, limit, now) for limit in limits]
-            await rate_limits.insert_rate_limits(conn, limit_rows)
-            await budgets.insert_budgets(
-                conn, [budgets.new_budget_row(own, spec, now) for spec in budget_specs]
-            )
-            after = audit.key_state(row)
-            assert after is not None
-            after["budgets"] = [
-                {
-                    "limit": money.plain(money.from_micros(s.limit_micros)),
-                    "period": s.period.value,
-                    "meter": s.meter,
-                }
-                for s in budget_specs
-            ]
-            after["rate_limits"] = [audit.plain_state(r, *_LIMIT) for r in limit_rows]
-            await audit.write(
-                conn,
-                org_id=org_id,
-                action="key.created",
-                subject_id=row["id"],
-                before=None,
-                after=after,
-                now=now,
-            )
+            await insert_key(conn, row, limits, budget_specs, "key.created")
 
     try:
         await db.guarded(unit)
@@ -228,6 +184,97 @@ async def create_key(
         if await db.read(tenancy.get_by_id, tenancy.TABLES[ids.ORG], org_id) is None:
             raise NotFoundError("organization", org_id) from None
         raise
+
+
+async def delegate(
+    db: Database,
+    parent_id: str,
+    child_row: Callable[[AnyRow], Mapping[str, Any]],
+    limits: Sequence[RateLimit],
+    budget_specs: Sequence[BudgetSpec],
+    max_depth: int,
+    now: datetime,
+) -> Mapping[str, Any]:
+    """Mint a child of the key ``parent_id``, in one transaction that holds the
+    parent's row lock (so a concurrent ``update_key`` narrows the child too):
+    ``child_row(parent)`` decides the child's row from the parent's
+    (``keycap._rules.delegation``); the row inserted.
+
+    Raises:
+        NotFoundError: no such parent (or its project or product went meanwhile).
+        RevokedKeyError, DisabledKeyError, ExpiredKeyError: the parent (or one of
+            its ancestors, or its identity) cannot delegate.
+        InvalidArgumentError: too deep, or the child would exceed its parent.
+    """
+
+    async def unit() -> Mapping[str, Any]:
+        async with db.begin() as conn:
+            parent = await keys.lock_key_state(conn, parent_id)
+            if parent is None:
+                raise NotFoundError("key", parent_id)
+            # The grant rule's state steps, as a validation would take them.
+            facts = dataclasses.replace(rows.to_facts(parent, digest_ok=True), allowed_ips=None)
+            policy.check(facts, policy.Requirement(), now)
+            depth = sum(1 for name in ANCESTORS if parent._mapping[name] is not None) + 1
+            if depth > max_depth:
+                raise InvalidArgumentError(
+                    "key_id", f"delegated keys go at most {max_depth} levels below their root"
+                )
+            row = child_row(parent)
+            await insert_key(conn, row, limits, budget_specs, "key.delegated")
+            return row
+
+    return await db.guarded(unit)
+
+
+async def insert_key(
+    conn: AsyncConnection,
+    row: Mapping[str, Any],
+    limits: Sequence[RateLimit],
+    budget_specs: Sequence[BudgetSpec],
+    action: str,
+) -> None:
+    org_id, project_id, product_id = row["org_id"], row["project_id"], row["product_id"]
+    identity_id = row.get("identity_id")
+    own = tenancy.Subject(row["id"], org_id, project_id, row["id"])
+    now = row["created_at"]
+    for table, resource, id_ in (
+        (projects, "project", project_id),
+        (products, "product", product_id),
+        (identities, "identity", identity_id),
+    ):
+        if id_ is not None and not await tenancy.owned_by(conn, table, id_, org_id):
+            raise NotFoundError(resource, id_)
+    if (
+        project_id is not None
+        and product_id is not None
+        and not await tenancy.is_linked(conn, org_id, project_id, product_id)
+    ):
+        raise InvalidArgumentError(
+            "product_id",
+            "is not linked to the key's project (add_product_to_project first)",
+        )
+    await tenancy.check_scopes(conn, org_id, scope_rules.decode(row["scopes"]))
+    await keys.insert_key(conn, row)
+    limit_rows = [rate_limits.new_rate_limit_row(own, limit, now) for limit in limits]
+    await rate_limits.insert_rate_limits(conn, limit_rows)
+    await budgets.insert_budgets(
+        conn, [budgets.new_budget_row(own, spec, now) for spec in budget_specs]
+    )
+    after = audit.key_state(row)
+    assert after is not None
+    after["budgets"] = [
+        {
+            "limit": money.plain(money.from_micros(s.limit_micros)),
+            "period": s.period.value,
+            "meter": s.meter,
+        }
+        for s in budget_specs
+    ]
+    after["rate_limits"] = [audit.plain_state(r, *_LIMIT) for r in limit_rows]
+    await audit.write(
+        conn, org_id=org_id, action=action, subject_id=row["id"], before=None, after=after, now=now
+    )
 
 
 async def retire_keys(db: Database, column: str, value: str, now: datetime) -> None:
@@ -385,15 +432,71 @@ async def update_key(db: Database, key_id: str, values: Mapping[str, Any]) -> An
     ``scopes`` are checked there against its organization's allowed scopes. None:
     no such key."""
 
+    now = values["updated_at"]
+    grants = values.keys() & _GRANTS
+
     async def change(conn: AsyncConnection) -> AnyRow | None:
         if "scopes" in values:
             org_id = await conn.scalar(select(keys_table.c.org_id).where(keys_table.c.id == key_id))
             if org_id is None:
                 return None
             await tenancy.check_scopes(conn, org_id, scope_rules.decode(values["scopes"]))
-        return await keys.update_key(conn, key_id, values)
+        if grants:
+            current = await keys.get_key(conn, key_id)
+            if current is None:
+                return None
+            parent_id = current._mapping["ancestor_1"]
+            if parent_id is not None:  # a delegated key stays inside its parent
+                parent = await keys.lock_key_state(conn, parent_id)
+                assert parent is not None  # deleting it deletes this key
+                asked = delegation.Grants.of({**rows.as_mapping(current), **values})
+                delegation.child(delegation.Grants.of(parent._mapping), asked, inherit=frozenset())
+        changed = await keys.update_key(conn, key_id, values)
+        if changed is not None and grants:
+            await _narrow_descendants(conn, changed, now)
+        return changed
 
-    return await change_key(db, key_id, "key.updated", change, values["updated_at"])
+    return await change_key(db, key_id, "key.updated", change, now)
+
+
+#: What a delegated key must stay within its parent in, among ``update_key``'s values.
+_GRANTS = frozenset({"scopes", "expires_at", "allowed_ips"})
+
+
+async def _narrow_descendants(conn: AsyncConnection, key: AnyRow, now: datetime) -> None:
+    """After ``key``'s grants changed: bring each of its descendants, a generation at
+    a time, back inside its parent (``delegation.narrowed``), each change with its
+    audit row. The validation statement can then trust a child's own row."""
+    granted = {key.id: delegation.Grants.of(key._mapping)}
+    generation = [key.id]
+    while generation:
+        children = await keys.children_of(conn, generation)
+        generation = []
+        for child in children:
+            had = delegation.Grants.of(child._mapping)
+            now_has = delegation.narrowed(granted[child.ancestor_1], had)
+            granted[child.id] = now_has
+            generation.append(child.id)
+            if now_has == had:
+                continue
+            values = {
+                "scopes": scope_rules.encode(now_has.scopes),
+                "expires_at": now_has.expires_at,
+                "allowed_ips": None
+                if now_has.allowed_ips is None
+                else ips.encode(now_has.allowed_ips),
+                "updated_at": now,
+            }
+            after = await keys.update_key(conn, child.id, values)
+            await audit.write(
+                conn,
+                org_id=child.org_id,
+                action="key.narrowed",
+                subject_id=child.id,
+                before=audit.key_state(child),
+                after=audit.key_state(after),
+                now=now,
+            )
 
 
 async def set_allowed_scopes(

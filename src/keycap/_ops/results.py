@@ -189,6 +189,7 @@ def rate_limited_error(
         window_seconds=Decimal(current.window_ms) / 1000,  # 60, not 60.000000
         meter=status.meter,
         key_id=key_id,
+        subject_id=current.subject_id,
     )
 
 

@@ -124,6 +124,6 @@ def spent(rows: Sequence[AnyRow], key_id: str) -> list[AnyRow]:
     if not first.ok:
         if first.key_org_id is None:
             raise Refused("key")
-        key = KeyRef(key_id, first.key_org_id, first.key_project_id, first.key_identity_id)
+        key = KeyRef.of(key_id, first, "key_")
         raise Refused("budget", row=metering.refused_budget(rows), key=key)
     return [row for row in rows if row.id is not None]

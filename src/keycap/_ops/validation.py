@@ -52,7 +52,7 @@ async def validate(
         if not done.ok:
             if not done.key_found:
                 raise Refused("key")
-            key = KeyRef(key_id, done.key_org_id or "", done.key_project_id, done.key_identity_id)
+            key = done.ref
             if done.rates_ok:
                 raise Refused("budget", row=done.refused_budget, key=key)
             raise Refused("rate", row=done.refused_rate, key=key)
@@ -74,7 +74,7 @@ async def validate(
             )
             if key_row is None:
                 raise Refused("key")
-            key = KeyRef(key_id, key_row.org_id, key_row.project_id, key_row.identity_id)
+            key = KeyRef.of(key_id, key_row)
             limits = await rate_limits.consume_rates(
                 conn, key, amounts, epoch_ms(now), key_row.rate_limit_count
             )

@@ -20,6 +20,7 @@ BUDGET: Final = "bud"
 HOLD: Final = "hold"
 RATE_LIMIT: Final = "rl"
 IDENTITY: Final = "idn"
+ACCESS_REQUEST: Final = "acr"
 
 #: Random characters after the kind; a key id's part is the public id inside the token.
 RANDOM_LENGTH: Final = 16
@@ -34,6 +35,7 @@ _RESOURCE = {
     HOLD: "hold",
     RATE_LIMIT: "rate limit",
     IDENTITY: "identity",
+    ACCESS_REQUEST: "access request",
 }
 _PATTERNS = {
     kind: re.compile(

@@ -13,9 +13,11 @@ MAX_METADATA_BYTES: Final = 16_384
 MAX_PAGE: Final = 1000
 
 
-def text(value: object, field: str, *, allow_empty: bool = False) -> str:
-    """A name-like string: 0/1-200 characters, valid Unicode, no control characters,
-    no whitespace at either end.
+def text(
+    value: object, field: str, *, allow_empty: bool = False, max_length: int = MAX_NAME
+) -> str:
+    """A name-like string: 0/1-200 (``max_length``) characters, valid Unicode, no
+    control characters, no whitespace at either end.
 
     Whitespace at the ends is refused because MariaDB's collations pad: there,
     ``"pay-7 "`` equals ``"pay-7"``, so an idempotency key, a name or a product
@@ -28,8 +30,8 @@ def text(value: object, field: str, *, allow_empty: bool = False) -> str:
     """
     if not isinstance(value, str):
         raise InvalidArgumentError(field, "must be a string")
-    if len(value) > MAX_NAME:
-        raise InvalidArgumentError(field, f"must be at most {MAX_NAME} characters")
+    if len(value) > max_length:
+        raise InvalidArgumentError(field, f"must be at most {max_length} characters")
     if not value.strip() and not (allow_empty and value == ""):
         raise InvalidArgumentError(field, "must not be empty")
     try:

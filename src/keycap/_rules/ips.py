@@ -81,6 +81,11 @@ def encode(found: tuple[str, ...]) -> str:
     return " " + " ".join(found) + " "
 
 
+def stored(found: tuple[str, ...] | None) -> str | None:
+    """A key's ``allowed_ips`` column: :func:`encode`, or NULL for any address."""
+    return None if found is None else encode(found)
+
+
 def decode(stored: str) -> tuple[str, ...]:
     return tuple(stored.split())
 

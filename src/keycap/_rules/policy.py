@@ -81,6 +81,10 @@ class KeyFacts:
     allowed_ips: tuple[str, ...] | None = None
     #: When the key's identity was disabled; None: no identity, or not disabled.
     identity_disabled_at: datetime | None = None
+    #: When the first of a delegated key's ancestors was revoked (disabled); None:
+    #: none is, or the key was not delegated.
+    ancestors_revoked_at: datetime | None = None
+    ancestors_disabled_at: datetime | None = None
 
 
 def check(
@@ -98,8 +102,12 @@ def check(
     kid = facts.key_id
     if facts.revoked_at is not None:
         raise RevokedKeyError(facts.revoked_at, key_id=kid)
+    if facts.ancestors_revoked_at is not None:
+        raise RevokedKeyError(facts.ancestors_revoked_at, key_id=kid, ancestor=True)
     if facts.disabled_at is not None:
         raise DisabledKeyError(facts.disabled_at, key_id=kid)
+    if facts.ancestors_disabled_at is not None:
+        raise DisabledKeyError(facts.ancestors_disabled_at, key_id=kid, ancestor=True)
     if facts.identity_disabled_at is not None:
         raise DisabledKeyError(facts.identity_disabled_at, key_id=kid, identity=True)
     if facts.expires_at is not None and facts.expires_at <= now:

@@ -16,6 +16,7 @@ from http import HTTPStatus
 from typing import Any
 
 from keycap._errors import (
+    AccessNotGrantedError,
     AlreadyExistsError,
     BudgetExceededError,
     ConfigurationError,
@@ -214,7 +215,10 @@ def _status(error: KeycapError, options: HTTPOptions, now: datetime) -> tuple[in
         return 500, {}  # a statement failed (a bug or a schema mismatch), not an outage
     if isinstance(error, NotFoundError):
         return 404, {}
-    if isinstance(error, AlreadyExistsError | HoldClosedError | IdempotencyConflictError):
+    if isinstance(
+        error,
+        AlreadyExistsError | HoldClosedError | IdempotencyConflictError | AccessNotGrantedError,
+    ):
         return 409, {}
     if isinstance(error, InvalidArgumentError):
         return 400, {}

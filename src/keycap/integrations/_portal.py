@@ -5,6 +5,10 @@
 which organization they may manage (``org_id``), and optionally which scopes
 they may grant. Every endpoint works inside that organization only: another
 organization's key is a 404, as if it did not exist. docs/portal.md.
+
+``delegation_router()`` lets a key itself (one granted ``keys:delegate``) mint,
+list and revoke its own delegated keys: for agents that start agents.
+docs/agents.md.
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the endpoints'
@@ -15,12 +19,12 @@ from datetime import timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from keycap._client import APIKeyClient
 from keycap._errors import InvalidArgumentError, NotFoundError
-from keycap._models import APIKey, KeyStatus, Remaining, UsageRow
+from keycap._models import AccessRequest, APIKey, KeyStatus, Remaining, UsageRow
 from keycap._rules import scopes as scope_rules
 from keycap._rules.budgets import Budget
 from keycap._rules.rate_limits import RateLimit
@@ -67,6 +71,53 @@ class KeyCreate(_Body):
     rate_limits: list[RateLimitIn] = Field(default_factory=list)
 
 
+class KeyDelegate(_Body):
+    """A child of the calling key; what is left out (None) is the caller's."""
+
+    name: str = ""
+    scopes: list[str] | None = None
+    expires_in: str | None = Field(default=None, examples=["1h"])
+    budgets: list[BudgetIn] = Field(default_factory=list)
+    rate_limits: list[RateLimitIn] = Field(default_factory=list)
+    max_uses: int | None = None
+
+
+class AccessAsk(_Body):
+    """An agent's or app's request for a key."""
+
+    requester: str
+    reason: str = ""
+    scopes: list[str] = Field(default_factory=list)
+    project_id: str | None = None
+    product_id: str | None = None
+    budgets: list[BudgetIn] = Field(default_factory=list)
+    expires_in: str | None = Field(default=None, examples=["30d"])
+
+
+class AccessAsked(BaseModel):
+    """A pending request, and the secret that claims its key: shown once."""
+
+    request: AccessRequest
+    claim_secret: str
+
+
+class AccessClaim(_Body):
+    claim_secret: str
+
+
+class AccessApproval(_Body):
+    """Approve as asked, or narrower (fields left out: as asked)."""
+
+    scopes: list[str] | None = None
+    budgets: list[BudgetIn] | None = None
+    expires_in: str | None = None
+    note: str | None = None
+
+
+class AccessDenial(_Body):
+    reason: str
+
+
 class KeyUpdate(_Body):
     name: str | None = None
     scopes: list[str] | None = None
@@ -89,6 +140,10 @@ class KeyIssued(BaseModel):
 
     key: APIKey
     plaintext: str
+
+
+def _budget(b: BudgetIn) -> Budget:
+    return Budget(b.limit, b.period, meter=b.meter)
 
 
 async def own_key(kc: APIKeyClient, who: Manager, key_id: str) -> APIKey:
@@ -184,7 +239,7 @@ def key_management_router(
                 project_id=body.project_id,
                 product_id=body.product_id,
                 expires_in=body.expires_in,
-                budgets=[Budget(b.limit, b.period, meter=b.meter) for b in body.budgets],
+                budgets=[_budget(b) for b in body.budgets],
                 rate_limits=[RateLimit(r.limit, r.window) for r in body.rate_limits],
                 delegated_by=who.actor,
             )
@@ -236,8 +291,169 @@ def key_management_router(
         await own_key(kc, who, key_id)
         return await kc.usage(key_id=key_id, since=kc.now() - timedelta(days=days), per="day")
 
+    @router.get("/access-requests", summary="Requests for keys, newest first")
+    async def list_requests(
+        who: Who,
+        kc: Client,
+        status: str | None = "pending",
+        limit: Annotated[int, Query(ge=1, le=100)] = 50,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> list[AccessRequest]:
+        return await kc.list_access_requests(who.org_id, status=status, limit=limit, offset=offset)
+
+    async def own_request(kc: APIKeyClient, who: Manager, request_id: str) -> None:
+        if (await kc.get_access_request(request_id)).org_id != who.org_id:
+            raise NotFoundError("access request", request_id)
+
+    @router.post("/access-requests/{request_id}/approve", summary="Approve, as asked or narrower")
+    async def approve(request_id: str, body: AccessApproval, who: Who, kc: Client) -> AccessRequest:
+        await own_request(kc, who, request_id)
+        scopes = None if body.scopes is None else grantable(who, body.scopes)
+        budgets = None if body.budgets is None else [_budget(b) for b in body.budgets]
+        with kc.acting_as(who.actor):
+            return await kc.approve_access(
+                request_id,
+                scopes=scopes,
+                budgets=budgets,
+                expires_in=body.expires_in,
+                note=body.note,
+            )
+
+    @router.post("/access-requests/{request_id}/deny", summary="Deny, saying why")
+    async def deny(request_id: str, body: AccessDenial, who: Who, kc: Client) -> AccessRequest:
+        await own_request(kc, who, request_id)
+        with kc.acting_as(who.actor):
+            return await kc.deny_access(request_id, reason=body.reason)
+
     if page:
         from keycap.integrations._page import add_page
 
         add_page(router, manager=manager, client=_client, csrf_token=csrf_token, title=title)
+    return router
+
+
+#: The scope a key needs to mint its own children over HTTP.
+DELEGATE_SCOPE = "keys:delegate"
+
+
+def delegation_router(
+    *, client: APIKeyClient | None = None, scope: str = DELEGATE_SCOPE
+) -> APIRouter:
+    """Endpoints a key calls about its own delegated keys, authenticated by that key
+    (granted ``scope``, ``keys:delegate`` by default), to mount with
+    ``app.include_router(router, prefix="/v1")``:
+
+    - ``POST /keys/children``: mint a child (``KeyDelegate``); 201 with its
+      secret, shown once;
+    - ``GET /keys/children``: the caller's descendants, newest first;
+    - ``POST /keys/children/{key_id}/revoke``: revoke one of them (another key
+      is a 404).
+
+    Each change is in the audit log with the calling key as actor (``key:<id>``).
+    A child may hold ``keys:delegate`` only if the caller does, so the tree grows
+    only as deep as ``max_delegation_depth``.
+    """
+    from keycap.integrations.fastapi import keycap_client, require_scope
+
+    router = APIRouter(tags=["Delegated keys"])
+    Caller = Annotated[APIKey, Depends(require_scope(scope, client=client))]
+
+    def _client(request: Request) -> APIKeyClient:
+        return client if client is not None else keycap_client(request)
+
+    Client = Annotated[APIKeyClient, Depends(_client)]
+
+    @router.post("/keys/children", status_code=201, summary="Mint a child of this key (shown once)")
+    async def delegate(
+        body: KeyDelegate, caller: Caller, kc: Client, response: Response
+    ) -> KeyIssued:
+        response.headers["Cache-Control"] = "no-store"
+        with kc.acting_as(f"key:{caller.id}"):
+            issued = await kc.delegate(
+                caller.id,
+                name=body.name,
+                scopes=body.scopes,
+                expires_in=body.expires_in,
+                budgets=[_budget(b) for b in body.budgets],
+                rate_limits=[RateLimit(r.limit, r.window) for r in body.rate_limits],
+                max_uses=body.max_uses,
+            )
+        return KeyIssued(key=issued.key, plaintext=issued.plaintext)
+
+    @router.get("/keys/children", summary="This key's delegated keys, newest first")
+    async def children(
+        caller: Caller,
+        kc: Client,
+        limit: Annotated[int, Query(ge=1, le=100)] = 50,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> list[APIKey]:
+        return await kc.list_keys(
+            descendants_of=caller.id, limit=limit, offset=offset, newest_first=True
+        )
+
+    @router.post("/keys/children/{key_id}/revoke", summary="Revoke one of this key's children")
+    async def revoke(key_id: str, caller: Caller, kc: Client) -> APIKey:
+        if caller.id not in (await kc.get_key(key_id)).ancestors:
+            raise NotFoundError("key", key_id)
+        with kc.acting_as(f"key:{caller.id}"):
+            return await kc.revoke_key(key_id)
+
+    return router
+
+
+def access_request_router(*, org_id: Any, client: APIKeyClient | None = None) -> APIRouter:
+    """Endpoints an agent or app calls to ask for a key, before it has one, to
+    mount with ``app.include_router(router, prefix="/v1")``:
+
+    - ``POST /access-requests`` (``AccessAsk``): 201 with the pending request and
+      its claim secret, shown once;
+    - ``POST /access-requests/{request_id}/claim`` with ``{"claim_secret": ...}``:
+      201 with the key and its plaintext, once; until then 409
+      ``access_not_granted`` says where the request stands (``pending``,
+      ``denied`` with the owner's ``reason``, ``claimed``, ``expired``), so the
+      requester polls this. A wrong secret is a 404, like an unknown request.
+
+    ``org_id``: a FastAPI dependency returning the organization requests go to
+    (the app's choice: a fixed one, or one from the path or host). Owners decide
+    through ``key_management_router``'s ``/access-requests`` endpoints.
+    """
+    from keycap.integrations.fastapi import keycap_client
+
+    router = APIRouter(tags=["Access requests"])
+    Org = Annotated[str, Depends(org_id)]
+
+    def _client(request: Request) -> APIKeyClient:
+        return client if client is not None else keycap_client(request)
+
+    Client = Annotated[APIKeyClient, Depends(_client)]
+
+    @router.post("/access-requests", status_code=201, summary="Ask for a key")
+    async def ask(body: AccessAsk, org: Org, kc: Client, response: Response) -> AccessAsked:
+        response.headers["Cache-Control"] = "no-store"
+        request, secret = await kc.request_access(
+            org,
+            requester=body.requester,
+            reason=body.reason,
+            scopes=body.scopes,
+            project_id=body.project_id,
+            product_id=body.product_id,
+            budgets=[_budget(b) for b in body.budgets],
+            expires_in=body.expires_in,
+        )
+        return AccessAsked(request=request, claim_secret=secret)
+
+    @router.post(
+        "/access-requests/{request_id}/claim",
+        status_code=201,
+        summary="Claim the key of an approved request (shown once)",
+    )
+    async def claim(
+        request_id: str, body: AccessClaim, org: Org, kc: Client, response: Response
+    ) -> KeyIssued:
+        response.headers["Cache-Control"] = "no-store"
+        if (await kc.get_access_request(request_id)).org_id != org:
+            raise NotFoundError("access request", request_id)
+        issued = await kc.claim_access(request_id, body.claim_secret)
+        return KeyIssued(key=issued.key, plaintext=issued.plaintext)
+
     return router

@@ -40,6 +40,8 @@ __all__ = [
     "KeycapMiddleware",
     "Manager",
     "Meter",
+    "access_request_router",
+    "delegation_router",
     "key_management_router",
     "keycap_client",
     "metered",
@@ -383,4 +385,9 @@ class KeycapMiddleware(asgi.KeycapMiddleware):
         app.openapi = openapi  # type: ignore[method-assign]
 
 
-from keycap.integrations._portal import Manager, key_management_router  # noqa: E402
+from keycap.integrations._portal import (  # noqa: E402
+    Manager,
+    access_request_router,
+    delegation_router,
+    key_management_router,
+)
