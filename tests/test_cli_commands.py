@@ -365,3 +365,39 @@ def test_an_identity_is_found_by_external_id_past_the_first_page(cli: CLI) -> No
 
     asyncio.run(many())
     cli.ok("key", "create", "--org", "Acme", "--identity", "first", "--name", "hers")
+
+
+def test_an_apikeys_platform_database_is_imported_from_the_command_line(
+    cli: CLI, tmp_path: Path
+) -> None:
+    import asyncio
+
+    from keycap import APIKeyClient
+    from tests.test_imports import FOREIGN, apikeys_platform_database
+
+    url, made, revoked = asyncio.run(apikeys_platform_database(tmp_path))
+    one_line(cli("import", "apikeys-platform"), 2, "--from")
+    first = cli("import", "apikeys-platform", "--from", url)
+    assert first.code == 0, first.err
+    assert "imported 3 keys (1 revoked, 0 already there)" in first.err
+    assert (
+        "imported 0 keys (0 revoked, 3 already there)"
+        in cli("import", "apikeys-platform", "--from", url).err
+    )
+    listed = json.loads(cli.ok("key", "list", "--json"))
+    assert sorted(k["status"] for k in listed) == ["active", "active", "revoked"]
+
+    async def validate() -> list[str]:
+        async with APIKeyClient(
+            f"sqlite:///{tmp_path / 'cli.db'}",
+            signing_secret=SECRET,
+            imported_keys=True,
+            foreign_secrets={"apikeys-platform": FOREIGN},
+        ) as kc:
+            names = [(await kc.validate_key(k, required_scopes=["read"])).name for k in made]
+            with pytest.raises(Exception) as refused:
+                await kc.validate_key(revoked)
+            assert getattr(refused.value, "code", "") == "revoked_key"
+            return names
+
+    assert sorted(asyncio.run(validate())) == ["k0", "k1"]

@@ -215,3 +215,90 @@ async def test_an_identity_budget_is_exact_under_charges_from_4_processes_throug
     assert outcomes["ok"] == 20 and shared.used == D("2.00")
     assert a_status.used + b_status.used == shared.used
     assert a_status.used <= D("1.50") and b_status.used <= D("1.50")
+
+
+# --- an identity metered without a key ----------------------------------------------------
+
+
+async def test_an_identity_is_charged_and_reserved_on_without_a_key(
+    client: APIKeyClient,
+) -> None:
+    org = (await client.create_organization("Acme")).id
+    await client.set_budget(org, Budget(D("10.00")))
+    ada, _ = await client.get_or_create_identity(org, "ada")
+    await client.set_budget(ada.id, Budget(D("1.00")))
+    laptop = await client.create_key(org, identity_id=ada.id)
+    charged = await client.charge(ada.id, D("0.40"))
+    assert (charged.key_id, charged.identity_id) == (None, ada.id)
+    assert sorted(b.scope for b in charged.budgets) == ["identity", "organization"]
+    await client.charge(laptop.id, D("0.20"))  # her key shares the budget
+    hold = await client.reserve(ada.id, D("0.30"))
+    assert (hold.key_id, hold.identity_id) == (None, ada.id)
+    with pytest.raises(BudgetExceededError) as refused:
+        await client.charge(ada.id, D("0.20"))
+    assert refused.value.scope == "identity"
+    settled = await client.settle(hold.id, D("0.35"))  # 0.05 beyond the hold fits
+    assert settled.charged == D("0.35")
+    (status,) = await client.get_budgets(ada.id)
+    assert (status.used, status.held) == (D("0.95"), D(0))
+    again = await client.charge(ada.id, D("0.05"), idempotency_key="pay-1")
+    assert (await client.charge(ada.id, D("0.05"), idempotency_key="pay-1")).replayed
+    assert again.identity_id == ada.id
+    await client.disable_identity(ada.id)
+    with pytest.raises(DisabledKeyError) as disabled:
+        await client.charge(ada.id, D("0.01"))
+    assert disabled.value.identity is True
+    with pytest.raises(DisabledKeyError):
+        await client.reserve(ada.id, D("0.01"))
+    with pytest.raises(NotFoundError):
+        await client.charge("idn_AAAAAAAAAAAAAAAA", D("0.01"))
+    await assert_balances_match_ledger(client)
+
+
+async def test_an_identity_is_validated_with_its_rate_limits_and_budgets(
+    client: APIKeyClient,
+) -> None:
+    org = (await client.create_organization("Acme")).id
+    ada, _ = await client.get_or_create_identity(org, "ada")
+    await client.set_rate_limit(ada.id, RateLimit(3, "minute"))
+    await client.set_budget(ada.id, Budget(D("0.10")))
+    first = await client.validate_identity(ada.id, cost=D("0.04"))
+    assert first.id == ada.id and first.rate_limit is not None
+    assert first.rate_limit.remaining == 2 and first.charge is not None
+    assert first.charge.identity_id == ada.id
+    with pytest.raises(BudgetExceededError):
+        await client.validate_identity(ada.id, cost=D("0.07"))
+    await client.validate_identity(ada.id)
+    await client.validate_identity(ada.id, cost=D("0.06"))
+    with pytest.raises(RateLimitedError) as limited:  # the refused call consumed nothing
+        await client.validate_identity(ada.id)
+    assert (limited.value.scope, limited.value.subject_id) == ("identity", ada.id)
+    (budget,) = await client.get_budgets(ada.id)
+    assert budget.used == D("0.10")
+    await client.disable_identity(ada.id)
+    with pytest.raises(DisabledKeyError):
+        await client.validate_identity(ada.id)
+    await assert_balances_match_ledger(client)
+
+
+@pytest.mark.concurrency
+async def test_an_identity_charged_without_a_key_and_through_its_key_is_exact_from_4_processes(
+    client: APIKeyClient, db_url: str, backend: str
+) -> None:
+    from tests.test_metering_concurrency import _fire
+
+    org = (await client.create_organization("Acme")).id
+    ada, _ = await client.get_or_create_identity(org, "ada")
+    await client.set_budget(ada.id, Budget(D("2.00")))
+    key = await client.create_key(org, identity_id=ada.id)
+    outcomes, _ = _fire(
+        [(db_url, "charge", ada.id, "0.10", 50, None), (db_url, "charge", key.id, "0.10", 50, None)]
+        * 2
+    )
+    (shared,) = await client.get_budgets(ada.id)
+    ledger = await assert_balances_match_ledger(client)
+    REPORT.append(
+        f"{backend}: identity 2.00, 200 charges of 0.10 from 4 processes, half without a key "
+        f"-> admitted={outcomes['ok']}, used={shared.used}; {'; '.join(ledger)}"
+    )
+    assert outcomes["ok"] == 20 and shared.used == D("2.00")

@@ -110,6 +110,43 @@ async def test_a_key_with_ranges_is_admitted_only_from_inside_them(
         )
 
 
+@pytest.mark.parametrize("path", sorted(PATHS))
+async def test_an_identitys_ranges_bind_every_key_on_top_of_the_keys_own(
+    client: APIKeyClient, path: str
+) -> None:
+    org = (await client.create_organization("Acme")).id
+    office, _ = await client.get_or_create_identity(
+        org, "office-bot", allowed_ips=["10.0.0.0/8", "2001:db8::/32"]
+    )
+    assert office.allowed_ips == ("10.0.0.0/8", "2001:db8::/32")
+    free = await client.create_key(org, identity_id=office.id, budgets=[Budget(D("1"))])
+    narrow = await client.create_key(org, identity_id=office.id, allowed_ips=["10.1.0.0/16"])
+    child = await client.delegate(free.id)
+    options = PATHS[path]
+    for key in (free, child):
+        await client.validate_key(key.plaintext, client_ip="10.9.9.9", **options)
+        await client.validate_key(key.plaintext, client_ip="2001:db8::1", **options)
+        for outside in ("192.0.2.1", None):
+            with pytest.raises(ForbiddenError) as refused:
+                await client.validate_key(key.plaintext, client_ip=outside, **options)
+            assert refused.value.reason == "ip"
+    await client.validate_key(narrow.plaintext, client_ip="10.1.2.3", **options)
+    with pytest.raises(ForbiddenError):  # inside the identity's, outside the key's own
+        await client.validate_key(narrow.plaintext, client_ip="10.9.9.9", **options)
+    with client.acting_as("admin"):
+        moved = await client.update_identity(office.id, allowed_ips=["192.0.2.0/24"])
+    assert moved.allowed_ips == ("192.0.2.0/24",)
+    await client.validate_key(free.plaintext, client_ip="192.0.2.1", **options)
+    with pytest.raises(ForbiddenError):
+        await client.validate_key(free.plaintext, client_ip="10.9.9.9", **options)
+    with pytest.raises(ForbiddenError):  # no address the key and its identity share
+        await client.validate_key(narrow.plaintext, client_ip="192.0.2.1", **options)
+    await client.update_identity(office.id, allowed_ips=None)
+    await client.validate_key(free.plaintext, client_ip=None, **options)
+    (entry, *_) = await client.audit_log(org, subject_id=office.id, action="identity.updated")
+    assert entry.after is not None and entry.after["allowed_ips"] is None
+
+
 async def test_a_rate_limited_and_a_cached_validation_check_the_address_too(
     db_url: str, clock: Any, client: APIKeyClient
 ) -> None:

@@ -32,6 +32,7 @@ from keycap._errors import (
     ConfigurationError,
     DatabaseUnavailableError,
     InvalidArgumentError,
+    InvalidKeyError,
     KeycapError,
     NotFoundError,
     RevokedKeyError,
@@ -58,10 +59,13 @@ from keycap._models import (
 from keycap._ops import access as access_ops
 from keycap._ops import admin, audit, charges, pipeline, results
 from keycap._ops import holds as hold_ops
+from keycap._ops import identities as identity_ops
+from keycap._ops import imports as import_ops
 from keycap._ops import release as release_ops
 from keycap._ops.authcache import AuthCache
 from keycap._rules import access as access_rules
 from keycap._rules import delegation, ids, inputs, ips, money, policy, timeutil, tokens
+from keycap._rules import imports as import_rules
 from keycap._rules import scopes as scope_rules
 from keycap._rules.base62 import random_string
 from keycap._rules.budgets import Budget
@@ -187,6 +191,13 @@ class APIKeyClient:
         max_delegation_depth: how many generations of delegated keys may sit below
             a root key (:meth:`delegate`): 4 at most and by default; 0 forbids
             delegation.
+        imported_keys: also accept keys imported from other systems
+            (:meth:`import_key`): a presented key that is not keycap's is looked
+            up among them (one indexed read). Off by default, so a malformed key
+            costs no I/O.
+        foreign_secrets: the secrets other systems hashed their keys with, by
+            scheme (``{"apikeys-platform": "..."}``), to verify imported keys
+            until their first use re-digests them (docs/migrating.md).
 
     Raises:
         ConfigurationError: a bad URL, a missing driver, or bad secrets/prefixes.
@@ -211,6 +222,8 @@ class APIKeyClient:
         on_unsettled: Callable[[PendingSettlement], Awaitable[None]] | None = None,
         on_key_event: Callable[[KeyEvent], Awaitable[None]] | None = None,
         max_delegation_depth: int = MAX_DEPTH,
+        imported_keys: bool = False,
+        foreign_secrets: Mapping[str, str] | None = None,
     ) -> None:
         self._format = tokens.KeyFormat(key_prefix, environment)
         self._telemetry = Telemetry(inputs.flag(opentelemetry, "opentelemetry"))
@@ -221,6 +234,8 @@ class APIKeyClient:
             raise ConfigurationError("on_key_event must be an async callable")
         self._on_key_event = on_key_event
         self._max_depth = _depth(max_delegation_depth)
+        self._imported = inputs.flag(imported_keys, "imported_keys")
+        self._foreign = _foreign_secrets(foreign_secrets)
         self._ring = PepperRing(signing_secret)
         self._track_usage = inputs.flag(track_usage, "track_usage")
         if clock is not None and not callable(clock):
@@ -552,11 +567,14 @@ class APIKeyClient:
         *,
         name: str = "",
         metadata: dict[str, Any] | None = None,
+        allowed_ips: Sequence[str] | None = None,
     ) -> tuple[Identity, bool]:
         """The organization's identity with your ``external_id`` (the id your
         identity provider gives a person or system), created if missing;
-        ``(identity, created)``. ``name`` and ``metadata`` are used only when it is
-        created. Safe to call concurrently: exactly one caller creates it.
+        ``(identity, created)``. ``name``, ``metadata`` and ``allowed_ips`` (CIDR
+        ranges every key of the identity may be used from, on top of each key's
+        own) are used only when it is created. Safe to call concurrently:
+        exactly one caller creates it.
 
         Raises: NotFoundError (the organization), InvalidArgumentError.
         """
@@ -569,6 +587,7 @@ class APIKeyClient:
             inputs.text(name, "name", allow_empty=True),
             inputs.metadata(metadata),
             self._now(),
+            ips.stored(None if allowed_ips is None else ips.ranges(allowed_ips)),
         )
         return rows.to_identity(found), created
 
@@ -595,14 +614,44 @@ class APIKeyClient:
         *,
         name: str | _Unset = UNSET,
         metadata: dict[str, Any] | _Unset = UNSET,
+        allowed_ips: Sequence[str] | _Unset | None = UNSET,
     ) -> Identity:
-        """Change an identity's name or metadata. Raises: NotFoundError, InvalidArgumentError."""
+        """Change an identity's name, metadata or IP ranges (``allowed_ips=None``:
+        any address). A change of ranges takes effect on its keys' next call.
+
+        Raises: NotFoundError, InvalidArgumentError."""
         values: dict[str, Any] = {}
         if name is not UNSET:
             values["name"] = inputs.text(name, "name", allow_empty=True)
         if metadata is not UNSET:
             values["metadata"] = inputs.metadata(metadata)
+        if allowed_ips is not UNSET:
+            values["allowed_ips"] = ips.stored(
+                None if allowed_ips is None else ips.ranges(allowed_ips)
+            )
         return await self._change_identity(identity_id, "identity.updated", values)
+
+    @_observed("validate", _given_key, "identity_id")
+    async def validate_identity(
+        self,
+        identity_id: str,
+        *,
+        cost: money.Amount | Mapping[str, money.Amount] | None = None,
+    ) -> Identity:
+        """A call by an identity your app authenticated itself, metered without a
+        key: the identity is not disabled, every rate limit of the identity and
+        its organization admits the call, and (with ``cost``) every budget of
+        theirs takes it; in one transaction, or nothing is consumed. The result
+        carries the tightest ``rate_limit`` and the ``charge``.
+
+        Raises: NotFoundError, DisabledKeyError (``identity=True``),
+        RateLimitedError, BudgetExceededError, InvalidArgumentError.
+        """
+        identity_id = ids.check(ids.IDENTITY, identity_id)
+        amounts = {} if cost is None else money.costs(cost, "cost")
+        return await identity_ops.validate(
+            self._db, identity_id, amounts, self._now(), self._on_alert
+        )
 
     async def disable_identity(self, identity_id: str) -> Identity:
         """Refuse every key of the identity (``DisabledKeyError`` with
@@ -1001,6 +1050,75 @@ class APIKeyClient:
         await self._key_event("created", key)
         return IssuedKey.model_construct(key=key, plaintext=plaintext)
 
+    async def import_key(
+        self,
+        org_id: str,
+        *,
+        scheme: str,
+        hash: str,
+        prefix: str | None = None,
+        start: str = "",
+        project_id: str | None = None,
+        product_id: str | None = None,
+        name: str = "",
+        scopes: Sequence[str] = (),
+        expires_at: datetime | None = None,
+        metadata: dict[str, Any] | None = None,
+        max_uses: int | None = None,
+        rate_limits: Sequence[RateLimit] = (),
+        budgets: Sequence[Budget] = (),
+        identity_id: str | None = None,
+    ) -> APIKey:
+        """Bring a key from another system without reissuing it: its customer keeps
+        using the same plaintext. ``hash`` is what that system stored, ``scheme``
+        how (``"apikeys-platform"``, ``"sha256"``, ``"drf"``), and ``prefix`` the
+        lookup part it stored beside it (apikeys-platform's ``key_prefix``,
+        djangorestframework-api-key's ``prefix``). The key is verified by that
+        scheme until its first success, which re-digests it with keycap's HMAC and
+        drops the foreign hash. Everything else is as :meth:`create_key`; the
+        client must be made with ``imported_keys=True`` to accept such keys.
+        ``start``: what UIs show of the key (its first characters, never all).
+
+        Raises: NotFoundError, InvalidArgumentError.
+        """
+        org_id = ids.check(ids.ORG, org_id)
+        lookup, foreign = import_rules.stored_hash(scheme, hash, prefix=prefix)
+        now = self._now()
+        if expires_at is not None:
+            expires_at = timeutil.aware_utc(expires_at, "expires_at")
+        key_id = ids.key_id(self._format.generate()[0])
+        row = keys.new_key_row(
+            key_id=key_id,
+            org_id=org_id,
+            project_id=ids.check_optional(ids.PROJECT, project_id, field="project_id"),
+            product_id=ids.check_optional(ids.PRODUCT, product_id, field="product_id"),
+            name=inputs.text(name, "name", allow_empty=True),
+            start=inputs.text(start, "start", allow_empty=True, max_length=40),
+            digest=import_rules.IMPORTED_DIGEST,
+            pepper_id=import_rules.IMPORTED_PEPPER,
+            scopes=scope_rules.encode(scope_rules.normalize(scopes, "scopes")),
+            metadata=inputs.metadata(metadata),
+            delegated_by=None,
+            expires_at=expires_at,
+            max_uses=_max_uses(max_uses),
+            now=now,
+            identity_id=ids.check_optional(ids.IDENTITY, identity_id, field="identity_id"),
+        )
+        imported = {
+            "key_id": key_id,
+            "scheme": scheme,
+            "lookup": lookup,
+            "foreign_hash": foreign,
+            "imported_at": now,
+            "upgraded_at": None,
+        }
+        limit_specs = _sequence(rate_limits, RateLimit, "rate_limits")
+        budget_specs = [b.spec for b in _sequence(budgets, Budget, "budgets")]
+        await import_ops.import_key(self._db, row, imported, limit_specs, budget_specs)
+        key = rows.to_key({**row, "scopes": scope_rules.decode(row["scopes"])})
+        await self._key_event("imported", key)
+        return key
+
     async def get_key(self, key_id: str) -> APIKey:
         """Raises: NotFoundError."""
         key_id = ids.check(ids.KEY, key_id)
@@ -1250,7 +1368,12 @@ class APIKeyClient:
             DatabaseUnavailableError: the database could not be reached.
         """
         # Everything that can be refused without I/O is refused first, cheapest first.
-        public_id = self._format.parse(plaintext)
+        try:
+            public_id: str | None = self._format.parse(plaintext)
+        except InvalidKeyError:
+            if not self._imported or not isinstance(plaintext, str):
+                raise
+            public_id = None  # maybe a key imported from another system: looked up below
         client = None if client_ip is None else ips.address(client_ip)
         req = policy.Requirement(
             scopes=scope_rules.required(required_scopes, "required_scopes"),
@@ -1268,8 +1391,15 @@ class APIKeyClient:
             self._track_usage if track_usage is None else inputs.flag(track_usage, "track_usage")
         )
         amounts = None if cost is None else money.costs(cost)
-        key_id = ids.key_id(public_id)
         now = self._now()
+        if public_id is not None:
+            key_id = ids.key_id(public_id)
+        elif (
+            found := await import_ops.resolve(self._db, plaintext, self._ring, self._foreign, now)
+        ) is not None:
+            key_id = found
+        else:
+            raise InvalidKeyError()
         return await self._pipeline.validate(plaintext, key_id, req, amounts, track, now, client)
 
     # --- metering: limits and budgets -------------------------------------------------
@@ -1369,14 +1499,18 @@ class APIKeyClient:
         metadata: dict[str, Any] | None = None,
     ) -> Charge:
         """Charge a cost known after the work: every budget of each meter on the key,
-        its project and its organization takes it, or none does.
+        its ancestors, its identity, its project and its organization takes it, or
+        none does. ``key_id`` may be an identity's id instead: an identity your app
+        authenticates itself, metered without a key (its own budgets and its
+        organization's; always one transaction).
 
         Raises:
             BudgetExceededError: names the budget that refused.
-            RevokedKeyError, DisabledKeyError, ExpiredKeyError, NotFoundError: the key.
+            RevokedKeyError, DisabledKeyError, ExpiredKeyError, NotFoundError: the key
+                (or identity).
             InvalidArgumentError: a bad amount, meter or idempotency key.
         """
-        key_id = ids.check(ids.KEY, key_id)
+        key_id = ids.check_payer(key_id)
         amounts = money.costs(amount, "amount")
         return await charges.charge(
             self._db,
@@ -1402,9 +1536,11 @@ class APIKeyClient:
         only afterwards; :meth:`settle` or :meth:`release` it after. Unsettled, it
         returns to the budgets by itself after ``ttl`` (1 second to 30 days).
 
+        ``key_id`` may be an identity's id, as for :meth:`charge`.
+
         Raises: BudgetExceededError, the key's errors, InvalidArgumentError.
         """
-        key_id = ids.check(ids.KEY, key_id)
+        key_id = ids.check_payer(key_id)
         micros = money.to_micros(amount, "amount")
         lifetime = timeutil.parse_duration(ttl, "ttl")
         if lifetime > _MAX_HOLD_TTL:
@@ -1557,6 +1693,18 @@ class APIKeyClient:
 
 
 _MAX_GRACE = timedelta(days=30)
+
+
+def _foreign_secrets(value: object) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(
+        k in import_rules.SCHEMES and isinstance(v, str) and v for k, v in value.items()
+    ):
+        raise ConfigurationError(
+            "foreign_secrets maps a scheme (" + ", ".join(import_rules.SCHEMES) + ") to its secret"
+        )
+    return dict(value)
 
 
 def _depth(value: object) -> int:

@@ -82,6 +82,13 @@ class Identity(_Model):
     created_at: datetime
     updated_at: datetime
     disabled_at: datetime | None
+    #: The addresses (CIDR ranges) every key of the identity may be used from, on
+    #: top of each key's own; None: any.
+    allowed_ips: tuple[str, ...] | None = None
+    #: From ``validate_identity``: the tightest rate limit after this call.
+    rate_limit: RateLimitStatus | None = None
+    #: From ``validate_identity(cost=...)``: what was charged, and the budgets after it.
+    charge: Charge | None = None
 
 
 class AccessTerms(_Model):
@@ -211,8 +218,8 @@ class BudgetStatus(_Model):
 class KeyEvent(_Model):
     """A change to a key, for ``APIKeyClient(on_key_event=...)``, after it committed."""
 
-    #: "created", "delegated", "updated", "rolled", "revoked", "disabled", "enabled"
-    #: or "deleted".
+    #: "created", "delegated", "imported", "updated", "rolled", "revoked",
+    #: "disabled", "enabled" or "deleted".
     kind: str
     key_id: str
     org_id: str
@@ -268,13 +275,16 @@ class BudgetAlert(_Model):
 class Charge(_Model):
     """The result of ``charge`` (and of a metered ``validate_key``)."""
 
-    key_id: str
+    #: The key charged; None for an identity charged without a key.
+    key_id: str | None
     amounts: dict[str, Decimal]
     #: Every budget debited, after the debit; the tightest first.
     budgets: tuple[BudgetStatus, ...]
     alerts: tuple[BudgetAlert, ...]
     #: True when this is the stored result of an earlier call with the same idempotency key.
     replayed: bool = False
+    #: The identity charged without a key (``charge(identity_id, ...)``); else None.
+    identity_id: str | None = None
 
 
 class Hold(_Model):
@@ -291,6 +301,8 @@ class Hold(_Model):
     closed_at: datetime | None
     budgets: tuple[BudgetStatus, ...] = ()
     replayed: bool = False
+    #: The identity that reserved without a key (``reserve(identity_id, ...)``).
+    identity_id: str | None = None
 
 
 class Settlement(_Model):
@@ -346,3 +358,4 @@ class UsageRow(_Model):
 
 
 APIKey.model_rebuild()
+Identity.model_rebuild()

@@ -562,6 +562,23 @@ async def access_claim(client: APIKeyClient, args: argparse.Namespace) -> int:
     return 0
 
 
+async def import_apikeys(client: APIKeyClient, args: argparse.Namespace) -> int:
+    from keycap._importers import from_apikeys_platform
+
+    url = os.environ.get("KEYCAP_IMPORT_URL") or args.source
+    if not url:
+        raise UsageError("give the apikeys-platform database URL: --from URL or $KEYCAP_IMPORT_URL")
+    done = await from_apikeys_platform(client, url)
+    print(
+        f"keycap: imported {done.keys} keys ({done.revoked} revoked, {done.skipped} already "
+        f"there), {done.organizations} new organizations, {done.projects} projects, "
+        f"{done.products} products. Validate them with APIKeyClient(imported_keys=True, "
+        "foreign_secrets={'apikeys-platform': ...}) until each is used once.",
+        file=sys.stderr,
+    )
+    return 0
+
+
 async def child_list(client: APIKeyClient, args: argparse.Namespace) -> int:
     org_id = await _org(client, args.org)
     lister = client.list_projects if args.kind == ids.PROJECT else client.list_products
@@ -1005,6 +1022,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     claim.add_argument("id")
     claim.set_defaults(run=access_claim, needs_secret=True)
+
+    importing = _group(groups, "import", "keys from other systems, kept as they are")
+    apikeys = importing.add_parser(
+        "apikeys-platform",
+        help="every organization, project, product and key of an apikeys-platform database",
+    )
+    apikeys.add_argument(
+        "--from", dest="source", help="its database URL (or $KEYCAP_IMPORT_URL, kept out of ps)"
+    )
+    apikeys.set_defaults(run=import_apikeys)
 
     key = _group(groups, "key", "API keys")
     create = key.add_parser("create", help="issue a key; prints the plaintext alone on stdout")

@@ -9,7 +9,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import bindparam, case, delete, insert, select, update
+from sqlalchemy import bindparam, case, delete, insert, select, true, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from keycap._db.build import (
@@ -175,14 +175,16 @@ async def debit_all(
     amounts: Mapping[str, int],
     now: datetime,
     *,
-    key_id: str,
+    key_id: str | None,
     hold: bool = False,
 ) -> list[AnyRow] | None:
     """Charge (or, with ``hold``, hold) ``amounts[meter]`` on every budget in ``rows``,
     in one UPDATE, each after its own period rollover; the rows after it, in id order.
 
     Each row's WHERE is its own limit (``used + held + amount <= limit + credit``)
-    and the key's liveness, so a budget without room is simply not updated:
+    and the key's liveness (``key_id`` None: an identity charged without a key,
+    whose row lock the transaction holds, its state checked under it), so a
+    budget without room is simply not updated:
     fewer rows changed than given means one refused, and None is returned (the
     caller rolls back, so nothing is written). The period start and amount of
     each row are chosen by a CASE on its id.
@@ -194,11 +196,12 @@ async def debit_all(
         params[f"m_budget_{i}"] = row.id
         params[f"m_start_{i}"] = _current_start(row, now)
         params[f"m_amount_{i}"] = amounts[row.meter]
-    return await changed_rows(conn, _debit_all(len(rows), hold), params, len(rows))
+    stmt = _debit_all(len(rows), hold, key_id is not None)
+    return await changed_rows(conn, stmt, params, len(rows))
 
 
-@lru_cache(maxsize=32)
-def _debit_all(count: int, hold: bool) -> Changing:
+@lru_cache(maxsize=64)
+def _debit_all(count: int, hold: bool, key_live: bool) -> Changing:
     b = budgets.c
     ids_ = [bindparam(f"m_budget_{i}", type_=b.id.type) for i in range(count)]
     at = b.period_start.type
@@ -215,7 +218,7 @@ def _debit_all(count: int, hold: bool) -> Changing:
         .where(
             b.id.in_(ids_),
             eff_used + b.held_micros + amount <= b.limit_micros + eff_credit,
-            key_is_live(KEY_ID, NOW),
+            key_is_live(KEY_ID, NOW) if key_live else true(),
         )
         .ordered_values(  # period_start last: the CASEs read the stored one
             (b.used_micros, eff_used if hold else eff_used + amount),

@@ -67,6 +67,13 @@ class KeyRef:
     #: A delegated key's ancestors, nearest first (``ancestor_1`` ...).
     ancestors: tuple[str | None, ...] = (None,) * len(ANCESTORS)
 
+    @property
+    def key_id(self) -> str | None:
+        """The key's id; None for an identity metered without a key (whose ref has
+        the identity's id as ``id``: its own limits and budgets, and its
+        organization's, apply)."""
+        return None if self.id == self.identity_id else self.id
+
     @classmethod
     def of(cls, key_id: str, row: Any, prefix: str = "") -> KeyRef:
         """The key ``key_id`` as a row describes it: its columns ``org_id`` ...,

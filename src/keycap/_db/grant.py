@@ -14,7 +14,18 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, bindparam, case, exists, func, null, or_, select
+from sqlalchemy import (
+    ColumnElement,
+    Text,
+    and_,
+    bindparam,
+    case,
+    exists,
+    func,
+    null,
+    or_,
+    select,
+)
 
 from keycap._db.build import ANCESTOR_IDS, IDENTITY_ID, KEY_ID, ORG_ID, PROJECT_ID, contains
 from keycap._db.schema import (
@@ -66,10 +77,12 @@ def _ancestor_live(name: str) -> ColumnElement[bool]:
 
 def state_columns() -> list[Any]:
     """What the Python twin of steps 4-5 reads beside the key's own row, as columns
-    of a statement over ``keys``: its identity's ``disabled_at``, and when the
-    first of its ancestors was revoked and disabled (each NULL: not so)."""
+    of a statement over ``keys``: its identity's ``disabled_at`` and IP ranges,
+    and when the first of its ancestors was revoked and disabled (each NULL: not
+    so)."""
     return [
         identity_disabled_at().label("identity_disabled_at"),
+        _of_identity(identities.c.allowed_ips).label("identity_allowed_ips"),
         _earliest_of_ancestors("revoked_at").label("ancestors_revoked_at"),
         _earliest_of_ancestors("disabled_at").label("ancestors_disabled_at"),
     ]
@@ -90,8 +103,12 @@ def _earliest_of_ancestors(column: str) -> Any:
 def identity_disabled_at() -> Any:
     """The key's identity's ``disabled_at`` (NULL: none, or not disabled), as a
     column of a statement over ``keys``: what the Python twin of step 5 reads."""
+    return _of_identity(identities.c.disabled_at)
+
+
+def _of_identity(column: Any) -> Any:
     return (
-        select(identities.c.disabled_at)
+        select(column)
         .where(identities.c.id == keys.c.identity_id)
         .correlate(keys)
         .scalar_subquery()
@@ -200,16 +217,26 @@ def grant_predicate(
 
 
 def ip_allowed(version: int | None, dialect: str) -> ColumnElement[bool]:
-    """Step 10: the key has no IP ranges, or one of them is one of the networks
-    holding the client's address, given as binds ``hot_net_0`` ...
+    """Step 10: the key's IP ranges, and its identity's, each absent or holding one
+    of the networks of the client's address, given as binds ``hot_net_0`` ...
     (``keycap._db.build.hot_params``)."""
     k = keys.c
-    if version is None:
-        return k.allowed_ips.is_(None)
-    nets = (
-        bindparam(f"hot_net_{i}", type_=k.allowed_ips.type) for i in range(ips.NETWORKS[version])
+    stranger = ~exists().where(
+        identities.c.id == k.identity_id,
+        ~_admits(identities.c.allowed_ips, version, dialect),
     )
-    return or_(k.allowed_ips.is_(None), *(contains(k.allowed_ips, net, dialect) for net in nets))
+    return and_(
+        _admits(k.allowed_ips, version, dialect),
+        or_(k.identity_id.is_(None), stranger),
+    )
+
+
+def _admits(ranges: Any, version: int | None, dialect: str) -> ColumnElement[bool]:
+    """The ranges ``ranges`` (a column) are absent or hold the client's address."""
+    if version is None:
+        return ranges.is_(None)  # type: ignore[no-any-return]
+    nets = (bindparam(f"hot_net_{i}", type_=Text()) for i in range(ips.NETWORKS[version]))
+    return or_(ranges.is_(None), *(contains(ranges, net, dialect) for net in nets))
 
 
 def asked_product(req: Requirement) -> Any:

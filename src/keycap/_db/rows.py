@@ -104,6 +104,7 @@ def to_facts(row: Row[Any], digest_ok: bool) -> KeyFacts:
         asked_product_id=m.get("asked_product_id"),
         allowed_ips=_ranges(m.get("allowed_ips")),
         identity_disabled_at=m.get("identity_disabled_at"),
+        identity_allowed_ips=_ranges(m.get("identity_allowed_ips")),
         ancestors_revoked_at=m.get("ancestors_revoked_at"),
         ancestors_disabled_at=m.get("ancestors_disabled_at"),
     )
@@ -139,6 +140,7 @@ def to_identity(row: Source) -> Identity:
         created_at=m["created_at"],
         updated_at=m["updated_at"],
         disabled_at=m["disabled_at"],
+        allowed_ips=_ranges(m.get("allowed_ips")),
     )
 
 

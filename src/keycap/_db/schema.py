@@ -108,6 +108,9 @@ identities = Table(
     Column("created_at", UTCDateTime(), nullable=False),
     Column("updated_at", UTCDateTime(), nullable=False),
     Column("disabled_at", UTCDateTime(), nullable=True),
+    # " 10.0.0.0/8 ": the addresses all its keys may be used from, on top of each
+    # key's own (keycap._rules.ips); NULL: any.
+    Column("allowed_ips", Text(), nullable=True),
     PrimaryKeyConstraint("id"),
     UniqueConstraint("org_id", "external_id"),
     UniqueConstraint("org_id", "id"),
@@ -199,6 +202,26 @@ keys = Table(
     **_MYSQL,
 )
 
+
+key_imports = Table(
+    "keycap_key_imports",
+    metadata,
+    # A key imported from another system (keycap._rules.imports): how it is found
+    # from its plaintext (``lookup``, by index), and until its first success the
+    # other system's hash of it. The key's own row holds a placeholder digest
+    # until then, and keycap's HMAC after.
+    Column("key_id", String(ID), nullable=False),
+    Column("scheme", String(32), nullable=False),
+    Column("lookup", String(160), nullable=False),
+    # NULL once re-digested: the weaker foreign hash is not kept.
+    Column("foreign_hash", Text(), nullable=True),
+    Column("imported_at", UTCDateTime(), nullable=False),
+    Column("upgraded_at", UTCDateTime(), nullable=True),
+    PrimaryKeyConstraint("key_id"),
+    ForeignKeyConstraint(["key_id"], [keys.c.id], ondelete="CASCADE"),
+    Index(None, "lookup"),
+    **_MYSQL,
+)
 
 access_requests = Table(
     "keycap_access_requests",
@@ -341,6 +364,9 @@ holds = Table(
     # The key's project, copied for the ledger rows of its settlement.
     Column("project_id", String(ID), nullable=True),
     Column("key_id", String(ID), nullable=True),
+    # An identity's own hold, made without a key (reserve(identity_id)); its
+    # settlement beyond the hold needs the identity live, as a key's needs the key.
+    Column("identity_id", String(ID), nullable=True),
     Column("meter", String(32), nullable=False),
     Column("amount_micros", BigInteger(), nullable=False),
     # The budgets reserved on, " bud_a bud_b ": a release returns exactly these.

@@ -7,12 +7,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import ColumnElement, Table, delete, insert, literal, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from keycap._db.build import AnyRow
+from keycap._db.build import KEY_ID, AnyRow, Changing, KeyRef, changed, changing
 from keycap._db.schema import (
     identities,
     keys,
@@ -204,6 +205,31 @@ async def find_subject(conn: AsyncConnection, subject_id: str) -> Subject | None
 
 
 # --- identities -------------------------------------------------------------------------
+
+
+async def lock_live_identity(conn: AsyncConnection, identity_id: str) -> KeyRef | None:
+    """An identity metered without a key, in its transaction: take its row lock if
+    it is not disabled (a no-op write, which also starts SQLite's write
+    transaction before anything is read, as a key's lock does), as a ``KeyRef``
+    whose limits and budgets are the identity's and its organization's."""
+    row = await lock_identity_row(conn, identity_id)
+    return None if row is None else KeyRef(identity_id, row.org_id, None, identity_id)
+
+
+async def lock_identity_row(conn: AsyncConnection, identity_id: str) -> AnyRow | None:
+    """:func:`lock_live_identity`, returning the identity's row."""
+    return await changed(conn, _lock_identity(), {"m_key_id": identity_id})
+
+
+@lru_cache(maxsize=1)
+def _lock_identity() -> Changing:
+    i = identities.c
+    stmt = (
+        update(identities)
+        .where(i.id == KEY_ID, i.disabled_at.is_(None))
+        .values(updated_at=i.updated_at)
+    )
+    return changing(stmt, select(identities).where(i.id == KEY_ID))
 
 
 async def insert_identity(conn: AsyncConnection, values: Mapping[str, Any]) -> None:

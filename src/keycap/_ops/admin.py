@@ -7,7 +7,6 @@ names what clashed.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -213,7 +212,7 @@ async def delegate(
             if parent is None:
                 raise NotFoundError("key", parent_id)
             # The grant rule's state steps, as a validation would take them.
-            facts = dataclasses.replace(rows.to_facts(parent, digest_ok=True), allowed_ips=None)
+            facts = policy.without_addresses(rows.to_facts(parent, digest_ok=True))
             policy.check(facts, policy.Requirement(), now)
             depth = sum(1 for name in ANCESTORS if parent._mapping[name] is not None) + 1
             if depth > max_depth:
@@ -661,11 +660,17 @@ async def _audited(
 
 # --- identities ---------------------------------------------------------------------------
 
-_IDENTITY = ("id", "org_id", "external_id", "name", "metadata", "disabled_at")
+_IDENTITY = ("id", "org_id", "external_id", "name", "metadata", "disabled_at", "allowed_ips")
 
 
 async def get_or_create_identity(
-    db: Database, org_id: str, external_id: str, name: str, meta: Mapping[str, Any], now: datetime
+    db: Database,
+    org_id: str,
+    external_id: str,
+    name: str,
+    meta: Mapping[str, Any],
+    now: datetime,
+    allowed_ips: str | None = None,
 ) -> tuple[AnyRow | Mapping[str, Any], bool]:
     """The organization's identity with that external id, created if missing (with
     its audit row). Safe to call concurrently: exactly one caller creates it.
@@ -685,6 +690,7 @@ async def get_or_create_identity(
         "created_at": now,
         "updated_at": now,
         "disabled_at": None,
+        "allowed_ips": allowed_ips,
     }
 
     async def unit(conn: AsyncConnection) -> None:

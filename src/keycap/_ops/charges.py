@@ -17,7 +17,7 @@ from keycap._models import BudgetAlert, Charge
 from keycap._ops.refusals import run
 from keycap._ops.results import AlertHandler, budget_status, by_remaining, crossed_alerts, deliver
 from keycap._ops.units import Idempotency, Refused, claim, live_key, spent, stored_replay
-from keycap._rules import movements
+from keycap._rules import ids, movements
 from keycap._rules.money import from_micros
 
 
@@ -35,7 +35,9 @@ async def charge(
     # What the charge moves decides a conflict; metadata is a label, and a retry
     # may leave it out (docs/limits-and-budgets.md).
     idem = Idempotency.of("charge", key_id, idempotency_key, amounts=dict(amounts))
-    if idempotency_key is None and db.one_statement:
+    # A keyless identity's charge is always a transaction (the one statement is
+    # built around the key's row).
+    if idempotency_key is None and db.one_statement and not ids.is_valid(ids.IDENTITY, key_id):
         unit = _at_once(db, key_id, amounts, metadata, now)
     elif (replay := await stored_replay(db, Charge, idem)) is not None:
         return replay  # type: ignore[no-any-return]
@@ -112,21 +114,26 @@ async def charge_in(
     origin = movements.Origin(
         now=now,
         org_id=key.org_id,
-        key_id=key.id,
+        key_id=key.key_id,
         project_id=key.project_id,
         idempotency_key=idempotency_key,
         metadata=metadata,
     )
     await ledger.insert_ledger(conn, movements.charges(origin, debited, amounts))
-    return charged(key.id, amounts, debited, now)
+    return charged(key.key_id, amounts, debited, now, identity_id=key.identity_id)
 
 
 def charged(
-    key_id: str, amounts: Mapping[str, int], debited: list[tuple[AnyRow, int]], now: datetime
+    key_id: str | None,
+    amounts: Mapping[str, int],
+    debited: list[tuple[AnyRow, int]],
+    now: datetime,
+    identity_id: str | None = None,
 ) -> Charge:
     """The charge's result, from every budget it debited (the row after, the amount)."""
     return Charge.model_construct(
         key_id=key_id,
+        identity_id=identity_id if key_id is None else None,
         amounts={meter: from_micros(a) for meter, a in amounts.items()},
         budgets=by_remaining([budget_status(after, now) for after, _ in debited]),
         alerts=crossed_alerts(debited, now, key_id),
@@ -138,7 +145,7 @@ async def _debit_all(
     conn: AsyncConnection, key: KeyRef, amounts: Mapping[str, int], now: datetime
 ) -> list[tuple[AnyRow, int]]:
     applicable = await budgets.applicable_budgets(conn, key, list(amounts))
-    afters = await budgets.debit_all(conn, applicable, amounts, now, key_id=key.id)
+    afters = await budgets.debit_all(conn, applicable, amounts, now, key_id=key.key_id)
     if afters is None:
         raise Refused("budget", key=key)
     return [(after, amounts[after.meter]) for after in afters]

@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from keycap._db import budgets, holds, keys, ledger, metering, operations
+from keycap._db import budgets, holds, keys, ledger, metering, operations, tenancy
 from keycap._db.build import AnyRow, KeyRef
 from keycap._db.engine import Database
 from keycap._errors import DatabaseError
@@ -52,7 +52,8 @@ async def reserve(
         amount=amount,
         ttl_us=ttl // timedelta(microseconds=1),
     )
-    if idempotency_key is None and db.one_statement:
+    # A keyless identity's reserve is always a transaction, as its charge is.
+    if idempotency_key is None and db.one_statement and not ids.is_valid(ids.IDENTITY, key_id):
         unit = _reserve_at_once(db, key_id, meter, amount, now, now + ttl)
     elif (replay := await stored_replay(db, Hold, idem)) is not None:
         return replay  # type: ignore[no-any-return]
@@ -114,7 +115,7 @@ def _reserve_in_transaction(
             op_id = await claim(conn, key.org_id, idem, now)
             applicable = await budgets.applicable_budgets(conn, key, [meter])
             held = await budgets.debit_all(
-                conn, applicable, {meter: amount}, now, key_id=key_id, hold=True
+                conn, applicable, {meter: amount}, now, key_id=key.key_id, hold=True
             )
             if held is None:
                 raise Refused("budget", key=key)
@@ -122,7 +123,8 @@ def _reserve_in_transaction(
                 "id": ids.new_id("hold"),
                 "org_id": key.org_id,
                 "project_id": key.project_id,
-                "key_id": key_id,
+                "key_id": key.key_id,
+                "identity_id": key.identity_id if key.key_id is None else None,
                 "meter": meter,
                 "amount_micros": amount,
                 "budget_ids": " " + " ".join(r.id for r in held) + " ",
@@ -181,6 +183,8 @@ async def settle(
             key = None
             if actual > hold.amount_micros and hold.key_id is not None:
                 key = await keys.lock_live_key(conn, hold.key_id, now)
+            elif actual > hold.amount_micros and hold.identity_id is not None:
+                key = await tenancy.lock_live_identity(conn, hold.identity_id)
             within = min(actual, hold.amount_micros)
             afters = await return_hold(conn, hold, now, used=within)
             targets = await _excess_targets(conn, key, hold.meter, afters, now)

@@ -5,20 +5,26 @@ the caller tries again.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
 from typing import Any
 
-from keycap._db import budgets, keys, rate_limits, rows
+from keycap._db import budgets, keys, rate_limits, rows, tenancy
 from keycap._db.build import AnyRow, KeyRef
 from keycap._db.engine import Conflict, Database
-from keycap._errors import DatabaseError, KeycapError, NotFoundError, RateLimitedError
+from keycap._db.schema import identities
+from keycap._errors import (
+    DatabaseError,
+    DisabledKeyError,
+    KeycapError,
+    NotFoundError,
+    RateLimitedError,
+)
 from keycap._ops.release import sweep
 from keycap._ops.results import budget_exceeded, epoch_ms, rate_limited_error
 from keycap._ops.units import Idempotency, Refused, retrying, stored_replay
 from keycap._rules import budgets as budget_rules
-from keycap._rules import policy
+from keycap._rules import ids, policy
 from keycap._rules import rate_limits as ratelimit
 from keycap._rules.policy import Requirement
 
@@ -69,17 +75,29 @@ async def budget_refusal(
 
 
 async def key_refusal(db: Database, key_id: str, now: datetime) -> Exception | None:
-    """Why a key could not be charged: not found, or the state the policy names.
-    None: it is live after all (enabled meanwhile), so the caller tries again."""
+    """Why a key (or a keyless identity) could not be charged: not found, or the
+    state the policy names. None: it is live after all (enabled meanwhile), so
+    the caller tries again."""
+    if ids.is_valid(ids.IDENTITY, key_id):
+        return await _identity_refusal(db, key_id)
     row = await db.read(keys.get_key_state, key_id)
     if row is None:
         return NotFoundError("key", key_id)
     # A charge by key id has no client address: IP ranges restrict validations only.
-    facts = dataclasses.replace(rows.to_facts(row, digest_ok=True), allowed_ips=None)
+    facts = policy.without_addresses(rows.to_facts(row, digest_ok=True))
     try:
         policy.check(facts, Requirement(), now)
     except KeycapError as error:
         return error
+    return None
+
+
+async def _identity_refusal(db: Database, identity_id: str) -> Exception | None:
+    found = await db.read(tenancy.get_by_id, identities, identity_id)
+    if found is None:
+        return NotFoundError("identity", identity_id)
+    if found.disabled_at is not None:
+        return DisabledKeyError(found.disabled_at, identity=True)
     return None
 
 

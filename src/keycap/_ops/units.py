@@ -16,10 +16,11 @@ from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from keycap._db import keys, metering, operations
+from keycap._db import keys, metering, operations, tenancy
 from keycap._db.build import AnyRow, KeyRef
 from keycap._db.engine import Database, is_transient
 from keycap._errors import DatabaseError, DatabaseUnavailableError, IdempotencyConflictError
+from keycap._rules import ids
 
 T = TypeVar("T")
 ATTEMPTS = 8
@@ -110,7 +111,11 @@ async def claim(conn: AsyncConnection, org_id: str, idem: Idempotency, now: date
 
 
 async def live_key(conn: AsyncConnection, key_id: str, now: datetime) -> KeyRef:
-    key = await keys.lock_live_key(conn, key_id, now)
+    """The key's (or a keyless identity's) row lock, if live; else ``Refused``."""
+    if ids.is_valid(ids.IDENTITY, key_id):
+        key = await tenancy.lock_live_identity(conn, key_id)
+    else:
+        key = await keys.lock_live_key(conn, key_id, now)
     if key is None:
         raise Refused("key")
     return key

@@ -90,6 +90,16 @@ def check_optional(kind: str, value: object, *, field: str | None = None) -> str
     return None if value is None else check(kind, value, field=field)
 
 
+def check_payer(value: object, field: str = "key_id") -> str:
+    """The id of a key, or of an identity metered without a key (``charge``,
+    ``reserve``).
+
+    Raises: InvalidArgumentError (not a string), NotFoundError (neither)."""
+    if is_valid(IDENTITY, value):
+        return value  # type: ignore[return-value]
+    return check(KEY, value, field=field)
+
+
 def check_subject(value: object, field: str = "subject_id") -> str:
     """The id of a key, identity, project or organization (what limits and budgets
     belong to).

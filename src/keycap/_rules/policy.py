@@ -25,6 +25,7 @@ same rule in SQL; a test holds the two together.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -85,6 +86,14 @@ class KeyFacts:
     #: none is, or the key was not delegated.
     ancestors_revoked_at: datetime | None = None
     ancestors_disabled_at: datetime | None = None
+    #: The IP ranges of the key's identity; None: any address (or no identity).
+    identity_allowed_ips: tuple[str, ...] | None = None
+
+
+def without_addresses(facts: KeyFacts) -> KeyFacts:
+    """``facts`` for a call that has no client address (a charge, a delegation):
+    IP ranges, the key's and its identity's, restrict validations only."""
+    return dataclasses.replace(facts, allowed_ips=None, identity_allowed_ips=None)
 
 
 def check(
@@ -128,10 +137,9 @@ def check(
         or (facts.project_id is not None and not facts.asked_product_linked)
     ):
         raise ForbiddenError("product", key_id=kid)
-    if facts.allowed_ips is not None and (
-        client is None or not ips.allows(facts.allowed_ips, client)
-    ):
-        raise ForbiddenError("ip", key_id=kid)
+    for ranges in (facts.allowed_ips, facts.identity_allowed_ips):
+        if ranges is not None and (client is None or not ips.allows(ranges, client)):
+            raise ForbiddenError("ip", key_id=kid)
     if req.scopes:
         absent = scope_rules.unmet(facts.scopes, req.scopes)
         if absent:
