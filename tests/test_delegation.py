@@ -404,3 +404,13 @@ async def test_a_key_with_keys_delegate_mints_lists_and_revokes_its_children_ove
         ("key.revoked", f"key:{agent.id}"),
         ("key.delegated", f"key:{agent.id}"),
     ]
+
+
+async def test_a_child_gets_no_scope_its_organization_does_not_allow(client: APIKeyClient) -> None:
+    org = await _org(client)
+    root = await client.create_key(org, scopes=["*"])
+    await client.set_allowed_scopes(org, ["chat:*"])
+    with pytest.raises(InvalidArgumentError) as refused:
+        await client.delegate(root.id, scopes=["admin"])
+    assert refused.value.field == "scopes"
+    assert (await client.delegate(root.id, scopes=["chat:write"])).key.scopes == ("chat:write",)

@@ -198,6 +198,10 @@ class APIKeyClient:
         foreign_secrets: the secrets other systems hashed their keys with, by
             scheme (``{"apikeys-platform": "..."}``), to verify imported keys
             until their first use re-digests them (docs/migrating.md).
+        key_hasher: ``"hmac"`` (the default: HMAC-SHA256, docs/security.md) or
+            ``"argon2id"`` for a policy that demands a memory-hard hash (``pip
+            install 'keycap[argon2]'``): new keys, and older ones on their next
+            use, are digested with Argon2id; its cost is in docs/performance.md.
 
     Raises:
         ConfigurationError: a bad URL, a missing driver, or bad secrets/prefixes.
@@ -224,6 +228,7 @@ class APIKeyClient:
         max_delegation_depth: int = MAX_DEPTH,
         imported_keys: bool = False,
         foreign_secrets: Mapping[str, str] | None = None,
+        key_hasher: str = "hmac",
     ) -> None:
         self._format = tokens.KeyFormat(key_prefix, environment)
         self._telemetry = Telemetry(inputs.flag(opentelemetry, "opentelemetry"))
@@ -236,7 +241,7 @@ class APIKeyClient:
         self._max_depth = _depth(max_delegation_depth)
         self._imported = inputs.flag(imported_keys, "imported_keys")
         self._foreign = _foreign_secrets(foreign_secrets)
-        self._ring = PepperRing(signing_secret)
+        self._ring = PepperRing(signing_secret, hasher=key_hasher)
         self._track_usage = inputs.flag(track_usage, "track_usage")
         if clock is not None and not callable(clock):
             raise ConfigurationError("clock must be a callable returning an aware datetime")

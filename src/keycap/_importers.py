@@ -8,6 +8,7 @@ Used by ``keycap import apikeys-platform``; docs/migrating.md.
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -82,20 +83,8 @@ async def from_apikeys_platform(client: APIKeyClient, url: str) -> ImportReport:
         ours, created = await client.get_or_create_organization(org.name)
         org_ids[str(org.id)] = ours.id
         report.organizations += created
-    project_ids: dict[str, str] = {}
-    for project in projects:
-        ours_p, created = await client.get_or_create_project(
-            org_ids[str(project.org_id)], project.name
-        )
-        project_ids[str(project.id)] = ours_p.id
-        report.projects += created
-    product_ids: dict[str, str] = {}
-    for product in products:
-        ours_x, created = await client.get_or_create_product(
-            org_ids[str(product.org_id)], product.name
-        )
-        product_ids[str(product.id)] = ours_x.id
-        report.products += created
+    project_ids, report.projects = await _named(client.get_or_create_project, projects, org_ids)
+    product_ids, report.products = await _named(client.get_or_create_product, products, org_ids)
     for link in links:
         await client.add_product_to_project(
             product_ids[str(link.product_id)], project_ids[str(link.project_id)]
@@ -132,6 +121,22 @@ async def from_apikeys_platform(client: APIKeyClient, url: str) -> ImportReport:
             await client.revoke_key(imported.id)
             report.revoked += 1
     return report
+
+
+async def _named(
+    get_or_create: Callable[[str, str], Awaitable[tuple[Any, bool]]],
+    found: Sequence[Any],
+    org_ids: dict[str, str],
+) -> tuple[dict[str, str], int]:
+    """Projects or products by name in their organizations: {their id: ours}, and
+    how many were created."""
+    ours: dict[str, str] = {}
+    created = 0
+    for row in found:
+        mine, made = await get_or_create(org_ids[str(row.org_id)], row.name)
+        ours[str(row.id)] = mine.id
+        created += made
+    return ours, created
 
 
 def _meta(value: Any) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from keycap._db.engine import Database
 from keycap._errors import DatabaseError
 from keycap._models import Identity
 from keycap._ops.charges import charge_in
-from keycap._ops.refusals import REFUSED_ATTEMPTS, budget_refusal, key_refusal, rate_refusal
+from keycap._ops.refusals import REFUSED_ATTEMPTS, refused_error
 from keycap._ops.results import AlertHandler, deliver, epoch_ms, tightest_rate
 from keycap._ops.units import Refused, retrying
 
@@ -55,12 +55,7 @@ async def validate(
         try:
             found = await retrying(db, unit)
         except Refused as refused:
-            if refused.what == "key" or refused.key is None:
-                error = await key_refusal(db, identity_id, now)
-            elif refused.what == "rate":
-                error = await rate_refusal(db, refused.key, amounts, now, identity_id)
-            else:
-                error = await budget_refusal(db, refused, amounts, now, identity_id)
+            error = await refused_error(db, refused, amounts, now, identity_id)
             if error is not None:
                 raise error from None
             continue

@@ -28,6 +28,7 @@ secret if it is older (:meth:`Pipeline.upgrade_pepper`).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Mapping
@@ -110,9 +111,12 @@ class Pipeline:
         if cacheable and (hit := self.cached(key_id, plaintext, req, now, client)) is not None:
             return hit
         generation = self.cache.generation if self.cache is not None else 0
-        call = Call(
-            plaintext, key_id, self.ring.digests(plaintext), req, amounts, track, now, client
+        digests = (
+            self.ring.digests(plaintext)
+            if self.ring.cheap(plaintext)
+            else await asyncio.to_thread(self.ring.digests, plaintext)
         )
+        call = Call(plaintext, key_id, digests, req, amounts, track, now, client)
         # A call with a cost, or for a key known to be rate-limited, goes straight to
         # the metered stage, which re-decides the whole grant rule in SQL; the
         # explain stage only runs to say why it refused.

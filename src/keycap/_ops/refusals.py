@@ -130,6 +130,21 @@ def locked_rate_refusal(
     return None
 
 
+async def refused_error(
+    db: Database, refused: Refused, amounts: Mapping[str, int], now: datetime, key_id: str
+) -> Exception | None:
+    """The error of a refused unit: the key's (or keyless identity's) state, the
+    rate limit or the budget that refused; None when there is room after all
+    (the caller tries again)."""
+    if refused.what == "key" or refused.key is None:
+        return await key_refusal(db, key_id, now)
+    if refused.what == "rate" and refused.row is not None:
+        return locked_rate_refusal(refused.row, amounts, now, key_id)
+    if refused.what == "rate":
+        return await rate_refusal(db, refused.key, amounts, now, key_id)
+    return await budget_refusal(db, refused, amounts, now, key_id)
+
+
 #: How many times a call is tried again when its refusal turns out to have room
 #: after all (a hold released, a period rolled over, meanwhile). Under heavy
 #: reserve/release churn on one budget three was not enough; each try is one

@@ -13,12 +13,7 @@ from keycap._db.engine import Database
 from keycap._errors import DatabaseError
 from keycap._models import BudgetAlert, Charge, RateLimitStatus
 from keycap._ops.charges import charge_in, charged
-from keycap._ops.refusals import (
-    REFUSED_ATTEMPTS,
-    budget_refusal,
-    locked_rate_refusal,
-    rate_refusal,
-)
+from keycap._ops.refusals import REFUSED_ATTEMPTS, refused_error
 from keycap._ops.results import AlertHandler, deliver, epoch_ms, tightest_rate
 from keycap._ops.units import Refused, retrying
 from keycap._rules import ips
@@ -92,15 +87,8 @@ async def validate(
             )
         except Refused as refused:
             if refused.what == "key":
-                return None
-            assert refused.key is not None
-            error: Exception | None
-            if refused.what == "rate" and refused.row is not None:
-                error = locked_rate_refusal(refused.row, amounts, now, key_id)
-            elif refused.what == "rate":
-                error = await rate_refusal(db, refused.key, amounts, now, key_id)
-            else:
-                error = await budget_refusal(db, refused, amounts, now, key_id)
+                return None  # the explain stage says why
+            error = await refused_error(db, refused, amounts, now, key_id)
             if error is not None:
                 raise error from None
             continue

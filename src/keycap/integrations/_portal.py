@@ -142,6 +142,17 @@ class KeyIssued(BaseModel):
     plaintext: str
 
 
+def client_dependency(client: APIKeyClient | None) -> Any:
+    """A FastAPI dependency: ``client``, or by default the request's
+    (KeycapMiddleware or ``app.state.keycap``)."""
+    from keycap.integrations.fastapi import keycap_client
+
+    def dependency(request: Request) -> APIKeyClient:
+        return client if client is not None else keycap_client(request)
+
+    return dependency
+
+
 def _budget(b: BudgetIn) -> Budget:
     return Budget(b.limit, b.period, meter=b.meter)
 
@@ -194,14 +205,10 @@ def key_management_router(
             double-submit cookie. Either way every form is checked.
         title: the page's heading.
     """
-    from keycap.integrations.fastapi import keycap_client
-
     router = APIRouter(tags=["API keys"])
     Who = Annotated[Manager, Depends(manager)]
 
-    def _client(request: Request) -> APIKeyClient:
-        return client if client is not None else keycap_client(request)
-
+    _client = client_dependency(client)
     Client = Annotated[APIKeyClient, Depends(_client)]
 
     async def _shown(kc: APIKeyClient, key: APIKey) -> KeyShown:
@@ -353,14 +360,12 @@ def delegation_router(
     A child may hold ``keys:delegate`` only if the caller does, so the tree grows
     only as deep as ``max_delegation_depth``.
     """
-    from keycap.integrations.fastapi import keycap_client, require_scope
+    from keycap.integrations.fastapi import require_scope
 
     router = APIRouter(tags=["Delegated keys"])
     Caller = Annotated[APIKey, Depends(require_scope(scope, client=client))]
 
-    def _client(request: Request) -> APIKeyClient:
-        return client if client is not None else keycap_client(request)
-
+    _client = client_dependency(client)
     Client = Annotated[APIKeyClient, Depends(_client)]
 
     @router.post("/keys/children", status_code=201, summary="Mint a child of this key (shown once)")
@@ -417,14 +422,10 @@ def access_request_router(*, org_id: Any, client: APIKeyClient | None = None) ->
     (the app's choice: a fixed one, or one from the path or host). Owners decide
     through ``key_management_router``'s ``/access-requests`` endpoints.
     """
-    from keycap.integrations.fastapi import keycap_client
-
     router = APIRouter(tags=["Access requests"])
     Org = Annotated[str, Depends(org_id)]
 
-    def _client(request: Request) -> APIKeyClient:
-        return client if client is not None else keycap_client(request)
-
+    _client = client_dependency(client)
     Client = Annotated[APIKeyClient, Depends(_client)]
 
     @router.post("/access-requests", status_code=201, summary="Ask for a key")
