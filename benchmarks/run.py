@@ -506,6 +506,47 @@ async def mixed_tail(db: str, url: str, client: APIKeyClient) -> Row:
 # --- per database -------------------------------------------------------------------
 
 
+async def peer_row(db: str, url: str, floor: Floor, n: int, ours: Row) -> Row | None:
+    """The closest peer, apikeys-platform, its default validation of a key with a
+    rate limit, in the same database and run; its note is its p50 as a multiple
+    of keycap's metered validation (the target: at least 5x). None without it."""
+    try:
+        from apikeys import APIKeyClient as Peer
+        from apikeys.db.base import Base
+        from apikeys.models import KeyMetadata
+        from apikeys.models import RateLimit as PeerLimit
+    except ImportError:
+        print("  (apikeys-platform is not installed: no peer row)", file=sys.stderr)
+        return None
+    peer = Peer(url, signing_secret=SECRET, environment="live")
+    engine = peer._sessions.kw["bind"]
+    async with engine.begin() as conn:
+        await conn.run_sync(Base.metadata.drop_all)
+        await conn.run_sync(Base.metadata.create_all)
+    org = await peer.create_organization(f"bench-{secrets.token_hex(4)}")
+    made = await peer.create_key(
+        str(org.id),
+        metadata=KeyMetadata(
+            scopes=["chat:write"], rate_limit=PeerLimit(requests=10**9, window="minute")
+        ),
+    )
+
+    async def validate() -> Any:
+        return await peer.validate_key(made.plaintext, required_scopes=["chat:write"])
+
+    try:
+        found = row(
+            db,
+            "peer: apikeys-platform validate_key, rate-limited",
+            "update",
+            *await paired(floor.update, validate, n),
+        )
+    finally:
+        await engine.dispose()
+    found.note = f"{found.p50_ms / ours.p50_ms:.2f}x keycap's metered validation (target >= 5x)"
+    return found
+
+
 async def bench(db: str, url: str, args: argparse.Namespace) -> list[Row]:
     out: list[Row] = []
     n = args.samples
@@ -564,15 +605,16 @@ async def bench(db: str, url: str, args: argparse.Namespace) -> list[Row]:
                 *await paired(floor.update, read_on, n),
             )
         )
-        say(
-            row(
-                db,
-                "validate_key metered (rate + key/org budget)",
-                "update",
-                *await paired(floor.update, metered, n),
-                target=3.0,
-            )
+        keycap_metered = row(
+            db,
+            "validate_key metered (rate + key/org budget)",
+            "update",
+            *await paired(floor.update, metered, n),
+            target=3.0,
         )
+        say(keycap_metered)
+        if (peer := await peer_row(db, url, floor, n, keycap_metered)) is not None:
+            say(peer)
         say(
             row(
                 db,
