@@ -506,6 +506,37 @@ async def mixed_tail(db: str, url: str, client: APIKeyClient) -> Row:
 # --- per database -------------------------------------------------------------------
 
 
+async def held_replay(url: str, op: Op) -> tuple[Op, Any] | None:
+    """PostgreSQL: run ``op`` once, recording the one statement keycap sent; a
+    replay of that same SQL with the same arguments, prepared on a bare asyncpg
+    connection held for the whole run (no pool, no SQLAlchemy, no keycap), and
+    that connection. None when ``op`` sent other than one statement."""
+    from asyncpg.prepared_stmt import PreparedStatement
+
+    seen: list[tuple[str, tuple[Any, ...]]] = []
+    real = PreparedStatement.fetch
+
+    async def recording(self: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append((self.get_query(), args))
+        return await real(self, *args, **kwargs)
+
+    PreparedStatement.fetch = recording  # type: ignore[method-assign]
+    try:
+        await op()
+    finally:
+        PreparedStatement.fetch = real  # type: ignore[method-assign]
+    if len(seen) != 1:
+        return None
+    sql, args = seen[0]
+    conn = await _connect_pg(make_url(url))
+    prepared = await conn.prepare(sql)
+
+    async def replay() -> Any:
+        return await prepared.fetch(*args)
+
+    return replay, conn
+
+
 async def peer_row(db: str, url: str, floor: Floor, n: int, ours: Row) -> Row | None:
     """The closest peer, apikeys-platform, its default validation of a key with a
     rate limit, in the same database and run; its note is its p50 as a multiple
@@ -605,6 +636,19 @@ async def bench(db: str, url: str, args: argparse.Namespace) -> list[Row]:
                 *await paired(floor.update, read_on, n),
             )
         )
+        if db == "postgresql":
+            for name, op in (
+                ("validate_key read path, tracking off", read_off),
+                ("validate_key metered (rate + key/org budget)", metered),
+                ("charge (key + org budget)", charge),
+            ):
+                if (held := await held_replay(url, op)) is None:
+                    continue
+                replay, conn = held
+                found = row(db, f"{name}: vs its SQL, held", "held", *await paired(replay, op, n))
+                found.note = "keycap's call / the same statement on a held bare connection"
+                say(found)
+                await conn.close()
         keycap_metered = row(
             db,
             "validate_key metered (rate + key/org budget)",
