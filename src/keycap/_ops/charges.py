@@ -16,7 +16,14 @@ from keycap._db.engine import Database
 from keycap._models import BudgetAlert, Charge
 from keycap._ops.refusals import run
 from keycap._ops.results import AlertHandler, budget_status, by_remaining, crossed_alerts, deliver
-from keycap._ops.units import Idempotency, Refused, claim, live_key, spent, stored_replay
+from keycap._ops.units import (
+    BudgetRefused,
+    Idempotency,
+    claim,
+    live_key,
+    spent,
+    stored_replay,
+)
 from keycap._rules import ids, movements
 from keycap._rules.money import from_micros
 
@@ -147,5 +154,5 @@ async def _debit_all(
     applicable = await budgets.applicable_budgets(conn, key, list(amounts))
     afters = await budgets.debit_all(conn, applicable, amounts, now, key_id=key.key_id)
     if afters is None:
-        raise Refused("budget", key=key)
+        raise BudgetRefused(key=key)
     return [(after, amounts[after.meter]) for after in afters]

@@ -20,8 +20,9 @@ from keycap._ops.refusals import run
 from keycap._ops.release import hold_model, open_hold, origin_of, return_hold, run_hold
 from keycap._ops.results import AlertHandler, budget_status, by_remaining, crossed_alerts, deliver
 from keycap._ops.units import (
+    BudgetRefused,
+    HoldRefused,
     Idempotency,
-    Refused,
     claim,
     live_key,
     retrying,
@@ -118,7 +119,7 @@ def _reserve_in_transaction(
                 conn, applicable, {meter: amount}, now, key_id=key.key_id, hold=True
             )
             if held is None:
-                raise Refused("budget", key=key)
+                raise BudgetRefused(key=key)
             values = {
                 "id": ids.new_id("hold"),
                 "org_id": key.org_id,
@@ -177,7 +178,7 @@ async def settle(
         async with db.begin() as conn:
             op_id = await claim(conn, hold.org_id, idem, now)
             if not await holds.close_hold(conn, hold_id, "settled", now, settled_micros=actual):
-                raise Refused("hold")
+                raise HoldRefused()
             # Beyond the hold, the key must be live: lock it first (the lock order of
             # every metered call: key, then budgets), so it cannot die half-way.
             key = None

@@ -21,7 +21,7 @@ from keycap._models import Identity
 from keycap._ops.charges import charge_in
 from keycap._ops.refusals import REFUSED_ATTEMPTS, refused_error
 from keycap._ops.results import AlertHandler, deliver, epoch_ms, tightest_rate
-from keycap._ops.units import Refused, retrying
+from keycap._ops.units import KeyRefused, RateRefused, Refused, retrying
 
 
 async def validate(
@@ -40,12 +40,12 @@ async def validate(
         async with db.begin() as conn:
             row = await tenancy.lock_identity_row(conn, identity_id)
             if row is None:
-                raise Refused("key")
+                raise KeyRefused()
             key = KeyRef(identity_id, row.org_id, None, identity_id)
             count = len(await rate_limits.applicable_rate_limits(conn, key))
             limits = await rate_limits.consume_rates(conn, key, amounts, epoch_ms(now), count)
             if limits is None:
-                raise Refused("rate", key=key)
+                raise RateRefused(key=key)
             charged = await charge_in(conn, key, amounts, now) if amounts else None
             return rows.to_identity(row).model_copy(
                 update={"rate_limit": tightest_rate(limits, now), "charge": charged}

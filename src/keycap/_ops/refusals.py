@@ -22,7 +22,7 @@ from keycap._errors import (
 )
 from keycap._ops.release import sweep
 from keycap._ops.results import budget_exceeded, epoch_ms, rate_limited_error
-from keycap._ops.units import Idempotency, Refused, retrying, stored_replay
+from keycap._ops.units import Idempotency, KeyRefused, RateRefused, Refused, retrying, stored_replay
 from keycap._rules import budgets as budget_rules
 from keycap._rules import ids, policy
 from keycap._rules import rate_limits as ratelimit
@@ -136,11 +136,11 @@ async def refused_error(
     """The error of a refused unit: the key's (or keyless identity's) state, the
     rate limit or the budget that refused; None when there is room after all
     (the caller tries again)."""
-    if refused.what == "key" or refused.key is None:
+    if isinstance(refused, KeyRefused) or refused.key is None:
         return await key_refusal(db, key_id, now)
-    if refused.what == "rate" and refused.row is not None:
+    if isinstance(refused, RateRefused) and refused.row is not None:
         return locked_rate_refusal(refused.row, amounts, now, key_id)
-    if refused.what == "rate":
+    if isinstance(refused, RateRefused):
         return await rate_refusal(db, refused.key, amounts, now, key_id)
     return await budget_refusal(db, refused, amounts, now, key_id)
 
@@ -172,7 +172,7 @@ async def run(
                 raise
             return replay, ()
         except Refused as refused:
-            if refused.what == "key" or refused.key is None:
+            if isinstance(refused, KeyRefused) or refused.key is None:
                 error = await key_refusal(db, key_id or "", now)
             else:
                 error = await budget_refusal(db, refused, amounts, now, key_id)

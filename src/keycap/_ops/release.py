@@ -18,7 +18,7 @@ from keycap._db.engine import Conflict, Database
 from keycap._errors import HoldClosedError, NotFoundError
 from keycap._models import BudgetStatus, Hold
 from keycap._ops.results import budget_status, by_remaining
-from keycap._ops.units import Idempotency, Refused, claim, retrying, stored_replay
+from keycap._ops.units import HoldRefused, Idempotency, Refused, claim, retrying, stored_replay
 from keycap._rules import movements
 from keycap._rules.money import from_micros
 
@@ -139,7 +139,7 @@ async def release(
         async with db.begin() as conn:
             op_id = await claim(conn, hold.org_id, idem, now)
             if not await holds.close_hold(conn, hold_id, status, now):
-                raise Refused("hold")
+                raise HoldRefused()
             afters = await return_hold(conn, hold, now, used=0)
             entries = movements.releases(
                 origin_of(hold, now, idempotency_key),

@@ -47,14 +47,30 @@ async def retrying(db: Database, unit: Callable[[], Awaitable[T]]) -> T:
 
 class Refused(Exception):
     # An internal signal, never escapes this package.
-    """Raised inside a transaction to roll it back; says for which key, and which
-    row refused when that is known (a budget a one-statement call locked: a row,
-    or a ``keycap._db.metering.TableRow``), else it is found after the rollback."""
+    """Raised inside a transaction to roll it back: one of the typed refusals
+    below. Says for which key, and which row refused when that is known (a row a
+    one-statement call locked: a row, or a ``keycap._db.metering.TableRow``),
+    else it is found after the rollback (``keycap._ops.refusals``)."""
 
-    def __init__(self, what: str, row: Any = None, key: KeyRef | None = None) -> None:
-        self.what = what
+    def __init__(self, row: Any = None, key: KeyRef | None = None) -> None:
         self.row = row
         self.key = key
+
+
+class KeyRefused(Refused):
+    """The key (or keyless identity) is not live, or not granted the call."""
+
+
+class RateRefused(Refused):
+    """A rate limit does not admit the call."""
+
+
+class BudgetRefused(Refused):
+    """A budget has no room for the call."""
+
+
+class HoldRefused(Refused):
+    """The hold is no longer open."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +133,7 @@ async def live_key(conn: AsyncConnection, key_id: str, now: datetime) -> KeyRef:
     else:
         key = await keys.lock_live_key(conn, key_id, now)
     if key is None:
-        raise Refused("key")
+        raise KeyRefused()
     return key
 
 
@@ -128,7 +144,7 @@ def spent(rows: Sequence[AnyRow], key_id: str) -> list[AnyRow]:
     first = rows[0]
     if not first.ok:
         if first.key_org_id is None:
-            raise Refused("key")
+            raise KeyRefused()
         key = KeyRef.of(key_id, first, "key_")
-        raise Refused("budget", row=metering.refused_budget(rows), key=key)
+        raise BudgetRefused(row=metering.refused_budget(rows), key=key)
     return [row for row in rows if row.id is not None]

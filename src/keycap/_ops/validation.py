@@ -15,7 +15,7 @@ from keycap._models import BudgetAlert, Charge, RateLimitStatus
 from keycap._ops.charges import charge_in, charged
 from keycap._ops.refusals import REFUSED_ATTEMPTS, refused_error
 from keycap._ops.results import AlertHandler, deliver, epoch_ms, tightest_rate
-from keycap._ops.units import Refused, retrying
+from keycap._ops.units import BudgetRefused, KeyRefused, RateRefused, Refused, retrying
 from keycap._rules import ips
 from keycap._rules.policy import Requirement
 
@@ -46,11 +46,11 @@ async def validate(
         )
         if not done.ok:
             if not done.key_found:
-                raise Refused("key")
+                raise KeyRefused()
             key = done.ref
             if done.rates_ok:
-                raise Refused("budget", row=done.refused_budget, key=key)
-            raise Refused("rate", row=done.refused_rate, key=key)
+                raise BudgetRefused(row=done.refused_budget, key=key)
+            raise RateRefused(row=done.refused_rate, key=key)
         assert done.key is not None
         tightest = tightest_rate(done.rate_limits, now)
         charge_result = None
@@ -68,13 +68,13 @@ async def validate(
                 conn, key_id, digests, req, now, track=track, client=client
             )
             if key_row is None:
-                raise Refused("key")
+                raise KeyRefused()
             key = KeyRef.of(key_id, key_row)
             limits = await rate_limits.consume_rates(
                 conn, key, amounts, epoch_ms(now), key_row.rate_limit_count
             )
             if limits is None:
-                raise Refused("rate", key=key)
+                raise RateRefused(key=key)
             charge_result = await charge_in(conn, key, amounts, now) if amounts else None
             tightest = tightest_rate(limits, now)
             alerts = charge_result.alerts if charge_result is not None else ()
@@ -86,7 +86,7 @@ async def validate(
                 db, at_once if db.one_statement else unit
             )
         except Refused as refused:
-            if refused.what == "key":
+            if isinstance(refused, KeyRefused):
                 return None  # the explain stage says why
             error = await refused_error(db, refused, amounts, now, key_id)
             if error is not None:
