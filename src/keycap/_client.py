@@ -592,7 +592,7 @@ class APIKeyClient:
             inputs.text(name, "name", allow_empty=True),
             inputs.metadata(metadata),
             self._now(),
-            ips.stored(None if allowed_ips is None else ips.ranges(allowed_ips)),
+            ips.stored(ips.optional_ranges(allowed_ips)),
         )
         return rows.to_identity(found), created
 
@@ -631,9 +631,7 @@ class APIKeyClient:
         if metadata is not UNSET:
             values["metadata"] = inputs.metadata(metadata)
         if allowed_ips is not UNSET:
-            values["allowed_ips"] = ips.stored(
-                None if allowed_ips is None else ips.ranges(allowed_ips)
-            )
+            values["allowed_ips"] = ips.stored(ips.optional_ranges(allowed_ips))
         return await self._change_identity(identity_id, "identity.updated", values)
 
     @_observed("validate", _given_key, "identity_id")
@@ -747,7 +745,7 @@ class APIKeyClient:
         meta = inputs.metadata(metadata)
         delegated = None if delegated_by is None else inputs.text(delegated_by, "delegated_by")
         cap = _max_uses(max_uses)
-        networks = None if allowed_ips is None else ips.ranges(allowed_ips)
+        networks = ips.optional_ranges(allowed_ips)
         limit_specs = _sequence(rate_limits, RateLimit, "rate_limits")
         budget_specs = [b.spec for b in _sequence(budgets, Budget, "budgets")]
         now = self._now()
@@ -770,7 +768,7 @@ class APIKeyClient:
             expires_at=expiry,
             max_uses=cap,
             now=now,
-            allowed_ips=None if networks is None else ips.encode(networks),
+            allowed_ips=ips.stored(networks),
             identity_id=identity_id,
         )
         await admin.create_key(self._db, values, limit_specs, budget_specs)
@@ -821,7 +819,7 @@ class APIKeyClient:
         granted = None if scopes is None else scope_rules.normalize(scopes, "scopes")
         meta = inputs.metadata(metadata)
         cap = _max_uses(max_uses)
-        networks = None if allowed_ips is None else ips.ranges(allowed_ips)
+        networks = ips.optional_ranges(allowed_ips)
         limit_specs = _sequence(rate_limits, RateLimit, "rate_limits")
         budget_specs = [b.spec for b in _sequence(budgets, Budget, "budgets")]
         now = self._now()
@@ -861,9 +859,7 @@ class APIKeyClient:
                     expires_at=grants.expires_at,
                     max_uses=cap,
                     now=now,
-                    allowed_ips=None
-                    if grants.allowed_ips is None
-                    else ips.encode(grants.allowed_ips),
+                    allowed_ips=ips.stored(grants.allowed_ips),
                     identity_id=m["identity_id"],
                 ),
                 **dict(zip(ANCESTORS, ancestors, strict=True)),
@@ -1211,9 +1207,7 @@ class APIKeyClient:
         if max_uses is not UNSET:
             values["max_uses"] = _max_uses(max_uses)
         if allowed_ips is not UNSET:
-            values["allowed_ips"] = (
-                None if allowed_ips is None else ips.encode(ips.ranges(allowed_ips))
-            )
+            values["allowed_ips"] = ips.stored(ips.optional_ranges(allowed_ips))
         if expires_in is not UNSET or expires_at is not UNSET:
             if expires_in is not UNSET and expires_at is not UNSET:
                 raise InvalidArgumentError("expires_in", "give expires_in or expires_at, not both")

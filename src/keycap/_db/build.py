@@ -67,6 +67,17 @@ class KeyRef:
     #: A delegated key's ancestors, nearest first (``ancestor_1`` ...).
     ancestors: tuple[str | None, ...] = (None,) * len(ANCESTORS)
 
+    @classmethod
+    def of_identity(cls, identity_id: str, org_id: str) -> KeyRef:
+        """An identity metered without a key: its own limits and budgets, and its
+        organization's, apply."""
+        return cls(identity_id, org_id, None, identity_id)
+
+    @property
+    def keyless_identity_id(self) -> str | None:
+        """The identity, when this is one metered without a key; else None."""
+        return self.identity_id if self.key_id is None else None
+
     @property
     def key_id(self) -> str | None:
         """The key's id; None for an identity metered without a key (whose ref has

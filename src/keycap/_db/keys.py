@@ -186,7 +186,7 @@ async def list_keys(
     if identity_id is not None:
         stmt = stmt.where(keys.c.identity_id == identity_id)
     if descendants_of is not None:
-        stmt = stmt.where(or_(*(keys.c[name] == descendants_of for name in ANCESTORS)))
+        stmt = stmt.where(delegated_from(descendants_of))
     if status is not None:
         stmt = stmt.where(status_filter(status, now))
     return (await conn.execute(stmt)).all()
@@ -265,9 +265,12 @@ def selected_by(column: str, value: str) -> ColumnElement[bool]:
     """The keys whose ``column`` (id, project_id, product_id) is ``value``; for
     ``id``, with the keys delegated from it (deleting a key deletes them)."""
     match = keys.c[column] == value
-    if column != "id":
-        return match
-    return or_(match, *(keys.c[name] == value for name in ANCESTORS))
+    return or_(match, delegated_from(value)) if column == "id" else match
+
+
+def delegated_from(key_id: str) -> ColumnElement[bool]:
+    """The keys delegated from ``key_id``, at any depth (one of their ancestors)."""
+    return or_(*(keys.c[name] == key_id for name in ANCESTORS))
 
 
 async def upgrade_digest(

@@ -213,7 +213,7 @@ async def lock_live_identity(conn: AsyncConnection, identity_id: str) -> KeyRef 
     transaction before anything is read, as a key's lock does), as a ``KeyRef``
     whose limits and budgets are the identity's and its organization's."""
     row = await lock_identity_row(conn, identity_id)
-    return None if row is None else KeyRef(identity_id, row.org_id, None, identity_id)
+    return None if row is None else KeyRef.of_identity(identity_id, row.org_id)
 
 
 async def lock_identity_row(conn: AsyncConnection, identity_id: str) -> AnyRow | None:

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from keycap._db import budgets, holds, keys, ledger, rate_limits, rows, tenancy
@@ -435,15 +435,13 @@ async def update_key(db: Database, key_id: str, values: Mapping[str, Any]) -> An
     grants = values.keys() & _GRANTS
 
     async def change(conn: AsyncConnection) -> AnyRow | None:
-        if "scopes" in values:
-            org_id = await conn.scalar(select(keys_table.c.org_id).where(keys_table.c.id == key_id))
-            if org_id is None:
-                return None
-            await tenancy.check_scopes(conn, org_id, scope_rules.decode(values["scopes"]))
-        if grants:
+        if grants:  # scopes among them
             current = await keys.get_key(conn, key_id)
             if current is None:
                 return None
+            if "scopes" in values:
+                scopes = scope_rules.decode(values["scopes"])
+                await tenancy.check_scopes(conn, current.org_id, scopes)
             parent_id = current._mapping["ancestor_1"]
             if parent_id is not None:  # a delegated key stays inside its parent
                 parent = await keys.lock_key_state(conn, parent_id)
@@ -481,9 +479,7 @@ async def _narrow_descendants(conn: AsyncConnection, key: AnyRow, now: datetime)
             values = {
                 "scopes": scope_rules.encode(now_has.scopes),
                 "expires_at": now_has.expires_at,
-                "allowed_ips": None
-                if now_has.allowed_ips is None
-                else ips.encode(now_has.allowed_ips),
+                "allowed_ips": ips.stored(now_has.allowed_ips),
                 "updated_at": now,
             }
             after = await keys.update_key(conn, child.id, values)

@@ -127,7 +127,7 @@ async def charge_in(
         metadata=metadata,
     )
     await ledger.insert_ledger(conn, movements.charges(origin, debited, amounts))
-    return charged(key.key_id, amounts, debited, now, identity_id=key.identity_id)
+    return charged(key.key_id, amounts, debited, now, identity_id=key.keyless_identity_id)
 
 
 def charged(
@@ -140,7 +140,7 @@ def charged(
     """The charge's result, from every budget it debited (the row after, the amount)."""
     return Charge.model_construct(
         key_id=key_id,
-        identity_id=identity_id if key_id is None else None,
+        identity_id=identity_id,
         amounts={meter: from_micros(a) for meter, a in amounts.items()},
         budgets=by_remaining([budget_status(after, now) for after, _ in debited]),
         alerts=crossed_alerts(debited, now, key_id),

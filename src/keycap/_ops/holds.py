@@ -91,6 +91,7 @@ def _reserve_at_once(
             created_at=now,
             expires_at=expires_at,
             closed_at=None,
+            identity_id=None,  # a keyless identity's reserve is never one statement
         )
         return hold_model(hold, [budget_status(r, now) for r in held]), ()
 
@@ -125,7 +126,7 @@ def _reserve_in_transaction(
                 "org_id": key.org_id,
                 "project_id": key.project_id,
                 "key_id": key.key_id,
-                "identity_id": key.identity_id if key.key_id is None else None,
+                "identity_id": key.keyless_identity_id,
                 "meter": meter,
                 "amount_micros": amount,
                 "budget_ids": " " + " ".join(r.id for r in held) + " ",

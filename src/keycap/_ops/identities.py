@@ -41,7 +41,7 @@ async def validate(
             row = await tenancy.lock_identity_row(conn, identity_id)
             if row is None:
                 raise KeyRefused()
-            key = KeyRef(identity_id, row.org_id, None, identity_id)
+            key = KeyRef.of_identity(identity_id, row.org_id)
             count = len(await rate_limits.applicable_rate_limits(conn, key))
             limits = await rate_limits.consume_rates(conn, key, amounts, epoch_ms(now), count)
             if limits is None:

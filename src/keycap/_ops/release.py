@@ -35,7 +35,7 @@ def hold_model(row: Any, statuses: Sequence[BudgetStatus] = (), replayed: bool =
         closed_at=row.closed_at,
         budgets=by_remaining(statuses),
         replayed=replayed,
-        identity_id=getattr(row, "identity_id", None),
+        identity_id=row.identity_id,
     )
 
 

@@ -21,6 +21,7 @@ from datetime import datetime
 from typing import Any
 
 from keycap._errors import InvalidArgumentError
+from keycap._rules import ips
 from keycap._rules import scopes as scope_rules
 
 __all__ = ["Grants", "child", "narrowed", "within"]
@@ -46,7 +47,7 @@ class Grants:
             expires_at=m["expires_at"],
             project_id=m["project_id"],
             product_id=m["product_id"],
-            allowed_ips=None if stored_ips is None else tuple(stored_ips.split()),
+            allowed_ips=None if stored_ips is None else ips.decode(stored_ips),
         )
 
 

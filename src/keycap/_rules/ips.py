@@ -76,6 +76,11 @@ def ranges(value: object, field: str = "allowed_ips") -> tuple[str, ...]:
     return tuple(str(n) for n in sorted(found, key=lambda n: (n.version, n)))
 
 
+def optional_ranges(value: object, field: str = "allowed_ips") -> tuple[str, ...] | None:
+    """:func:`ranges`, or None (any address) for None."""
+    return None if value is None else ranges(value, field)
+
+
 def encode(found: tuple[str, ...]) -> str:
     """Stored form: ``" 10.0.0.0/8 2001:db8::/32 "``."""
     return " " + " ".join(found) + " "

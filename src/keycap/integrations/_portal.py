@@ -157,6 +157,10 @@ def _budget(b: BudgetIn) -> Budget:
     return Budget(b.limit, b.period, meter=b.meter)
 
 
+def _rate_limit(r: RateLimitIn) -> RateLimit:
+    return RateLimit(r.limit, r.window)
+
+
 async def own_key(kc: APIKeyClient, who: Manager, key_id: str) -> APIKey:
     """The key, if it is in the manager's organization; else NotFoundError (a 404),
     as for a key that does not exist."""
@@ -247,7 +251,7 @@ def key_management_router(
                 product_id=body.product_id,
                 expires_in=body.expires_in,
                 budgets=[_budget(b) for b in body.budgets],
-                rate_limits=[RateLimit(r.limit, r.window) for r in body.rate_limits],
+                rate_limits=[_rate_limit(r) for r in body.rate_limits],
                 delegated_by=who.actor,
             )
         return KeyIssued(key=issued.key, plaintext=issued.plaintext)
@@ -380,7 +384,7 @@ def delegation_router(
                 scopes=body.scopes,
                 expires_in=body.expires_in,
                 budgets=[_budget(b) for b in body.budgets],
-                rate_limits=[RateLimit(r.limit, r.window) for r in body.rate_limits],
+                rate_limits=[_rate_limit(r) for r in body.rate_limits],
                 max_uses=body.max_uses,
             )
         return KeyIssued(key=issued.key, plaintext=issued.plaintext)
