@@ -508,6 +508,29 @@ class Database:
             else None
         )
 
+    @property
+    def one_block(self) -> bool:
+        """A charge or a metered validation runs as one compound statement
+        (``keycap._db.blocks``): MariaDB 10.3 or later with aiomysql, its
+        statements on the pool's driver connection (:attr:`Hot.usable`). Known
+        once the dialect has met the server; before, the transactions run."""
+        hot = self._hot
+        dialect = self.engine.dialect
+        return (
+            hot is not None
+            and self.is_mysql
+            and getattr(dialect, "is_mariadb", False)
+            and (getattr(dialect, "server_version_info", None) or (0,)) >= (10, 3)
+            and hot.usable
+        )
+
+    async def block(self, sql: str, args: list[Any]) -> list[list[Any]]:
+        """Run a compound statement of ``keycap._db.blocks`` (:attr:`one_block`) in
+        one round trip; its result sets."""
+        hot = self._hot
+        assert hot is not None
+        return await _translating(hot.block(sql, args))
+
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[AsyncConnection]:
         async with _translated(self.engine.begin()) as conn:

@@ -173,6 +173,20 @@ async def _run_aiomysql(fairy: Any, sql: str, args: list[Any]) -> tuple[Any, int
         await cursor.close()
 
 
+async def _run_block(fairy: Any, sql: str, args: list[Any]) -> list[list[Any]]:
+    """A compound statement (``keycap._db.blocks``) sent as one query; every result
+    set it sent, the server's answer to the one query."""
+    cursor = await fairy.driver_connection.cursor()
+    try:
+        await cursor.execute(sql, args)
+        sets = [list(await cursor.fetchall())]
+        while await cursor.nextset():
+            sets.append(list(await cursor.fetchall()))
+        return sets
+    finally:
+        await cursor.close()
+
+
 #: The engine events a statement run here would not fire (nor the dialect's
 #: ``handle_error``): with a listener on any of them (SQL instrumentation, a
 #: statement log), statements take SQLAlchemy's path.
@@ -230,6 +244,12 @@ class Hot:
         c = compiled(stmt, self._dialect)
         _, count = await greenlet_spawn(self._fetch, _run_aiomysql, c.sql, c.args(params))
         return int(count)
+
+    async def block(self, sql: str, args: list[Any]) -> list[list[Any]]:
+        """MySQL/MariaDB: a compound statement (its text and its arguments), in one
+        round trip; its result sets, as the driver's rows."""
+        result: list[list[Any]] = await greenlet_spawn(self._fetch, _run_block, sql, args)
+        return result
 
     def _fetch(self, run: Any, sql: str, args: list[Any]) -> Any:
         fairy = self._pool.connect()

@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from keycap._db.build import (
     AnyRow,
     Changing,
+    Execute,
     KeyRef,
     big,
     changed_rows,
@@ -100,6 +101,12 @@ async def delete_rate_limit(conn: AsyncConnection, subject_id: str, name: str) -
 async def applicable_rate_limits(conn: AsyncConnection, key: KeyRef) -> Sequence[AnyRow]:
     """The rate limits that apply to the key, in id order (to explain a refusal)."""
     return (await conn.execute(_rate_limits_of(), key_params(key))).all()
+
+
+async def read_applicable(read: Execute, key: KeyRef) -> Sequence[AnyRow]:
+    """:func:`applicable_rate_limits` as one statement on its own (``Database.read_rows``:
+    one round trip, on MariaDB too)."""
+    return await read(_rate_limits_of(), key_params(key))
 
 
 @lru_cache(maxsize=1)

@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from keycap._db import budgets, ledger, metering, operations
+from keycap._db import blocks, budgets, ledger, metering, operations
 from keycap._db.build import AnyRow, KeyRef
 from keycap._db.engine import Database
 from keycap._models import BudgetAlert, Charge
@@ -19,6 +19,7 @@ from keycap._ops.results import AlertHandler, budget_status, by_remaining, cross
 from keycap._ops.units import (
     BudgetRefused,
     Idempotency,
+    KeyRefused,
     claim,
     live_key,
     spent,
@@ -44,8 +45,11 @@ async def charge(
     idem = Idempotency.of("charge", key_id, idempotency_key, amounts=dict(amounts))
     # A keyless identity's charge is always a transaction (the one statement is
     # built around the key's row).
-    if idempotency_key is None and db.one_statement and not ids.is_valid(ids.IDENTITY, key_id):
+    keyed = idempotency_key is None and not ids.is_valid(ids.IDENTITY, key_id)
+    if keyed and db.one_statement:
         unit = _at_once(db, key_id, amounts, metadata, now)
+    elif keyed and db.one_block:
+        unit = _in_block(db, key_id, amounts, metadata, now)
     elif (replay := await stored_replay(db, Charge, idem)) is not None:
         return replay  # type: ignore[no-any-return]
     else:
@@ -79,6 +83,30 @@ def _at_once(
         rows = await metering.charge_at_once(db.statement, key_id, amounts, metadata, now)
         debited = [(row, amounts[row.meter]) for row in spent(rows, key_id)]
         result = charged(key_id, amounts, debited, now)
+        return result, result.alerts
+
+    return unit
+
+
+def _in_block(
+    db: Database,
+    key_id: str,
+    amounts: Mapping[str, int],
+    metadata: Mapping[str, Any] | None,
+    now: datetime,
+) -> Unit:
+    """MariaDB: the whole charge in one compound statement (``keycap._db.blocks``)."""
+
+    async def unit() -> tuple[Charge, tuple[BudgetAlert, ...]]:
+        done = await blocks.charge_in_block(
+            db.block, db.engine.dialect, key_id, amounts, metadata, now
+        )
+        if done.step == blocks.KEY_REFUSED:
+            raise KeyRefused()
+        if done.step != blocks.DONE:
+            raise BudgetRefused(row=done.refused_budget, key=done.ref)
+        debited = [(row, amounts[row.meter]) for row in done.budgets]
+        result = charged(key_id, amounts, debited, now)  # type: ignore[arg-type]
         return result, result.alerts
 
     return unit

@@ -10,8 +10,9 @@ in order:
 2. **metered** (:meth:`Pipeline.metered`): a call with a cost, or for a key
    known to be rate-limited: the key, every rate limit, the usage cap and
    every budget decided and consumed together in the database
-   (``keycap._ops.validation``: one statement on PostgreSQL, one transaction
-   elsewhere). A refusal by a rate limit or a budget is its typed error.
+   (``keycap._ops.validation``: one statement on PostgreSQL, one compound
+   statement on MariaDB, one transaction elsewhere); on MariaDB every tracked
+   call too. A refusal by a rate limit or a budget is its typed error.
 3. **one statement** (:meth:`Pipeline.one_statement`): a tracked call for a
    key no rate limit is known to apply to, on PostgreSQL and SQLite: one
    ``UPDATE … RETURNING`` decides and counts.
@@ -127,6 +128,8 @@ class Pipeline:
                 key = await self.metered(call)
             elif track and self.db.update_returning:
                 key = await self.one_statement(call)
+            elif track and self.db.one_block:
+                key = await self.metered(call)  # MariaDB: one compound statement
             if key is not None:
                 return key
             explained = await self.explain(call, metered, cacheable, generation)

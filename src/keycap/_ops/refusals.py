@@ -106,7 +106,7 @@ async def rate_refusal(
 ) -> RateLimitedError | None:
     """The error naming the rate limit that refused (the first in id order that does
     not admit the call now), or None if all admit it now (the caller tries again)."""
-    for current in await db.read(rate_limits.applicable_rate_limits, key):
+    for current in await rate_limits.read_applicable(db.read_rows, key):
         if (error := locked_rate_refusal(current, amounts, now, key_id)) is not None:
             return error
     return None

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import datetime
 
-from keycap._db import keys, metering, rate_limits
+from keycap._db import blocks, keys, metering, rate_limits
 from keycap._db.build import AnyRow, KeyRef
 from keycap._db.engine import Database
 from keycap._errors import DatabaseError
@@ -60,6 +60,35 @@ async def validate(
         alerts = charge_result.alerts if charge_result is not None else ()
         return done.key, tightest, charge_result, alerts
 
+    async def in_block() -> tuple[
+        AnyRow, RateLimitStatus | None, Charge | None, tuple[BudgetAlert, ...]
+    ]:
+        done = await blocks.validate_in_block(
+            db.block,
+            db.engine.dialect,
+            key_id,
+            digests,
+            req,
+            amounts,
+            track,
+            now,
+            epoch_ms(now),
+            client,
+        )
+        if done.step == blocks.KEY_REFUSED:
+            raise KeyRefused()
+        if done.step == blocks.RATE_REFUSED:
+            raise RateRefused(key=done.ref)
+        if done.step != blocks.DONE:
+            raise BudgetRefused(row=done.refused_budget, key=done.ref)
+        assert done.key is not None
+        charge_result = None
+        if amounts:
+            debited = [(row, amounts[row.meter]) for row in done.budgets]
+            charge_result = charged(key_id, amounts, debited, now)  # type: ignore[arg-type]
+        alerts = charge_result.alerts if charge_result is not None else ()
+        return done.key, tightest_rate(done.rate_limits, now), charge_result, alerts  # type: ignore[return-value]
+
     async def unit() -> tuple[
         AnyRow, RateLimitStatus | None, Charge | None, tuple[BudgetAlert, ...]
     ]:
@@ -82,9 +111,8 @@ async def validate(
 
     for _ in range(REFUSED_ATTEMPTS):
         try:
-            key_row, tightest, charge_result, alerts = await retrying(
-                db, at_once if db.one_statement else unit
-            )
+            path = at_once if db.one_statement else in_block if db.one_block else unit
+            key_row, tightest, charge_result, alerts = await retrying(db, path)
         except Refused as refused:
             if isinstance(refused, KeyRefused):
                 return None  # the explain stage says why

@@ -1,0 +1,563 @@
+"""MariaDB: a metered validation or a charge as one compound statement
+(``BEGIN NOT ATOMIC ... END``), sent as one query: one round trip.
+
+The block is the transaction ``keycap._ops.validation`` and ``charges`` run
+statement by statement elsewhere, with its decisions taken on the server:
+
+1. ``START TRANSACTION``; the key's ``UPDATE`` (a validation: the whole grant
+   rule and the usage cap in its ``WHERE``; a charge: the key is live), which
+   takes the key's row lock. No row: the key refused (``step`` 0).
+2. The key's ids into local variables (``k_org_id`` ...), which every later
+   statement's "applies to the key" reads (``keycap._db.grant.applies_to_row``).
+3. A validation: every rate limit that applies, consumed in one ``UPDATE``
+   (each row's sliding-window inequality in its ``WHERE``), as
+   ``keycap._db.rate_limits.consume_rates`` does; fewer rows than apply: the
+   rate limits refused (``step`` 1).
+4. Every budget of the call's meters that applies, one ``UPDATE`` each by
+   primary key in id order (the order every transaction locks budgets in),
+   after its own period rollover; one without room refuses (``step`` 2) and is
+   named (``v_bad``), read as it is under the lock.
+5. The ledger's entries (``keycap._rules.movements.charges`` as SQL), from the
+   budgets' rows after.
+6. ``step`` 3: the result sets (the key, the rate limits, the budgets after)
+   and ``COMMIT``; else the refusal's result sets and ``ROLLBACK``.
+
+Every row the decision reads is read by an ``UPDATE`` (InnoDB's locking read:
+the newest committed version, under the row's lock), so the block is exact the
+way the transactions are. A statement that fails inside the block (a deadlock,
+a lock wait timeout) ends it; the pool's reset rolls back what the server says
+is still open, and the unit runs again (``keycap._ops.units.retrying``).
+
+Compound statements outside stored programs, ``FOR`` over a cursor and
+``TYPE OF`` are MariaDB's (10.3 and later); MySQL runs the transactions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import lru_cache
+from typing import Any
+
+from sqlalchemy import (
+    and_,
+    bindparam,
+    case,
+    exists,
+    func,
+    insert,
+    literal,
+    literal_column,
+    null,
+    or_,
+    select,
+    true,
+    union_all,
+    update,
+)
+from sqlalchemy.engine import Dialect
+
+from keycap._db.build import (
+    KEY_ID,
+    NOW,
+    KeyRef,
+    big,
+    grant_params,
+    hot_binds,
+    int_param,
+)
+from keycap._db.grant import applies_to_row, grant_predicate, key_is_live_now
+from keycap._db.hot import Compiled, HotRow, compiled
+from keycap._db.keys import KEY_COLUMNS, metered_use, usage_cap_open
+from keycap._db.metering import LAST_USED_STEP, period_starts
+from keycap._db.rate_limits import call_cost, window_step
+from keycap._db.schema import ANCESTORS, budgets, holds, keys, ledger, rate_limits
+from keycap._db.types import JSONText, UTCDateTime
+from keycap._rules import ips, periods
+from keycap._rules.policy import Requirement
+
+#: What a block's first result set says: how far the decision got.
+KEY_REFUSED, RATE_REFUSED, BUDGET_REFUSED, DONE = 0, 1, 2, 3
+
+
+class _KeyVariables:
+    """The key's ids as the block's local variables, read as a row's columns are
+    (``keycap._db.grant.applies_to_row`` takes it as the key)."""
+
+    names = ("id", "org_id", "project_id", "identity_id", *ANCESTORS)
+
+    def __init__(self) -> None:
+        self.id: Any = literal_column("k_id")
+        self.org_id: Any = literal_column("k_org_id")
+        self.project_id: Any = literal_column("k_project_id")
+        self.identity_id: Any = literal_column("k_identity_id")
+
+    def __getitem__(self, name: str) -> Any:
+        return literal_column(f"k_{name}")
+
+
+K = _KeyVariables()
+#: The budget the loop is at (its cursor's row), and the period start it applies.
+BUDGET: Any = literal_column("r.id")
+START: Any = literal_column("v_start")
+#: The ids of the budgets debited so far, " bud_a bud_b ".
+DEBITED: Any = literal_column("v_ids")
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    """A compound statement: its text, and the compiled statements whose binds fill
+    its placeholders, in the order they appear; ``sets`` reads each result set."""
+
+    sql: str
+    parts: tuple[Compiled, ...]
+    #: The result sets after the first (the step), by name, in the order sent.
+    sets: tuple[tuple[str, Compiled], ...]
+
+    def args(self, params: Mapping[str, Any]) -> list[Any]:
+        out: list[Any] = []
+        for part in self.parts:
+            out += part.args(params)
+        return out
+
+
+class _Writer:
+    """A block's text, written line by line; each Core statement compiled for the
+    dialect, its binds remembered in order."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        self.dialect = dialect
+        self.lines: list[str] = []
+        self.parts: list[Compiled] = []
+        self.sets: list[tuple[str, Compiled]] = []
+
+    def stmt(self, stmt: Any, suffix: str = "", prefix: str = "", into: str = "") -> None:
+        """``stmt`` as the block's next statement (``into``: a SELECT's ``INTO``
+        variables, written before its ``FROM``)."""
+        c = compiled(stmt, self.dialect)
+        self.parts.append(c)
+        sql = c.sql
+        if into:
+            head, sep, tail = sql.partition("\nFROM ")
+            if not sep:
+                raise ValueError("a SELECT ... INTO of a block needs a FROM")
+            sql = f"{head} INTO {into}\nFROM {tail}"
+        self.lines.append(prefix + sql + suffix + ";")
+
+    def result(self, name: str, stmt: Any) -> None:
+        """A statement whose rows the client reads, as the next result set."""
+        self.stmt(stmt)
+        self.sets.append((name, compiled(stmt, self.dialect)))
+
+    def text(self, line: str) -> None:
+        if "%" in line:
+            raise ValueError("a block's own text may not hold a % (the driver's placeholder)")
+        self.lines.append(line)
+
+    def block(self) -> Block:
+        return Block("\n".join(self.lines), tuple(self.parts), tuple(self.sets))
+
+
+def _declarations(w: _Writer) -> None:
+    w.text("BEGIN NOT ATOMIC")
+    for name in K.names:
+        w.text(f"DECLARE k_{name} TYPE OF {keys.name}.{'id' if name == 'id' else name};")
+    w.text("DECLARE v_step INT DEFAULT 0;")
+    w.text("DECLARE v_n INT DEFAULT 0;")
+    w.text(f"DECLARE v_bad TYPE OF {budgets.name}.id DEFAULT NULL;")
+    w.text("DECLARE v_ids VARCHAR(8000) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin DEFAULT ' ';")
+    w.text("DECLARE v_start DATETIME(6);")
+    w.text("START TRANSACTION;")
+    w.text("decide: BEGIN")
+
+
+def _key_variables(w: _Writer, key_id: Any) -> None:
+    k = keys.c
+    names = ", ".join(f"k_{name}" for name in K.names)
+    w.stmt(select(*(k[name] for name in K.names)).where(k.id == key_id), into=names)
+
+
+class _Cost:
+    """The call's amount per meter, binds ``m_meter_i``/``m_amount_i``."""
+
+    def __init__(self, meter_count: int) -> None:
+        self.meters = [
+            bindparam(f"m_meter_{i}", type_=budgets.c.meter.type) for i in range(meter_count)
+        ]
+        self.amounts = [int_param(f"m_amount_{i}") for i in range(meter_count)]
+
+    def on(self, meter: Any) -> Any:
+        pairs = zip(self.meters, self.amounts, strict=True)
+        return case(*((meter == m, a) for m, a in pairs), else_=big(0))
+
+
+def _rate_limits(w: _Writer, meter_count: int) -> None:
+    """Every rate limit that applies consumed in one UPDATE; fewer than apply: leave."""
+    c = rate_limits.c
+    meters = [bindparam(f"m_meter_{i}", type_=c.meter.type) for i in range(meter_count)]
+    units = [int_param(f"m_amount_{i}") for i in range(meter_count)]
+    step = window_step(c, call_cost(c, meters, units), int_param("m_now_ms"))
+    w.text("SET v_step = 1;")
+    w.stmt(
+        select(func.count()).select_from(rate_limits).where(applies_to_row(rate_limits, K)),
+        into="v_n",
+    )
+    w.stmt(
+        update(rate_limits)
+        .where(applies_to_row(rate_limits, K), step.admits)
+        .ordered_values(  # window_start last: the CASEs above read the stored one
+            (c.previous_units, step.previous_units),
+            (c.current_units, step.current_units),
+            (c.window_start, step.window_start),
+        )
+    )
+    w.text("IF ROW_COUNT() < v_n THEN LEAVE decide; END IF;")
+
+
+def _current_start() -> Any:
+    """The start of the looped budget's current period (``r.period``, ``r.anchor_day``),
+    from the binds of :func:`clock_params` (``keycap._rules.periods.start``)."""
+    period: Any = literal_column("r.period")
+    anchor: Any = literal_column("r.anchor_day")
+    at = UTCDateTime()
+    months = case(
+        {day: bindparam(f"m_month_{day}", type_=at) for day in range(2, 32)},
+        value=anchor,
+        else_=bindparam("m_month_1", type_=at),
+    )
+    return case(
+        (period == "lifetime", literal(periods.EPOCH, at)),
+        (period == "day", bindparam("m_day", type_=at)),
+        (period == "week", bindparam("m_week", type_=at)),
+        else_=months,
+    )
+
+
+def _budgets(w: _Writer, cost: _Cost) -> None:
+    """Each budget of the call's meters that applies, debited by primary key in id
+    order after its rollover; one without room: named in ``v_bad``, leave."""
+    b = budgets.c
+    w.text("SET v_step = 2;")
+    cursor = (
+        select(b.id, b.period, b.anchor_day)
+        .where(applies_to_row(budgets, K), b.meter.in_(cost.meters))
+        .order_by(b.id)
+    )
+    c = compiled(cursor, w.dialect)
+    w.parts.append(c)
+    w.lines.append(f"FOR r IN ({c.sql}) DO")
+    w.stmt(select(_current_start()), ")", prefix="SET v_start = (")
+    new_period = b.period_start < START
+    eff_used = case((new_period, big(0)), else_=b.used_micros)
+    eff_credit = case((new_period, big(0)), else_=b.credit_micros)
+    amount = cost.on(b.meter)
+    w.stmt(
+        update(budgets)
+        .where(b.id == BUDGET, eff_used + b.held_micros + amount <= b.limit_micros + eff_credit)
+        .ordered_values(  # period_start last: the CASEs read the stored one
+            (b.used_micros, eff_used + amount),
+            (b.credit_micros, eff_credit),
+            (b.period_start, case((new_period, START), else_=b.period_start)),
+        )
+    )
+    w.text("IF ROW_COUNT() <> 1 THEN SET v_bad = r.id; LEAVE decide; END IF;")
+    w.text("SET v_ids = CONCAT(v_ids, r.id, ' ');")
+    w.text("END FOR;")
+
+
+def _debited(cost: _Cost) -> Any:
+    b = budgets.c
+    return and_(
+        applies_to_row(budgets, K),
+        b.meter.in_(cost.meters),
+        func.instr(DEBITED, func.concat(" ", b.id, " ")) > 0,
+    )
+
+
+def _ledger(w: _Writer, cost: _Cost) -> None:
+    """``keycap._rules.movements.charges`` as one INSERT: an entry per budget
+    debited (primary: the first of its meter), and one for each meter no budget
+    took."""
+    b = budgets.c
+    metadata = bindparam("m_metadata", type_=JSONText())
+    none = null()
+    first = func.row_number().over(partition_by=b.meter, order_by=b.id) == 1
+    amount = cost.on(b.meter)
+    budgeted = select(
+        b.org_id,
+        K.project_id,
+        K.id,
+        b.id,
+        none,
+        b.meter,
+        literal("charge"),
+        amount,
+        amount,
+        big(0),
+        b.period_start,
+        first,
+        none,
+        case((first, metadata), else_=null()),
+        NOW,
+    ).where(_debited(cost))
+    unbudgeted = [
+        select(
+            K.org_id,
+            K.project_id,
+            K.id,
+            none,
+            none,
+            meter,
+            literal("charge"),
+            amount,
+            amount,
+            big(0),
+            none,
+            true(),
+            none,
+            metadata,
+            NOW,
+        ).where(~exists(select(b.id).where(_debited(cost), b.meter == meter)))
+        for meter, amount in zip(cost.meters, cost.amounts, strict=True)
+    ]
+    w.stmt(insert(ledger).from_select(LEDGER_COLUMNS, union_all(budgeted, *unbudgeted)))
+
+
+LEDGER_COLUMNS = [
+    "org_id",
+    "project_id",
+    "key_id",
+    "budget_id",
+    "hold_id",
+    "meter",
+    "kind",
+    "amount_micros",
+    "delta_used",
+    "delta_held",
+    "period_start",
+    "is_primary",
+    "idempotency_key",
+    "metadata",
+    "created_at",
+]
+
+
+def _ending(w: _Writer, *, key: Any, cost: _Cost, with_rates: bool) -> None:
+    """``step`` 3: the key, its rate limits and budgets after, and COMMIT; else the
+    refused budget (if a budget refused) and ROLLBACK. The first result set is
+    always the step."""
+    k, b = keys.c, budgets.c
+    w.text("SET v_step = 3;")
+    w.text("END decide;")
+    w.result(
+        "step",
+        select(literal_column("v_step").label("step"), *(K[name].label(name) for name in K.names)),
+    )
+    w.text("IF v_step = 3 THEN")
+    w.result("key", select(*KEY_COLUMNS, k.pepper_id).where(k.id == key))
+    if with_rates:
+        w.result(
+            "rate_limits",
+            select(rate_limits).where(applies_to_row(rate_limits, K)).order_by(rate_limits.c.id),
+        )
+    if cost.meters:
+        w.result("budgets", select(budgets).where(_debited(cost)).order_by(b.id))
+    w.text("COMMIT;")
+    w.text("ELSE")
+    if cost.meters:
+        h = holds.c
+        expired = exists(
+            select(h.id).where(
+                h.status == "open",
+                h.expires_at <= NOW,
+                func.instr(h.budget_ids, func.concat(" ", b.id, " ")) > 0,
+            )
+        )
+        w.text("IF v_bad IS NOT NULL THEN")
+        w.result(
+            "refused",
+            select(budgets, expired.label("expired_holds"))
+            .where(b.id == literal_column("v_bad"))
+            .with_for_update(),
+        )
+        w.text("END IF;")
+    w.text("ROLLBACK;")
+    w.text("END IF;")
+    w.text("END")
+
+
+@lru_cache(maxsize=512)
+def validation_block(
+    dialect: Dialect, req: Requirement, peppers: tuple[str, ...], meter_count: int, track: bool
+) -> Block:
+    """A metered validation (or a rate-limited one, ``meter_count`` 0) as one block."""
+    k = keys.c
+    key_id, digests, now = hot_binds(peppers)
+    cost = _Cost(meter_count)
+    w = _Writer(dialect)
+    _declarations(w)
+    w.stmt(
+        update(keys)
+        .where(k.id == key_id, grant_predicate(digests, req, now, dialect.name), usage_cap_open())
+        .ordered_values(*metered_use(track, now))
+    )
+    w.text("IF ROW_COUNT() <> 1 THEN LEAVE decide; END IF;")
+    _key_variables(w, key_id)
+    _rate_limits(w, meter_count)
+    if meter_count:
+        _budgets(w, cost)
+        _ledger(w, cost)
+    _ending(w, key=key_id, cost=cost, with_rates=True)
+    return w.block()
+
+
+@lru_cache(maxsize=32)
+def charge_block(dialect: Dialect, meter_count: int) -> Block:
+    """A charge of ``meter_count`` meters as one block: the key live (its row
+    locked; ``last_used_at`` moved when over ``LAST_USED_STEP`` old), every budget
+    debited, the ledger."""
+    k = keys.c
+    cost = _Cost(meter_count)
+    w = _Writer(dialect)
+    _declarations(w)
+    stale = or_(
+        k.last_used_at.is_(None), k.last_used_at <= bindparam("m_used_before", type_=UTCDateTime())
+    )
+    w.stmt(
+        update(keys)
+        .where(k.id == KEY_ID, *key_is_live_now(NOW))
+        .values(last_used_at=case((stale, NOW), else_=k.last_used_at))
+    )
+    w.text("IF ROW_COUNT() <> 1 THEN LEAVE decide; END IF;")
+    _key_variables(w, KEY_ID)
+    _budgets(w, cost)
+    _ledger(w, cost)
+    _ending(w, key=KEY_ID, cost=cost, with_rates=False)
+    return w.block()
+
+
+def clock_params(now: datetime) -> dict[str, Any]:
+    """``m_now`` and every period start a budget can have now."""
+    day, week, months = period_starts(now.astimezone(UTC).date())
+    params: dict[str, Any] = {
+        "m_now": now,
+        "m_used_before": now - LAST_USED_STEP,
+        "m_day": day,
+        "m_week": week,
+    }
+    params.update({f"m_month_{i}": start for i, start in enumerate(months, start=1)})
+    return params
+
+
+def cost_params(amounts: Mapping[str, int]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for i, (meter, amount) in enumerate(amounts.items()):
+        params[f"m_meter_{i}"] = meter
+        params[f"m_amount_{i}"] = amount
+    return params
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a block decided (``step``: :data:`DONE`, or how far it got) and its rows:
+    the key after, its rate limits and budgets after (in id order), or the
+    budget that refused as it was locked (with ``expired_holds``)."""
+
+    step: int
+    #: The key's ids (None: the key itself was refused).
+    ref: KeyRef | None = None
+    key: HotRow | None = None
+    rate_limits: Sequence[HotRow] = ()
+    budgets: Sequence[HotRow] = ()
+    refused_budget: HotRow | None = None
+
+    @classmethod
+    def of(cls, block: Block, sets: Sequence[Sequence[Any]]) -> Outcome:
+        _, reader = block.sets[0]
+        first = reader.row(sets[0][0])
+        step = int(first.step)
+        ref = KeyRef.of(first.id, first) if step != KEY_REFUSED else None
+        if step == DONE:
+            read = {
+                name: [c.row(record) for record in records]
+                for (name, c), records in zip(block.sets[1:], sets[1:], strict=False)
+                if name != "refused"
+            }
+            return cls(
+                step,
+                ref=ref,
+                key=read["key"][0],
+                rate_limits=read.get("rate_limits", []),
+                budgets=read.get("budgets", []),
+            )
+        if step == BUDGET_REFUSED and len(sets) > 1 and sets[1]:
+            _, reader = block.sets[-1]
+            return cls(step, ref=ref, refused_budget=reader.row(sets[1][0]))
+        return cls(step, ref=ref)
+
+
+#: How a block is run: ``Database.block``, one round trip, its result sets.
+RunBlock = Callable[[str, list[Any]], Awaitable[list[list[Any]]]]
+
+
+async def validate_in_block(
+    run: RunBlock,
+    dialect: Dialect,
+    key_id: str,
+    digests: Mapping[str, str],
+    req: Requirement,
+    amounts: Mapping[str, int],
+    track: bool,
+    now: datetime,
+    now_ms: int,
+    client: ips.Address | None,
+) -> Outcome:
+    """A metered (or rate-limited) validation in one round trip."""
+    block = validation_block(dialect, req, tuple(digests), len(amounts), track)
+    params = validation_params(key_id, digests, amounts, now, now_ms, client)
+    return Outcome.of(block, await run(block.sql, block.args(params)))
+
+
+async def charge_in_block(
+    run: RunBlock,
+    dialect: Dialect,
+    key_id: str,
+    amounts: Mapping[str, int],
+    metadata: Mapping[str, Any] | None,
+    now: datetime,
+) -> Outcome:
+    """A charge in one round trip."""
+    block = charge_block(dialect, len(amounts))
+    params = charge_params(key_id, amounts, metadata, now)
+    return Outcome.of(block, await run(block.sql, block.args(params)))
+
+
+def validation_params(
+    key_id: str,
+    digests: Mapping[str, str],
+    amounts: Mapping[str, int],
+    now: datetime,
+    now_ms: int,
+    client: ips.Address | None,
+) -> dict[str, Any]:
+    return {
+        "hot_key_id": key_id,
+        "hot_now": now,
+        "m_now_ms": now_ms,
+        "m_metadata": None,
+        **grant_params(digests, client),
+        **clock_params(now),
+        **cost_params(amounts),
+    }
+
+
+def charge_params(
+    key_id: str, amounts: Mapping[str, int], metadata: Mapping[str, Any] | None, now: datetime
+) -> dict[str, Any]:
+    return {
+        "m_key_id": key_id,
+        "m_metadata": dict(metadata) if metadata else None,
+        **clock_params(now),
+        **cost_params(amounts),
+    }
