@@ -46,17 +46,16 @@ PINNED: dict[str, dict[str, int]] = {
         "settle": 4,
         "release": 4,
     },
-    # A tracked, rate-limited or metered validation and a charge are one
-    # compound statement each (keycap._db.blocks).
+    # Every call but the read path is one compound statement (keycap._db.blocks).
     "mariadb": {
         "validate (read)": 1,
         "validate (tracked)": 1,
         "validate (rate-limited)": 1,
         "validate (metered)": 1,
         "charge": 1,
-        "reserve": 8,
-        "settle": 10,
-        "release": 10,
+        "reserve": 1,
+        "settle": 1,
+        "release": 1,
     },
     "sqlite": {
         "validate (read)": 8,

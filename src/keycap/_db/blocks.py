@@ -59,8 +59,10 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 
 from keycap._db.build import (
+    HOLD_ID,
     KEY_ID,
     NOW,
+    Cost,
     KeyRef,
     big,
     grant_params,
@@ -70,6 +72,7 @@ from keycap._db.build import (
 from keycap._db.grant import applies_to_row, grant_predicate, key_is_live_now
 from keycap._db.hot import Compiled, HotRow, compiled
 from keycap._db.keys import KEY_COLUMNS, metered_use, usage_cap_open
+from keycap._db.ledger import ENTRY_COLUMNS
 from keycap._db.metering import LAST_USED_STEP, period_starts
 from keycap._db.rate_limits import call_cost, window_step
 from keycap._db.schema import ANCESTORS, budgets, holds, keys, ledger, rate_limits
@@ -178,20 +181,6 @@ def _key_variables(w: _Writer, key_id: Any) -> None:
     w.stmt(select(*(k[name] for name in K.names)).where(k.id == key_id), into=names)
 
 
-class _Cost:
-    """The call's amount per meter, binds ``m_meter_i``/``m_amount_i``."""
-
-    def __init__(self, meter_count: int) -> None:
-        self.meters = [
-            bindparam(f"m_meter_{i}", type_=budgets.c.meter.type) for i in range(meter_count)
-        ]
-        self.amounts = [int_param(f"m_amount_{i}") for i in range(meter_count)]
-
-    def on(self, meter: Any) -> Any:
-        pairs = zip(self.meters, self.amounts, strict=True)
-        return case(*((meter == m, a) for m, a in pairs), else_=big(0))
-
-
 def _rate_limits(w: _Writer, meter_count: int) -> None:
     """Every rate limit that applies consumed in one UPDATE; fewer than apply: leave."""
     c = rate_limits.c
@@ -215,11 +204,9 @@ def _rate_limits(w: _Writer, meter_count: int) -> None:
     w.text("IF ROW_COUNT() < v_n THEN LEAVE decide; END IF;")
 
 
-def _current_start() -> Any:
-    """The start of the looped budget's current period (``r.period``, ``r.anchor_day``),
-    from the binds of :func:`clock_params` (``keycap._rules.periods.start``)."""
-    period: Any = literal_column("r.period")
-    anchor: Any = literal_column("r.anchor_day")
+def _current_start(period: Any, anchor: Any) -> Any:
+    """The start of a budget's current period, from its ``period`` and ``anchor``
+    day and the binds of :func:`clock_params` (``keycap._rules.periods.start``)."""
     at = UTCDateTime()
     months = case(
         {day: bindparam(f"m_month_{day}", type_=at) for day in range(2, 32)},
@@ -234,9 +221,10 @@ def _current_start() -> Any:
     )
 
 
-def _budgets(w: _Writer, cost: _Cost) -> None:
-    """Each budget of the call's meters that applies, debited by primary key in id
-    order after its rollover; one without room: named in ``v_bad``, leave."""
+def _budgets(w: _Writer, cost: Cost, *, hold: bool = False) -> None:
+    """Each budget of the call's meters that applies, debited (``hold``: its
+    ``held`` raised) by primary key in id order after its rollover; one without
+    room: named in ``v_bad``, leave."""
     b = budgets.c
     w.text("SET v_step = 2;")
     cursor = (
@@ -247,7 +235,9 @@ def _budgets(w: _Writer, cost: _Cost) -> None:
     c = compiled(cursor, w.dialect)
     w.parts.append(c)
     w.lines.append(f"FOR r IN ({c.sql}) DO")
-    w.stmt(select(_current_start()), ")", prefix="SET v_start = (")
+    period: Any = literal_column("r.period")
+    anchor: Any = literal_column("r.anchor_day")
+    w.stmt(select(_current_start(period, anchor)), ")", prefix="SET v_start = (")
     new_period = b.period_start < START
     eff_used = case((new_period, big(0)), else_=b.used_micros)
     eff_credit = case((new_period, big(0)), else_=b.credit_micros)
@@ -256,7 +246,8 @@ def _budgets(w: _Writer, cost: _Cost) -> None:
         update(budgets)
         .where(b.id == BUDGET, eff_used + b.held_micros + amount <= b.limit_micros + eff_credit)
         .ordered_values(  # period_start last: the CASEs read the stored one
-            (b.used_micros, eff_used + amount),
+            (b.used_micros, eff_used if hold else eff_used + amount),
+            (b.held_micros, b.held_micros + amount if hold else b.held_micros),
             (b.credit_micros, eff_credit),
             (b.period_start, case((new_period, START), else_=b.period_start)),
         )
@@ -266,7 +257,7 @@ def _budgets(w: _Writer, cost: _Cost) -> None:
     w.text("END FOR;")
 
 
-def _debited(cost: _Cost) -> Any:
+def _debited(cost: Cost) -> Any:
     b = budgets.c
     return and_(
         applies_to_row(budgets, K),
@@ -275,10 +266,10 @@ def _debited(cost: _Cost) -> Any:
     )
 
 
-def _ledger(w: _Writer, cost: _Cost) -> None:
-    """``keycap._rules.movements.charges`` as one INSERT: an entry per budget
-    debited (primary: the first of its meter), and one for each meter no budget
-    took."""
+def _ledger(w: _Writer, cost: Cost, *, hold: bool = False) -> None:
+    """``keycap._rules.movements.charges`` (``hold``: ``holds``) as one INSERT: an
+    entry per budget debited (primary: the first of its meter), and for a charge
+    one for each meter no budget took (a hold on no budget holds nothing)."""
     b = budgets.c
     metadata = bindparam("m_metadata", type_=JSONText())
     none = null()
@@ -289,18 +280,21 @@ def _ledger(w: _Writer, cost: _Cost) -> None:
         K.project_id,
         K.id,
         b.id,
-        none,
+        HOLD_ID if hold else none,
         b.meter,
-        literal("charge"),
+        literal("hold" if hold else "charge"),
         amount,
-        amount,
-        big(0),
+        big(0) if hold else amount,
+        amount if hold else big(0),
         b.period_start,
         first,
         none,
         case((first, metadata), else_=null()),
         NOW,
     ).where(_debited(cost))
+    if hold:
+        w.stmt(insert(ledger).from_select(ENTRY_COLUMNS, budgeted))
+        return
     unbudgeted = [
         select(
             K.org_id,
@@ -321,29 +315,10 @@ def _ledger(w: _Writer, cost: _Cost) -> None:
         ).where(~exists(select(b.id).where(_debited(cost), b.meter == meter)))
         for meter, amount in zip(cost.meters, cost.amounts, strict=True)
     ]
-    w.stmt(insert(ledger).from_select(LEDGER_COLUMNS, union_all(budgeted, *unbudgeted)))
+    w.stmt(insert(ledger).from_select(ENTRY_COLUMNS, union_all(budgeted, *unbudgeted)))
 
 
-LEDGER_COLUMNS = [
-    "org_id",
-    "project_id",
-    "key_id",
-    "budget_id",
-    "hold_id",
-    "meter",
-    "kind",
-    "amount_micros",
-    "delta_used",
-    "delta_held",
-    "period_start",
-    "is_primary",
-    "idempotency_key",
-    "metadata",
-    "created_at",
-]
-
-
-def _ending(w: _Writer, *, key: Any, cost: _Cost, with_rates: bool) -> None:
+def _ending(w: _Writer, *, key: Any, cost: Cost, with_rates: bool) -> None:
     """``step`` 3: the key, its rate limits and budgets after, and COMMIT; else the
     refused budget (if a budget refused) and ROLLBACK. The first result set is
     always the step."""
@@ -394,7 +369,7 @@ def validation_block(
     """A metered validation (or a rate-limited one, ``meter_count`` 0) as one block."""
     k = keys.c
     key_id, digests, now = hot_binds(peppers)
-    cost = _Cost(meter_count)
+    cost = Cost(meter_count)
     w = _Writer(dialect)
     _declarations(w)
     w.stmt(
@@ -417,10 +392,187 @@ def charge_block(dialect: Dialect, meter_count: int) -> Block:
     """A charge of ``meter_count`` meters as one block: the key live (its row
     locked; ``last_used_at`` moved when over ``LAST_USED_STEP`` old), every budget
     debited, the ledger."""
-    k = keys.c
-    cost = _Cost(meter_count)
+    cost = Cost(meter_count)
     w = _Writer(dialect)
     _declarations(w)
+    _live_key(w)
+    _budgets(w, cost)
+    _ledger(w, cost)
+    _ending(w, key=KEY_ID, cost=cost, with_rates=False)
+    return w.block()
+
+
+@lru_cache(maxsize=1)
+def reserve_block(dialect: Dialect) -> Block:
+    """A hold of one meter's amount as one block: the charge's key and budget steps
+    with ``held`` raised instead of ``used``, the hold's row, its ledger entries."""
+    cost = Cost(1)
+    w = _Writer(dialect)
+    _declarations(w)
+    _live_key(w)
+    _budgets(w, cost, hold=True)
+    h = holds.c
+    listed = case((DEBITED == " ", literal("  ")), else_=DEBITED)
+    w.stmt(
+        insert(holds).values(
+            {
+                h.id: HOLD_ID,
+                h.org_id: K.org_id,
+                h.project_id: K.project_id,
+                h.key_id: KEY_ID,
+                h.meter: cost.meters[0],
+                h.amount_micros: cost.amounts[0],
+                h.budget_ids: listed,
+                h.status: "open",
+                h.created_at: NOW,
+                h.expires_at: bindparam("m_expires_at", type_=UTCDateTime()),
+            }
+        )
+    )
+    _ledger(w, cost, hold=True)
+    _ending(w, key=KEY_ID, cost=cost, with_rates=False)
+    return w.block()
+
+
+@lru_cache(maxsize=4)
+def closing_block(dialect: Dialect, settle: bool) -> Block:
+    """A hold closed as one block: released (``m_status``: ``released`` or
+    ``expired``), or with ``settle`` settled for ``m_actual`` within its amount
+    (``keycap._db.metering.closing_statement``'s twin).
+
+    The hold's row is closed first, if open (and, settling, if ``m_actual`` is
+    within it): its UPDATE reads the newest version under the row's lock, so
+    only one closing wins; nothing after it can refuse. Then each budget of its
+    ``budget_ids`` (in id order, as the reserve wrote them) is taken off the hold
+    by primary key, ``m_actual`` of it spent, after its rollover, with its ledger
+    entry (the first primary); a settlement on no budget gets a budget-less one.
+    Result sets: the step, then (closed) the hold's row after and one set per
+    budget after it."""
+    h, b = holds.c, budgets.c
+    actual = int_param("m_actual")
+    w = _Writer(dialect)
+    w.text("BEGIN NOT ATOMIC")
+    w.text(f"DECLARE v_rest TYPE OF {holds.name}.budget_ids;")
+    w.text(f"DECLARE v_id TYPE OF {budgets.name}.id;")
+    w.text("DECLARE v_step INT DEFAULT 0;")
+    w.text("DECLARE v_first INT DEFAULT 1;")
+    w.text("DECLARE v_start DATETIME(6);")
+    w.text("START TRANSACTION;")
+    w.text("decide: BEGIN")
+    closing = (
+        update(holds)
+        .where(h.id == HOLD_ID, h.status == "open")
+        .values(status=bindparam("m_status", type_=h.status.type), closed_at=NOW)
+    )
+    if settle:
+        closing = closing.where(h.amount_micros >= actual).values(settled_micros=actual)
+    w.stmt(closing)
+    w.text("IF ROW_COUNT() <> 1 THEN LEAVE decide; END IF;")
+    w.text(f"SET v_step = {DONE};")
+    w.result("step", select(literal_column("v_step").label("step")))
+    w.result("hold", select(holds).where(h.id == HOLD_ID))
+    w.stmt(select(h.budget_ids).where(h.id == HOLD_ID), into="v_rest")
+    w.text("SET v_rest = TRIM(v_rest);")
+    w.text("WHILE v_rest <> '' DO")
+    w.text("SET v_id = SUBSTRING_INDEX(v_rest, ' ', 1);")
+    w.text("SET v_rest = TRIM(SUBSTRING(v_rest, CHAR_LENGTH(v_id) + 1));")
+    at: Any = literal_column("v_id")
+    w.stmt(select(_current_start(b.period, b.anchor_day)).where(b.id == at), into="v_start")
+    new_period = b.period_start < START
+    held = select(h.amount_micros).where(h.id == HOLD_ID).scalar_subquery()
+    w.stmt(
+        update(budgets)
+        .where(b.id == at)
+        .ordered_values(  # period_start last: the CASEs read the stored one
+            (
+                b.used_micros,
+                case((new_period, big(0)), else_=b.used_micros) + (actual if settle else big(0)),
+            ),
+            (b.held_micros, b.held_micros - held),
+            (b.credit_micros, case((new_period, big(0)), else_=b.credit_micros)),
+            (b.period_start, case((new_period, START), else_=b.period_start)),
+        )
+    )
+    w.text("IF ROW_COUNT() = 1 THEN")  # a budget deleted since the reserve: skipped
+    kind = literal("settle") if settle else bindparam("m_kind", type_=ledger.c.kind.type)
+    amount = actual if settle else h.amount_micros
+    entry = select(
+        b.org_id,
+        h.project_id,
+        h.key_id,
+        b.id,
+        h.id,
+        h.meter,
+        kind,
+        amount,
+        actual if settle else big(0),
+        -h.amount_micros,
+        b.period_start,
+        literal_column("v_first") == 1,
+        null(),
+        null(),
+        NOW,
+    ).where(b.id == at, h.id == HOLD_ID)
+    w.stmt(insert(ledger).from_select(ENTRY_COLUMNS, entry))
+    w.text("SET v_first = 0;")
+    w.result("budget", select(budgets).where(b.id == at))
+    w.text("END IF;")
+    w.text("END WHILE;")
+    if settle:
+        unbudgeted = select(
+            h.org_id,
+            h.project_id,
+            h.key_id,
+            null(),
+            h.id,
+            h.meter,
+            literal("settle"),
+            actual,
+            actual,
+            big(0),
+            null(),
+            true(),
+            null(),
+            null(),
+            NOW,
+        ).where(h.id == HOLD_ID, literal_column("v_first") == 1)
+        w.stmt(insert(ledger).from_select(ENTRY_COLUMNS, unbudgeted))
+    w.text("END decide;")
+    w.text(f"IF v_step = {DONE} THEN COMMIT; ELSE ROLLBACK; SELECT v_step AS step; END IF;")
+    w.text("END")
+    return w.block()
+
+
+async def close_hold(
+    run: RunBlock,
+    dialect: Dialect,
+    hold_id: str,
+    status: str,
+    now: datetime,
+    actual: int | None = None,
+) -> tuple[HotRow, list[HotRow]] | None:
+    """Run :func:`closing_block`: the hold's row after closing and its budgets' rows
+    after, in id order; None when it did not close the hold (not open, or,
+    settling, ``actual`` is above its amount)."""
+    block = closing_block(dialect, actual is not None)
+    params: dict[str, Any] = {"m_hold_id": hold_id, "m_status": status, **clock_params(now)}
+    if actual is not None:
+        params["m_actual"] = actual
+    else:
+        params["m_kind"] = "release" if status == "released" else "expiry"
+    sets = await run(block.sql, block.args(params))
+    readers = dict(block.sets)
+    if not sets[0] or int(sets[0][0][0]) != DONE:
+        return None
+    hold = readers["hold"].row(sets[1][0])
+    after = [readers["budget"].row(rows[0]) for rows in sets[2:] if rows]
+    return hold, sorted(after, key=lambda row: str(row.id))
+
+
+def _live_key(w: _Writer) -> None:
+    """The key of ``m_key_id``, if live, locked (``last_used_at`` moved when over
+    ``LAST_USED_STEP`` old), and its ids in the block's variables; else leave."""
+    k = keys.c
     stale = or_(
         k.last_used_at.is_(None), k.last_used_at <= bindparam("m_used_before", type_=UTCDateTime())
     )
@@ -431,10 +583,6 @@ def charge_block(dialect: Dialect, meter_count: int) -> Block:
     )
     w.text("IF ROW_COUNT() <> 1 THEN LEAVE decide; END IF;")
     _key_variables(w, KEY_ID)
-    _budgets(w, cost)
-    _ledger(w, cost)
-    _ending(w, key=KEY_ID, cost=cost, with_rates=False)
-    return w.block()
 
 
 def clock_params(now: datetime) -> dict[str, Any]:
@@ -530,6 +678,24 @@ async def charge_in_block(
     """A charge in one round trip."""
     block = charge_block(dialect, len(amounts))
     params = charge_params(key_id, amounts, metadata, now)
+    return Outcome.of(block, await run(block.sql, block.args(params)))
+
+
+async def reserve_in_block(
+    run: RunBlock,
+    dialect: Dialect,
+    key_id: str,
+    hold_id: str,
+    meter: str,
+    amount: int,
+    now: datetime,
+    expires_at: datetime,
+) -> Outcome:
+    """A reserve in one round trip."""
+    block = reserve_block(dialect)
+    params = charge_params(key_id, {meter: amount}, None, now)
+    params["m_hold_id"] = hold_id
+    params["m_expires_at"] = expires_at
     return Outcome.of(block, await run(block.sql, block.args(params)))
 
 

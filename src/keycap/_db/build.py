@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeAlias
 
-from sqlalchemy import BigInteger, ColumnElement, Row, bindparam, func, literal
+from sqlalchemy import BigInteger, ColumnElement, Row, bindparam, case, func, literal
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from keycap._db.schema import ANCESTORS, budgets, holds, keys
@@ -54,6 +54,22 @@ ANCESTOR_IDS = tuple(bindparam(f"m_{name}", type_=keys.c.id.type) for name in AN
 NOW = bindparam("m_now", type_=keys.c.last_used_at.type)
 BUDGET_ID = bindparam("m_budget_id", type_=budgets.c.id.type)
 HOLD_ID = bindparam("m_hold_id", type_=holds.c.id.type)
+
+
+class Cost:
+    """The per-meter amounts of a metering statement's call, as bind parameters
+    ``m_meter_i``/``m_amount_i``."""
+
+    def __init__(self, meter_count: int) -> None:
+        self.meters = [
+            bindparam(f"m_meter_{i}", type_=budgets.c.meter.type) for i in range(meter_count)
+        ]
+        self.amounts = [int_param(f"m_amount_{i}") for i in range(meter_count)]
+
+    def on(self, meter: Any) -> Any:
+        """The amount of ``meter`` (0 if the call has none of it)."""
+        pairs = zip(self.meters, self.amounts, strict=True)
+        return case(*((meter == m, a) for m, a in pairs), else_=big(0))
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,10 @@ async def insert_ledger(conn: AsyncConnection, rows: Sequence[Mapping[str, Any]]
 
 INSERT_LEDGER = insert(ledger)
 
+#: An entry's columns, in the order a one-statement (or one-block) call's
+#: ``INSERT ... SELECT`` lists them: every column but the id.
+ENTRY_COLUMNS = [column.name for column in ledger.c if column.name != "id"]
+
 
 # --- reporting ------------------------------------------------------------------------
 

@@ -67,6 +67,7 @@ from keycap._db.build import (
     KEY_ID,
     NOW,
     AnyRow,
+    Cost,
     Execute,
     KeyRef,
     big,
@@ -77,6 +78,7 @@ from keycap._db.build import (
 from keycap._db.grant import applies_to_row, grant_predicate, key_is_live_now
 from keycap._db.hot import HotRow
 from keycap._db.keys import KEY_COLUMNS, metered_use, usage_cap_open
+from keycap._db.ledger import ENTRY_COLUMNS
 from keycap._db.rate_limits import call_cost, window_step
 from keycap._db.schema import ANCESTORS, budgets, holds, keys, ledger, rate_limits
 from keycap._db.types import JSONText, UTCDateTime
@@ -196,7 +198,7 @@ def reserve_params(
 
 def _spend(meter_count: int, *, hold: bool, lock_pass: bool) -> Any:
     k = keys.c
-    cost = _Cost(meter_count)
+    cost = Cost(meter_count)
     key_q = select(
         k.id, k.org_id, k.project_id, k.identity_id, *(k[name] for name in ANCESTORS)
     ).where(k.id == KEY_ID, *key_is_live_now(NOW))
@@ -242,7 +244,7 @@ def _spend(meter_count: int, *, hold: bool, lock_pass: bool) -> Any:
     )
 
 
-def _open_hold(key: Any, room: Any, decided: Any, cost: _Cost) -> Any:
+def _open_hold(key: Any, room: Any, decided: Any, cost: Cost) -> Any:
     """The hold's row, if ``decided``: on the budgets of ``room``, " bud_a bud_b "."""
     listed = select(
         func.string_agg(room.c.id, aggregate_order_by(literal(" "), room.c.id))
@@ -352,7 +354,7 @@ def closing_statement(settle: bool) -> Any:
         .returning(*budgets.c)
         .cte("hot_returned")
     )
-    entries = insert(ledger).from_select(_LEDGER_COLUMNS, _closing_entries(hold, returned, settle))
+    entries = insert(ledger).from_select(ENTRY_COLUMNS, _closing_entries(hold, returned, settle))
     written = entries.returning(ledger.c.id).cte("hot_ledger")
     return (
         select(
@@ -510,7 +512,7 @@ def validation_statement(
     debits and the ledger. ``lock_pass=False``: the negative control."""
     k, rl = keys.c, rate_limits.c
     _, digests, _ = hot_binds(peppers)
-    cost = _Cost(meter_count)
+    cost = Cost(meter_count)
     key_q = select(*KEY_COLUMNS, k.pepper_id).where(
         k.id == KEY_ID, grant_predicate(digests, req, NOW, "postgresql"), usage_cap_open()
     )
@@ -610,22 +612,7 @@ def _locked(query: Any, table: Any, lock_pass: bool) -> Any:
 NOW_MS = int_param("m_now_ms")
 
 
-class _Cost:
-    """The per-meter amounts of a call, as bind parameters ``m_meter_i``/``m_amount_i``."""
-
-    def __init__(self, meter_count: int) -> None:
-        self.meters = [
-            bindparam(f"m_meter_{i}", type_=budgets.c.meter.type) for i in range(meter_count)
-        ]
-        self.amounts = [int_param(f"m_amount_{i}") for i in range(meter_count)]
-
-    def on(self, meter: Any) -> Any:
-        """The amount of ``meter`` (0 if the call has none of it)."""
-        pairs = zip(self.meters, self.amounts, strict=True)
-        return case(*((meter == m, a) for m, a in pairs), else_=big(0))
-
-
-def _budget_pass(key: Any, cost: _Cost, lock_pass: bool, after: Any = None) -> Any:
+def _budget_pass(key: Any, cost: Cost, lock_pass: bool, after: Any = None) -> Any:
     """The lock pass over every budget of the call's meters that applies to ``key``
     (a CTE of one key's row), in id order; then what the call does to each,
     decided from the locked rows' values only: ``amount``, the rolled-over
@@ -702,34 +689,15 @@ def _debit(room: Any, decided: Any, *, hold: bool = False) -> Any:
 
 
 def _ledger(
-    key: Any, room: Any, debited: Any, decided: Any, cost: _Cost, *, hold: bool = False
+    key: Any, room: Any, debited: Any, decided: Any, cost: Cost, *, hold: bool = False
 ) -> Any:
     entries = insert(ledger).from_select(
-        _LEDGER_COLUMNS, _entries(key, room, debited, decided, cost, hold)
+        ENTRY_COLUMNS, _entries(key, room, debited, decided, cost, hold)
     )
     return entries.returning(ledger.c.id).cte("hot_ledger")
 
 
-_LEDGER_COLUMNS = [
-    "org_id",
-    "project_id",
-    "key_id",
-    "budget_id",
-    "hold_id",
-    "meter",
-    "kind",
-    "amount_micros",
-    "delta_used",
-    "delta_held",
-    "period_start",
-    "is_primary",
-    "idempotency_key",
-    "metadata",
-    "created_at",
-]
-
-
-def _entries(key: Any, room: Any, debited: Any, decided: Any, cost: _Cost, hold: bool) -> Any:
+def _entries(key: Any, room: Any, debited: Any, decided: Any, cost: Cost, hold: bool) -> Any:
     """``keycap._rules.movements.charges`` (with ``hold``: ``movements.holds``) as a
     SELECT: the ledger's entries of the charge or hold."""
     metadata = bindparam("m_metadata", type_=JSONText())

@@ -11,18 +11,27 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from keycap._db import budgets, holds, keys, ledger, metering, operations, tenancy
+from keycap._db import blocks, budgets, holds, keys, ledger, metering, operations, tenancy
 from keycap._db.build import AnyRow, KeyRef
 from keycap._db.engine import Database
 from keycap._errors import DatabaseError
 from keycap._models import BudgetAlert, Hold, Settlement
 from keycap._ops.refusals import run
-from keycap._ops.release import hold_model, open_hold, origin_of, return_hold, run_hold
+from keycap._ops.release import (
+    Closer,
+    closer,
+    hold_model,
+    open_hold,
+    origin_of,
+    return_hold,
+    run_hold,
+)
 from keycap._ops.results import AlertHandler, budget_status, by_remaining, crossed_alerts, deliver
 from keycap._ops.units import (
     BudgetRefused,
     HoldRefused,
     Idempotency,
+    KeyRefused,
     claim,
     live_key,
     retrying,
@@ -54,8 +63,11 @@ async def reserve(
         ttl_us=ttl // timedelta(microseconds=1),
     )
     # A keyless identity's reserve is always a transaction, as its charge is.
-    if idempotency_key is None and db.one_statement and not ids.is_valid(ids.IDENTITY, key_id):
+    keyed = idempotency_key is None and not ids.is_valid(ids.IDENTITY, key_id)
+    if keyed and db.one_statement:
         unit = _reserve_at_once(db, key_id, meter, amount, now, now + ttl)
+    elif keyed and db.one_block:
+        unit = _reserve_in_block(db, key_id, meter, amount, now, now + ttl)
     elif (replay := await stored_replay(db, Hold, idem)) is not None:
         return replay  # type: ignore[no-any-return]
     else:
@@ -82,20 +94,53 @@ def _reserve_at_once(
         params = metering.reserve_params(key_id, hold_id, meter, amount, now, expires_at)
         rows = await metering.run(db.statement, metering.reserve_statement(), params)
         held = spent(rows, key_id)
-        hold = SimpleNamespace(
-            id=hold_id,
-            key_id=key_id,
-            meter=meter,
-            amount_micros=amount,
-            status="open",
-            created_at=now,
-            expires_at=expires_at,
-            closed_at=None,
-            identity_id=None,  # a keyless identity's reserve is never one statement
-        )
-        return hold_model(hold, [budget_status(r, now) for r in held]), ()
+        return _opened(hold_id, key_id, meter, amount, now, expires_at, held), ()
 
     return unit
+
+
+def _reserve_in_block(
+    db: Database, key_id: str, meter: str, amount: int, now: datetime, expires_at: datetime
+) -> Callable[[], Awaitable[tuple[Hold, tuple[()]]]]:
+    """MariaDB: the whole reserve in one compound statement (``keycap._db.blocks``)."""
+
+    async def unit() -> tuple[Hold, tuple[()]]:
+        hold_id = ids.new_id("hold")
+        done = await blocks.reserve_in_block(
+            db.block, db.engine.dialect, key_id, hold_id, meter, amount, now, expires_at
+        )
+        if done.step == blocks.KEY_REFUSED:
+            raise KeyRefused()
+        if done.step != blocks.DONE:
+            raise BudgetRefused(row=done.refused_budget, key=done.ref)
+        return _opened(hold_id, key_id, meter, amount, now, expires_at, done.budgets), ()
+
+    return unit
+
+
+def _opened(
+    hold_id: str,
+    key_id: str,
+    meter: str,
+    amount: int,
+    now: datetime,
+    expires_at: datetime,
+    held: Sequence[Any],
+) -> Hold:
+    """The hold a one-statement or one-block reserve opened, on the budgets ``held``
+    (their rows after). A keyless identity's reserve is never one of those."""
+    hold = SimpleNamespace(
+        id=hold_id,
+        key_id=key_id,
+        meter=meter,
+        amount_micros=amount,
+        status="open",
+        created_at=now,
+        expires_at=expires_at,
+        closed_at=None,
+        identity_id=None,
+    )
+    return hold_model(hold, [budget_status(r, now) for r in held])
 
 
 def _reserve_in_transaction(
@@ -165,8 +210,8 @@ async def settle(
     key is live); what does not fit is written to the ledger as a shortfall
     and reported, never dropped (``keycap._rules.movements.split_settlement``).
     """
-    if idempotency_key is None and db.one_statement:
-        done = await retrying(db, lambda: _settle_at_once(db, hold_id, actual, now))
+    if idempotency_key is None and (close := closer(db)) is not None:
+        done = await retrying(db, lambda: _settle_at_once(close, hold_id, actual, now))
         if done is not None:
             await deliver(done.alerts, on_alert)
             return done
@@ -221,12 +266,13 @@ async def settle(
 
 
 async def _settle_at_once(
-    db: Database, hold_id: str, actual: int, now: datetime
+    close: Closer, hold_id: str, actual: int, now: datetime
 ) -> Settlement | None:
-    """PostgreSQL: a settlement within the hold in one statement
-    (``keycap._db.metering.closing_statement``). None when it did not settle: the
-    hold is not open, or ``actual`` is beyond it (the transaction then decides)."""
-    closed = await metering.close_hold(db.statement, hold_id, "settled", now, actual)
+    """A settlement within the hold in one round trip (``keycap._db.metering``'s
+    statement, ``keycap._db.blocks``' compound statement). None when it did not
+    settle: the hold is not open, or ``actual`` is beyond it (the transaction
+    then decides)."""
+    closed = await close(hold_id, "settled", now, actual)
     if closed is None:
         return None
     hold, afters = closed

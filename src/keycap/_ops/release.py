@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
+from functools import partial
 from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from keycap._db import budgets, holds, ledger, metering, operations
+from keycap._db import blocks, budgets, holds, ledger, metering, operations
 from keycap._db.build import AnyRow
 from keycap._db.engine import Conflict, Database
 from keycap._errors import HoldClosedError, NotFoundError
@@ -73,6 +74,22 @@ async def open_hold(
     raise HoldClosedError(hold_id, row.status)
 
 
+#: How a hold is closed in one round trip: ``(hold_id, status, now, actual=None)``
+#: -> the hold's row and its budgets' rows after, or None (not closed).
+Closer = Callable[..., Awaitable[tuple[Any, list[Any]] | None]]
+
+
+def closer(db: Database) -> Closer | None:
+    """Closing a hold in one round trip, where the database can: one statement on
+    PostgreSQL (``keycap._db.metering``), one compound statement on MariaDB
+    (``keycap._db.blocks``); None elsewhere (a transaction)."""
+    if db.one_statement:
+        return partial(metering.close_hold, db.statement)
+    if db.one_block:
+        return partial(blocks.close_hold, db.block, db.engine.dialect)
+    return None
+
+
 async def return_hold(
     conn: AsyncConnection, hold: Any, now: datetime, *, used: int
 ) -> list[AnyRow]:
@@ -119,10 +136,10 @@ async def release(
     status: str = "released",
 ) -> Hold:
     """Return a hold to its budgets (``status="expired"``: the same, by expiry)."""
-    if idempotency_key is None and db.one_statement:
+    if idempotency_key is None and (close := closer(db)) is not None:
 
         async def at_once() -> Hold | None:
-            closed = await metering.close_hold(db.statement, hold_id, status, now)
+            closed = await close(hold_id, status, now)
             if closed is None:
                 return None  # not open: the transaction below says why
             hold, afters = closed
