@@ -9,7 +9,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from keycap import APIKeyClient, KeycapError, RateLimitedError
+from keycap import APIKeyClient, KeycapError, LeasePolicy, RateLimitedError
 from tests.conftest import SECRET
 
 
@@ -163,3 +163,47 @@ def storm(
         return admitted
 
     return asyncio.run(run())
+
+
+def lease_storm(url: str, key_id: str, amount: str, calls: int, slice_: str) -> int:
+    """``calls`` concurrent coroutines each charging ``amount`` from this process's
+    lease until a charge is refused; how many were admitted. The client's close
+    settles the last slice."""
+
+    async def run() -> int:
+        admitted = 0
+        policy = LeasePolicy(slice=slice_, refresh="1s", ttl="60s")
+        async with APIKeyClient(url, signing_secret=SECRET, leases=policy) as client:
+
+            async def one() -> None:
+                nonlocal admitted
+                while True:
+                    try:
+                        await client.charge(key_id, Decimal(amount))
+                    except KeycapError as error:
+                        assert error.code == "budget_exceeded", error
+                        return
+                    admitted += 1
+
+            await asyncio.gather(*(one() for _ in range(calls)))
+        return admitted
+
+    return asyncio.run(run())
+
+
+def lease_forever(url: str, key_id: str, on_expiry: str, admitted: Any, ready: Any) -> None:
+    """Charge 0.01 from a lease in a loop until killed (the lease SIGKILL test),
+    counting the admitted calls in ``admitted`` (a shared ``multiprocessing.Value``)."""
+
+    async def run() -> None:
+        policy = LeasePolicy(slice="0.10", refresh="1s", ttl="2s", on_expiry=on_expiry)
+        async with APIKeyClient(url, signing_secret=SECRET, leases=policy) as client:
+            while True:
+                await client.charge(key_id, Decimal("0.01"))
+                with admitted.get_lock():
+                    admitted.value += 1
+                    if admitted.value == 25:
+                        ready.set()  # a multiprocessing.Event: the test may kill us now
+                await asyncio.sleep(0.01)
+
+    asyncio.run(run())

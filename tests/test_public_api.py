@@ -41,6 +41,7 @@ PUBLIC = {
     "KeyRejectedError",
     "KeyStatus",
     "KeycapError",
+    "LeasePolicy",
     "MissingKeyError",
     "NotFoundError",
     "PendingSettlement",

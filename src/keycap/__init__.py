@@ -51,6 +51,7 @@ from keycap._models import (
 )
 from keycap._ops.results import AlertHandler
 from keycap._rules.budgets import Budget
+from keycap._rules.leases import LeasePolicy
 from keycap._rules.money import Amount
 from keycap._rules.rate_limits import RateLimit
 from keycap._rules.scopes import AnyOf, any_of
@@ -96,6 +97,7 @@ __all__ = [
     "KeyRejectedError",
     "KeyStatus",
     "KeycapError",
+    "LeasePolicy",
     "MissingKeyError",
     "NotFoundError",
     "Organization",

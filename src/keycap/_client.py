@@ -61,6 +61,7 @@ from keycap._ops import admin, audit, charges, pipeline, results
 from keycap._ops import holds as hold_ops
 from keycap._ops import identities as identity_ops
 from keycap._ops import imports as import_ops
+from keycap._ops import leases as lease_ops
 from keycap._ops import release as release_ops
 from keycap._ops.authcache import AuthCache
 from keycap._rules import access as access_rules
@@ -70,6 +71,7 @@ from keycap._rules import scopes as scope_rules
 from keycap._rules.base62 import random_string
 from keycap._rules.budgets import Budget
 from keycap._rules.hashing import PepperRing
+from keycap._rules.leases import LeasePolicy
 from keycap._rules.rate_limits import RateLimit
 from keycap._rules.timeutil import Clock
 from keycap._settlements import Pending, PendingSettlement
@@ -202,6 +204,12 @@ class APIKeyClient:
             ``"argon2id"`` for a policy that demands a memory-hard hash (``pip
             install 'keycap[argon2]'``): new keys, and older ones on their next
             use, are digested with Argon2id; its cost is in docs/performance.md.
+        leases: a :class:`LeasePolicy` to serve :meth:`charge` (one meter, no
+            idempotency key, no metadata) from in-process slices held in the
+            database: a hold taken per key and meter, spent in memory, settled
+            in batches. Never overspends; what it trades away (exact refusals
+            near exhaustion, a revocation by another process seen within
+            ``refresh``, a dead process's slice) is in docs/limits-and-budgets.md.
 
     Raises:
         ConfigurationError: a bad URL, a missing driver, or bad secrets/prefixes.
@@ -229,6 +237,7 @@ class APIKeyClient:
         imported_keys: bool = False,
         foreign_secrets: Mapping[str, str] | None = None,
         key_hasher: str = "hmac",
+        leases: LeasePolicy | None = None,
     ) -> None:
         self._format = tokens.KeyFormat(key_prefix, environment)
         self._telemetry = Telemetry(inputs.flag(opentelemetry, "opentelemetry"))
@@ -281,6 +290,11 @@ class APIKeyClient:
         self._pipeline = pipeline.Pipeline(
             self._db, self._replica, self._ring, self._cache, self._on_alert
         )
+        self._leases: lease_ops.Leases | None = None
+        if leases is not None:
+            if not isinstance(leases, LeasePolicy):
+                raise ConfigurationError("leases must be a keycap.LeasePolicy")
+            self._leases = lease_ops.Leases(self._db, leases.checked(), self._on_alert)
 
     def __repr__(self) -> str:
         url = self._db.engine.url.render_as_string(hide_password=True)
@@ -302,6 +316,8 @@ class APIKeyClient:
         """Let calls whose callers gave up finish, then dispose the engine if keycap
         created it."""
         await self._pending.close()
+        if self._leases is not None:
+            await self._leases.close(self._now())
         await self._db.dispose()
         if self._replica is not None:
             await self._replica.dispose()
@@ -1268,6 +1284,7 @@ class APIKeyClient:
         key_id, now = ids.check(ids.KEY, key_id), self._now()
         change = functools.partial(keys.revoke_key, key_id=key_id, now=now)
         row = await admin.change_key(self._db, key_id, "key.revoked", change, now)
+        await self._forget_leases(key_id)
         return await self._key_event("revoked", self._found(row, key_id))
 
     async def disable_key(self, key_id: str) -> APIKey:
@@ -1275,6 +1292,7 @@ class APIKeyClient:
         key_id, now = ids.check(ids.KEY, key_id), self._now()
         change = functools.partial(keys.set_disabled, key_id=key_id, now=now, disabled=True)
         row = await admin.change_key(self._db, key_id, "key.disabled", change, now)
+        await self._forget_leases(key_id)
         return await self._key_event("disabled", self._found(row, key_id))
 
     async def enable_key(self, key_id: str) -> APIKey:
@@ -1295,10 +1313,17 @@ class APIKeyClient:
         """
         key_id = ids.check(ids.KEY, key_id)
         key = await self.get_key(key_id) if self._on_key_event is not None else None
+        await self._forget_leases(key_id)
         await self._retire_keys("id", key_id)
         await self._delete(ids.KEY, key_id)
         if key is not None:
             await self._key_event("deleted", key)
+
+    async def _forget_leases(self, key_id: str) -> None:
+        """Settle this client's lease slices of a key it just revoked, disabled or is
+        deleting: its next charge goes to the database, which refuses it."""
+        if self._leases is not None:
+            await self._leases.forget(key_id, self._now())
 
     async def _key_event(self, kind: str, key: APIKey) -> APIKey:
         """Tell ``on_key_event`` (after commit); a failing hook is logged."""
@@ -1511,6 +1536,14 @@ class APIKeyClient:
         """
         key_id = ids.check_payer(key_id)
         amounts = money.costs(amount, "amount")
+        leasing = self._leases is not None and idempotency_key is None and metadata is None
+        if leasing and len(amounts) == 1 and not ids.is_valid(ids.IDENTITY, key_id):
+            assert self._leases is not None
+            ((meter, micros),) = amounts.items()
+            if (
+                leased := await self._leases.charge(key_id, meter, micros, self._now())
+            ) is not None:
+                return leased
         return await charges.charge(
             self._db,
             key_id=key_id,

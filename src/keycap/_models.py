@@ -285,6 +285,9 @@ class Charge(_Model):
     replayed: bool = False
     #: The identity charged without a key (``charge(identity_id, ...)``); else None.
     identity_id: str | None = None
+    #: Admitted from this process's lease (``APIKeyClient(leases=...)``): ``budgets``
+    #: are as the lease's slice was reserved, with the slice held.
+    leased: bool = False
 
 
 class Hold(_Model):

@@ -426,6 +426,7 @@ def reserve_block(dialect: Dialect) -> Block:
                 h.status: "open",
                 h.created_at: NOW,
                 h.expires_at: bindparam("m_expires_at", type_=UTCDateTime()),
+                h.on_expiry: bindparam("m_on_expiry", type_=h.on_expiry.type),
             }
         )
     )
@@ -690,12 +691,14 @@ async def reserve_in_block(
     amount: int,
     now: datetime,
     expires_at: datetime,
+    on_expiry: str | None = None,
 ) -> Outcome:
     """A reserve in one round trip."""
     block = reserve_block(dialect)
     params = charge_params(key_id, {meter: amount}, None, now)
     params["m_hold_id"] = hold_id
     params["m_expires_at"] = expires_at
+    params["m_on_expiry"] = on_expiry
     return Outcome.of(block, await run(block.sql, block.args(params)))
 
 

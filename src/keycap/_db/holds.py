@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -48,14 +48,21 @@ async def get_hold(conn: AsyncConnection, hold_id: str) -> AnyRow | None:
 _GET_HOLD = select(holds).where(holds.c.id == HOLD_ID)
 
 
-async def expired_hold_ids(
+async def expired_holds(
     conn: AsyncConnection, now: datetime, *, budget_id: str | None = None, limit: int = 1000
-) -> list[str]:
+) -> Sequence[AnyRow]:
+    """Open holds past their expiry (of ``budget_id``, if given): ``id`` and
+    ``on_expiry``, in id order."""
     h = holds.c
-    stmt = select(h.id).where(h.status == "open", h.expires_at <= now).order_by(h.id).limit(limit)
+    stmt = (
+        select(h.id, h.on_expiry)
+        .where(h.status == "open", h.expires_at <= now)
+        .order_by(h.id)
+        .limit(limit)
+    )
     if budget_id is not None:
         stmt = stmt.where(contains(h.budget_ids, f" {budget_id} ", conn.dialect.name))
-    return list((await conn.execute(stmt)).scalars())
+    return (await conn.execute(stmt)).all()
 
 
 async def open_hold_ids(conn: AsyncConnection, column: str, value: str) -> list[str]:

@@ -187,12 +187,19 @@ def reserve_statement() -> Any:
 
 
 def reserve_params(
-    key_id: str, hold_id: str, meter: str, amount: int, now: datetime, expires_at: datetime
+    key_id: str,
+    hold_id: str,
+    meter: str,
+    amount: int,
+    now: datetime,
+    expires_at: datetime,
+    on_expiry: str | None = None,
 ) -> dict[str, Any]:
     """The values of :func:`reserve_statement`'s bind parameters."""
     params = charge_params(key_id, {meter: amount}, None, now)
     params["m_hold_id"] = hold_id
     params["m_expires_at"] = expires_at
+    params["m_on_expiry"] = on_expiry
     return params
 
 
@@ -260,6 +267,7 @@ def _open_hold(key: Any, room: Any, decided: Any, cost: Cost) -> Any:
         literal("open"),
         NOW,
         bindparam("m_expires_at", type_=UTCDateTime()),
+        bindparam("m_on_expiry", type_=holds.c.on_expiry.type),
     ).where(decided)
     columns = [
         "id",
@@ -272,6 +280,7 @@ def _open_hold(key: Any, room: Any, decided: Any, cost: Cost) -> Any:
         "status",
         "created_at",
         "expires_at",
+        "on_expiry",
     ]
     return insert(holds).from_select(columns, row).returning(holds.c.id).cte("hot_hold")
 

@@ -377,6 +377,9 @@ holds = Table(
     Column("created_at", UTCDateTime(), nullable=False),
     Column("expires_at", UTCDateTime(), nullable=False),
     Column("closed_at", UTCDateTime(), nullable=True),
+    # What its expiry does: NULL, release it; "charge", charge it in full (a
+    # lease's slice, whose process may have admitted calls on all of it).
+    Column("on_expiry", String(16), nullable=True),
     PrimaryKeyConstraint("id"),
     ForeignKeyConstraint(["org_id"], [organizations.c.id], ondelete="CASCADE"),
     # A deleted key's open holds are released first (APIKeyClient.delete_key).

@@ -52,8 +52,11 @@ async def reserve(
     ttl: timedelta,
     idempotency_key: str | None,
     now: datetime,
+    on_expiry: str | None = None,
 ) -> Hold:
-    """Hold ``amount`` on every budget of the meter (key, project, org), or none."""
+    """Hold ``amount`` on every budget of the meter (key, project, org), or none.
+    ``on_expiry="charge"``: unsettled at its expiry, it is charged in full (a
+    lease's slice) instead of released."""
     idem = Idempotency.of(
         "reserve",
         key_id,
@@ -65,13 +68,13 @@ async def reserve(
     # A keyless identity's reserve is always a transaction, as its charge is.
     keyed = idempotency_key is None and not ids.is_valid(ids.IDENTITY, key_id)
     if keyed and db.one_statement:
-        unit = _reserve_at_once(db, key_id, meter, amount, now, now + ttl)
+        unit = _reserve_at_once(db, key_id, meter, amount, now, now + ttl, on_expiry)
     elif keyed and db.one_block:
-        unit = _reserve_in_block(db, key_id, meter, amount, now, now + ttl)
+        unit = _reserve_in_block(db, key_id, meter, amount, now, now + ttl, on_expiry)
     elif (replay := await stored_replay(db, Hold, idem)) is not None:
         return replay  # type: ignore[no-any-return]
     else:
-        unit = _reserve_in_transaction(db, key_id, meter, amount, idem, now, ttl)
+        unit = _reserve_in_transaction(db, key_id, meter, amount, idem, now, ttl, on_expiry)
     result, _ = await run(
         db,
         unit,
@@ -85,13 +88,19 @@ async def reserve(
 
 
 def _reserve_at_once(
-    db: Database, key_id: str, meter: str, amount: int, now: datetime, expires_at: datetime
+    db: Database,
+    key_id: str,
+    meter: str,
+    amount: int,
+    now: datetime,
+    expires_at: datetime,
+    on_expiry: str | None,
 ) -> Callable[[], Awaitable[tuple[Hold, tuple[()]]]]:
     """PostgreSQL: the whole reserve in one statement (``keycap._db.metering``)."""
 
     async def unit() -> tuple[Hold, tuple[()]]:
         hold_id = ids.new_id("hold")
-        params = metering.reserve_params(key_id, hold_id, meter, amount, now, expires_at)
+        params = metering.reserve_params(key_id, hold_id, meter, amount, now, expires_at, on_expiry)
         rows = await metering.run(db.statement, metering.reserve_statement(), params)
         held = spent(rows, key_id)
         return _opened(hold_id, key_id, meter, amount, now, expires_at, held), ()
@@ -100,14 +109,20 @@ def _reserve_at_once(
 
 
 def _reserve_in_block(
-    db: Database, key_id: str, meter: str, amount: int, now: datetime, expires_at: datetime
+    db: Database,
+    key_id: str,
+    meter: str,
+    amount: int,
+    now: datetime,
+    expires_at: datetime,
+    on_expiry: str | None,
 ) -> Callable[[], Awaitable[tuple[Hold, tuple[()]]]]:
     """MariaDB: the whole reserve in one compound statement (``keycap._db.blocks``)."""
 
     async def unit() -> tuple[Hold, tuple[()]]:
         hold_id = ids.new_id("hold")
         done = await blocks.reserve_in_block(
-            db.block, db.engine.dialect, key_id, hold_id, meter, amount, now, expires_at
+            db.block, db.engine.dialect, key_id, hold_id, meter, amount, now, expires_at, on_expiry
         )
         if done.step == blocks.KEY_REFUSED:
             raise KeyRefused()
@@ -151,6 +166,7 @@ def _reserve_in_transaction(
     idem: Idempotency,
     now: datetime,
     ttl: timedelta,
+    on_expiry: str | None,
 ) -> Callable[[], Awaitable[tuple[Hold, tuple[()]]]]:
     """The reserve as a transaction: lock the key, claim the idempotency key, hold
     on every budget, open the hold, write the ledger, store the result."""
@@ -181,6 +197,7 @@ def _reserve_in_transaction(
                 "created_at": now,
                 "expires_at": now + ttl,
                 "closed_at": None,
+                "on_expiry": on_expiry,
             }
             hold = SimpleNamespace(**values)
             await holds.insert_hold(conn, values)

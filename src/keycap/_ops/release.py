@@ -176,12 +176,48 @@ async def release(
 
 
 async def sweep(db: Database, now: datetime, *, budget_id: str | None = None) -> int:
-    """Expire open holds past their ttl, returning their amounts. Returns how many."""
+    """Expire open holds past their ttl, returning their amounts (or, for a hold
+    made to be charged at its expiry, a lease's slice: charging it in full).
+    Returns how many."""
     count = 0
-    for hold_id in await db.read(holds.expired_hold_ids, now, budget_id=budget_id):
+    for expired in await db.read(holds.expired_holds, now, budget_id=budget_id):
         try:
-            await release(db, hold_id=hold_id, idempotency_key=None, now=now, status="expired")
+            if expired.on_expiry == CHARGE_IN_FULL:
+                count += await charge_in_full(db, expired.id, now)
+                continue
+            await release(db, hold_id=expired.id, idempotency_key=None, now=now, status="expired")
             count += 1
         except HoldClosedError:
             pass  # settled, released or expired by someone else meanwhile
     return count
+
+
+#: ``on_expiry`` of a hold its expiry charges in full (a lease's slice).
+CHARGE_IN_FULL = "charge"
+
+
+async def charge_in_full(db: Database, hold_id: str, now: datetime) -> bool:
+    """Expire an open hold by charging all of it (status ``expired``, ledger kind
+    ``settle``: what tells it from a release, kind ``expiry``). False if it was
+    no longer open."""
+    hold = await db.read(holds.get_hold, hold_id)
+    if hold is None or hold.status != "open":
+        return False
+    amount = hold.amount_micros
+    if (close := closer(db)) is not None:
+        closed = await retrying(db, lambda: close(hold_id, "expired", now, amount))
+        return closed is not None
+
+    async def unit() -> bool:
+        async with db.begin() as conn:
+            if not await holds.close_hold(conn, hold_id, "expired", now, settled_micros=amount):
+                return False
+            afters = await return_hold(conn, hold, now, used=amount)
+            split = movements.split_settlement(amount, amount, None)
+            entries = movements.settlement(
+                origin_of(hold, now, None), hold.meter, split, afters, []
+            )
+            await ledger.insert_ledger(conn, entries)
+            return True
+
+    return await retrying(db, unit)

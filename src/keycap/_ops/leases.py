@@ -1,0 +1,149 @@
+"""Leases: charges admitted in memory from a slice held in the database
+(``keycap._rules.leases`` says how big a slice is, and what it trades away).
+
+Per key and meter a process keeps at most one slice: a hold taken with
+``reserve`` (``on_expiry`` as the policy says), spent in memory by each charge
+that fits it. A charge that does not fit, or comes once the slice is
+``refresh`` old, settles it for what was spent and reserves the next, under a
+lock per key and meter; when no slice can be had (too little left, or a
+budget refuses even a small one) the charge goes the exact way. The budgets
+are never overspent: every slice is a hold, exact in the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+
+from keycap._db.engine import Database
+from keycap._errors import BudgetExceededError, HoldClosedError
+from keycap._models import BudgetStatus, Charge
+from keycap._ops import holds
+from keycap._ops.release import CHARGE_IN_FULL
+from keycap._ops.results import AlertHandler
+from keycap._rules.leases import Lease
+from keycap._rules.money import from_micros, to_micros
+
+log = logging.getLogger("keycap")
+
+
+@dataclass(slots=True)
+class _Slice:
+    hold_id: str
+    amount: int
+    spent: int
+    taken: datetime
+    #: Its budgets as the reserve left them (what a leased charge reports).
+    budgets: tuple[BudgetStatus, ...]
+
+    def admits(self, amount: int, now: datetime, lease: Lease) -> bool:
+        return self.amount - self.spent >= amount and now - self.taken < lease.refresh
+
+
+class Leases:
+    """The slices of one client, by key and meter."""
+
+    def __init__(self, db: Database, lease: Lease, on_alert: AlertHandler | None) -> None:
+        self._db = db
+        self._lease = lease
+        self._on_alert = on_alert
+        self._slices: dict[tuple[str, str], _Slice] = {}
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        #: What the budgets had left at the last look, by key and meter.
+        self._remaining: dict[tuple[str, str], int] = {}
+
+    async def charge(self, key_id: str, meter: str, amount: int, now: datetime) -> Charge | None:
+        """``amount`` charged from the key's slice of ``meter``; None: no slice can
+        be had, and the caller charges exactly (which may refuse)."""
+        at = (key_id, meter)
+        if (held := self._slices.get(at)) is not None and held.admits(amount, now, self._lease):
+            held.spent += amount  # no await since the check: no other call between
+            return _charged(key_id, meter, amount, held)
+        async with self._locks.setdefault(at, asyncio.Lock()):
+            held = self._slices.get(at)
+            if held is not None and held.admits(amount, now, self._lease):
+                held.spent += amount
+                return _charged(key_id, meter, amount, held)
+            if held is not None:
+                await self._settle(at, held, now)
+            held = await self._reserve(at, amount, now)
+            if held is None:
+                return None
+            held.spent = amount
+            self._slices[at] = held
+            return _charged(key_id, meter, amount, held)
+
+    async def _reserve(self, at: tuple[str, str], amount: int, now: datetime) -> _Slice | None:
+        """The next slice for calls of ``amount``; None when none can be had. A
+        budget refusing a slice says what it has left, and a smaller one is tried
+        once."""
+        for _ in range(2):
+            size = self._lease.next_slice(amount, self._remaining.get(at))
+            if size is None:
+                return None
+            try:
+                hold = await holds.reserve(
+                    self._db,
+                    key_id=at[0],
+                    meter=at[1],
+                    amount=size,
+                    ttl=self._lease.ttl,
+                    idempotency_key=None,
+                    now=now,
+                    on_expiry=CHARGE_IN_FULL if self._lease.on_expiry == "charge" else None,
+                )
+            except BudgetExceededError as refused:
+                self._remaining[at] = to_micros(refused.remaining, "remaining")
+                continue
+            self._remaining[at] = min(
+                (to_micros(b.remaining, "remaining") for b in hold.budgets), default=size * 8
+            )
+            return _Slice(hold.id, size, 0, now, hold.budgets)
+        return None
+
+    async def _settle(self, at: tuple[str, str], held: _Slice, now: datetime) -> None:
+        """Settle a slice for what it spent (the rest goes back to the budgets)."""
+        try:
+            settled = await holds.settle(
+                self._db,
+                hold_id=held.hold_id,
+                actual=held.spent,
+                idempotency_key=None,
+                now=now,
+                on_alert=self._on_alert,
+            )
+        except HoldClosedError as closed:
+            # Past its ttl before it was settled (the process stalled): its expiry
+            # rule applied, and with "release" what it admitted went uncharged.
+            log.warning("keycap: a lease's slice %s closed before its settle: %s", at, closed)
+        else:
+            remaining = (to_micros(b.remaining, "remaining") for b in settled.budgets)
+            self._remaining[at] = min(remaining, default=held.amount * 8)
+        self._slices.pop(at, None)
+
+    async def forget(self, key_id: str, now: datetime) -> None:
+        """Settle the key's slices now (it was revoked, disabled or deleted through
+        this client: it is refused from the next call on)."""
+        for at in [at for at in self._slices if at[0] == key_id]:
+            async with self._locks.setdefault(at, asyncio.Lock()):
+                if (held := self._slices.get(at)) is not None:
+                    await self._settle(at, held, now)
+
+    async def close(self, now: datetime) -> None:
+        """Settle every slice (``APIKeyClient.aclose``)."""
+        for key_id in {at[0] for at in self._slices}:
+            await self.forget(key_id, now)
+
+
+def _charged(key_id: str, meter: str, amount: int, held: _Slice) -> Charge:
+    return Charge.model_construct(
+        key_id=key_id,
+        identity_id=None,
+        amounts={meter: from_micros(amount)},
+        budgets=held.budgets,
+        alerts=(),
+        replayed=False,
+        leased=True,
+    )
