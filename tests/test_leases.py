@@ -19,6 +19,7 @@ from keycap import (
     Budget,
     BudgetExceededError,
     ConfigurationError,
+    DatabaseUnavailableError,
     LeasePolicy,
     RevokedKeyError,
 )
@@ -233,3 +234,33 @@ async def test_a_killed_lease_holder_leaves_its_slice_to_the_expiry_rule(
         assert status.used >= spent and "expiry" not in kinds
     else:  # released: what the dead process admitted since its last settle is not charged
         assert status.used <= spent and "expiry" in kinds
+
+
+async def test_a_slice_the_database_cannot_settle_is_kept_and_settled_later(
+    client: APIKeyClient, db_url: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from keycap._ops import holds as hold_ops
+    from keycap._ops import leases as lease_ops
+
+    org = (await client.create_organization("A")).id
+    issued = await client.create_key(org, budgets=[Budget(D("1.00"))])
+    settle = hold_ops.settle
+
+    async def unavailable(*args: object, **kwargs: object) -> None:
+        raise DatabaseUnavailableError("database unavailable: test")
+
+    async with await _leasing(db_url, clock) as leasing:
+        for _ in range(10):
+            await leasing.charge(issued.id, D("0.01"))  # the first slice, all spent
+        monkeypatch.setattr(lease_ops.holds, "settle", unavailable)
+        await leasing.charge(issued.id, D("0.01"))  # the second slice: the first's settle fails
+        await asyncio.sleep(0)
+        assert leasing._leases is not None
+        await leasing._leases._settled((issued.id, "spend"))
+        (kept,) = leasing.pending_settlements
+        assert kept.actual == D("0.10")
+        monkeypatch.setattr(lease_ops.holds, "settle", settle)
+        assert await leasing.retry_settlements() == 1
+    (status,) = await client.get_budgets(issued.id)
+    assert status.used == D("0.11") and status.held == 0
+    await assert_balances_match_ledger(client)

@@ -294,7 +294,9 @@ class APIKeyClient:
         if leases is not None:
             if not isinstance(leases, LeasePolicy):
                 raise ConfigurationError("leases must be a keycap.LeasePolicy")
-            self._leases = lease_ops.Leases(self._db, leases.checked(), self._on_alert)
+            self._leases = lease_ops.Leases(
+                self._db, leases.checked(), self._on_alert, self._keep_settlement
+            )
 
     def __repr__(self) -> str:
         url = self._db.engine.url.render_as_string(hide_password=True)
@@ -1642,6 +1644,14 @@ class APIKeyClient:
         """Try the kept settlements now (they are retried on their own too); how
         many were written."""
         return await self._pending.retry()
+
+    async def _keep_settlement(self, hold_id: str, micros: int, error: KeycapError) -> None:
+        """A lease slice's settlement the database could not take: kept and retried
+        as :meth:`settle_eventually` keeps its own."""
+        pending = PendingSettlement(
+            hold_id, money.from_micros(micros), f"keycap-settle-{hold_id}", failed_at=self._now()
+        )
+        await self._pending.keep(pending, error)
 
     async def _settle_pending(self, pending: PendingSettlement) -> Settlement:
         return await self.settle(

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
@@ -58,6 +58,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Dialect
 
+from keycap._db import metering
 from keycap._db.build import (
     HOLD_ID,
     KEY_ID,
@@ -65,7 +66,6 @@ from keycap._db.build import (
     Cost,
     KeyRef,
     big,
-    grant_params,
     hot_binds,
     int_param,
 )
@@ -73,7 +73,6 @@ from keycap._db.grant import applies_to_row, grant_predicate, key_is_live_now
 from keycap._db.hot import Compiled, HotRow, compiled
 from keycap._db.keys import KEY_COLUMNS, metered_use, usage_cap_open
 from keycap._db.ledger import ENTRY_COLUMNS
-from keycap._db.metering import LAST_USED_STEP, period_starts
 from keycap._db.rate_limits import call_cost, window_step
 from keycap._db.schema import ANCESTORS, budgets, holds, keys, ledger, rate_limits
 from keycap._db.types import JSONText, UTCDateTime
@@ -368,22 +367,22 @@ def validation_block(
 ) -> Block:
     """A metered validation (or a rate-limited one, ``meter_count`` 0) as one block."""
     k = keys.c
-    key_id, digests, now = hot_binds(peppers)
+    _, digests, _ = hot_binds(peppers)
     cost = Cost(meter_count)
     w = _Writer(dialect)
     _declarations(w)
     w.stmt(
         update(keys)
-        .where(k.id == key_id, grant_predicate(digests, req, now, dialect.name), usage_cap_open())
-        .ordered_values(*metered_use(track, now))
+        .where(k.id == KEY_ID, grant_predicate(digests, req, NOW, dialect.name), usage_cap_open())
+        .ordered_values(*metered_use(track, NOW))
     )
     w.text("IF ROW_COUNT() <> 1 THEN LEAVE decide; END IF;")
-    _key_variables(w, key_id)
+    _key_variables(w, KEY_ID)
     _rate_limits(w, meter_count)
     if meter_count:
         _budgets(w, cost)
         _ledger(w, cost)
-    _ending(w, key=key_id, cost=cost, with_rates=True)
+    _ending(w, key=KEY_ID, cost=cost, with_rates=True)
     return w.block()
 
 
@@ -556,11 +555,7 @@ async def close_hold(
     after, in id order; None when it did not close the hold (not open, or,
     settling, ``actual`` is above its amount)."""
     block = closing_block(dialect, actual is not None)
-    params: dict[str, Any] = {"m_hold_id": hold_id, "m_status": status, **clock_params(now)}
-    if actual is not None:
-        params["m_actual"] = actual
-    else:
-        params["m_kind"] = "release" if status == "released" else "expiry"
+    params = flat(metering.closing_params(hold_id, status, now, actual))
     sets = await run(block.sql, block.args(params))
     readers = dict(block.sets)
     if not sets[0] or int(sets[0][0][0]) != DONE:
@@ -586,24 +581,12 @@ def _live_key(w: _Writer) -> None:
     _key_variables(w, KEY_ID)
 
 
-def clock_params(now: datetime) -> dict[str, Any]:
-    """``m_now`` and every period start a budget can have now."""
-    day, week, months = period_starts(now.astimezone(UTC).date())
-    params: dict[str, Any] = {
-        "m_now": now,
-        "m_used_before": now - LAST_USED_STEP,
-        "m_day": day,
-        "m_week": week,
-    }
-    params.update({f"m_month_{i}": start for i, start in enumerate(months, start=1)})
-    return params
-
-
-def cost_params(amounts: Mapping[str, int]) -> dict[str, Any]:
-    params: dict[str, Any] = {}
-    for i, (meter, amount) in enumerate(amounts.items()):
-        params[f"m_meter_{i}"] = meter
-        params[f"m_amount_{i}"] = amount
+def flat(params: dict[str, Any]) -> dict[str, Any]:
+    """``keycap._db.metering``'s parameters for a block: its array of month starts
+    (``m_months``, a PostgreSQL ARRAY) as one bind per anchor day, ``m_month_1``
+    to ``m_month_31`` (:func:`_current_start`)."""
+    months = params.pop("m_months")
+    params.update({f"m_month_{day}": start for day, start in enumerate(months, start=1)})
     return params
 
 
@@ -664,7 +647,7 @@ async def validate_in_block(
 ) -> Outcome:
     """A metered (or rate-limited) validation in one round trip."""
     block = validation_block(dialect, req, tuple(digests), len(amounts), track)
-    params = validation_params(key_id, digests, amounts, now, now_ms, client)
+    params = flat(metering.validation_params(key_id, digests, amounts, now, now_ms, client))
     return Outcome.of(block, await run(block.sql, block.args(params)))
 
 
@@ -678,7 +661,7 @@ async def charge_in_block(
 ) -> Outcome:
     """A charge in one round trip."""
     block = charge_block(dialect, len(amounts))
-    params = charge_params(key_id, amounts, metadata, now)
+    params = flat(metering.charge_params(key_id, amounts, metadata, now))
     return Outcome.of(block, await run(block.sql, block.args(params)))
 
 
@@ -695,38 +678,6 @@ async def reserve_in_block(
 ) -> Outcome:
     """A reserve in one round trip."""
     block = reserve_block(dialect)
-    params = charge_params(key_id, {meter: amount}, None, now)
-    params["m_hold_id"] = hold_id
-    params["m_expires_at"] = expires_at
-    params["m_on_expiry"] = on_expiry
+    params = metering.reserve_params(key_id, hold_id, meter, amount, now, expires_at, on_expiry)
+    params = flat(params)
     return Outcome.of(block, await run(block.sql, block.args(params)))
-
-
-def validation_params(
-    key_id: str,
-    digests: Mapping[str, str],
-    amounts: Mapping[str, int],
-    now: datetime,
-    now_ms: int,
-    client: ips.Address | None,
-) -> dict[str, Any]:
-    return {
-        "hot_key_id": key_id,
-        "hot_now": now,
-        "m_now_ms": now_ms,
-        "m_metadata": None,
-        **grant_params(digests, client),
-        **clock_params(now),
-        **cost_params(amounts),
-    }
-
-
-def charge_params(
-    key_id: str, amounts: Mapping[str, int], metadata: Mapping[str, Any] | None, now: datetime
-) -> dict[str, Any]:
-    return {
-        "m_key_id": key_id,
-        "m_metadata": dict(metadata) if metadata else None,
-        **clock_params(now),
-        **cost_params(amounts),
-    }

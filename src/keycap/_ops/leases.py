@@ -4,8 +4,8 @@
 Per key and meter a process keeps at most one slice: a hold taken with
 ``reserve`` (``on_expiry`` as the policy says), spent in memory by each charge
 that fits it. A charge that does not fit, or comes once the slice is
-``refresh`` old, settles it for what was spent and reserves the next, under a
-lock per key and meter; when no slice can be had (too little left, or a
+``refresh`` old, reserves the next, under a lock per key and meter, while the
+spent one is settled in the background; when no slice can be had (too little left, or a
 budget refuses even a small one) the charge goes the exact way. The budgets
 are never overspent: every slice is a hold, exact in the database.
 """
@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 
 from keycap._db.engine import Database
-from keycap._errors import BudgetExceededError, HoldClosedError
+from keycap._errors import BudgetExceededError, DatabaseUnavailableError, HoldClosedError
 from keycap._models import BudgetStatus, Charge
 from keycap._ops import holds
 from keycap._ops.release import CHARGE_IN_FULL
@@ -42,17 +43,35 @@ class _Slice:
         return self.amount - self.spent >= amount and now - self.taken < lease.refresh
 
 
-class Leases:
-    """The slices of one client, by key and meter."""
+#: What the client does with a slice's settlement the database could not take
+#: (``hold_id``, ``actual`` in micro-units): keep it and retry it
+#: (``APIKeyClient``'s kept settlements), so what the slice admitted is charged.
+Keep = Callable[[str, int, DatabaseUnavailableError], Awaitable[None]]
 
-    def __init__(self, db: Database, lease: Lease, on_alert: AlertHandler | None) -> None:
+
+class Leases:
+    """The slices of one client, by key and meter.
+
+    Renewing a slice, the caller waits for the next slice's reserve only: the
+    spent one is settled in the background (a task this object keeps, awaited
+    by :meth:`close`). A reserve refused while the key's previous slice is
+    still being settled waits for that settle and tries again, so a refusal is
+    never caused by money on its way back.
+    """
+
+    def __init__(
+        self, db: Database, lease: Lease, on_alert: AlertHandler | None, keep: Keep
+    ) -> None:
         self._db = db
         self._lease = lease
         self._on_alert = on_alert
+        self._keep = keep
         self._slices: dict[tuple[str, str], _Slice] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         #: What the budgets had left at the last look, by key and meter.
         self._remaining: dict[tuple[str, str], int] = {}
+        #: Settles under way, by key and meter.
+        self._settling: dict[tuple[str, str], set[asyncio.Task[None]]] = {}
 
     async def charge(self, key_id: str, meter: str, amount: int, now: datetime) -> Charge | None:
         """``amount`` charged from the key's slice of ``meter``; None: no slice can
@@ -67,9 +86,11 @@ class Leases:
                 held.spent += amount
                 return _charged(key_id, meter, amount, held)
             if held is not None:
-                await self._settle(at, held, now)
+                del self._slices[at]
+                self._settle_soon(at, held, now)
             held = await self._reserve(at, amount, now)
             if held is None:
+                await self._settled(at)  # the exact charge then sees every slice back
                 return None
             held.spent = amount
             self._slices[at] = held
@@ -78,8 +99,8 @@ class Leases:
     async def _reserve(self, at: tuple[str, str], amount: int, now: datetime) -> _Slice | None:
         """The next slice for calls of ``amount``; None when none can be had. A
         budget refusing a slice says what it has left, and a smaller one is tried
-        once."""
-        for _ in range(2):
+        (after this key's settles under way have given their money back)."""
+        for _ in range(3):
             size = self._lease.next_slice(amount, self._remaining.get(at))
             if size is None:
                 return None
@@ -96,6 +117,7 @@ class Leases:
                 )
             except BudgetExceededError as refused:
                 self._remaining[at] = to_micros(refused.remaining, "remaining")
+                await self._settled(at)
                 continue
             self._remaining[at] = min(
                 (to_micros(b.remaining, "remaining") for b in hold.budgets), default=size * 8
@@ -103,8 +125,20 @@ class Leases:
             return _Slice(hold.id, size, 0, now, hold.budgets)
         return None
 
+    def _settle_soon(self, at: tuple[str, str], held: _Slice, now: datetime) -> None:
+        task = asyncio.ensure_future(self._settle(at, held, now))
+        tasks = self._settling.setdefault(at, set())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    async def _settled(self, at: tuple[str, str]) -> None:
+        """Wait for this key's settles under way."""
+        if tasks := self._settling.get(at):
+            await asyncio.gather(*tasks, return_exceptions=True)
+
     async def _settle(self, at: tuple[str, str], held: _Slice, now: datetime) -> None:
-        """Settle a slice for what it spent (the rest goes back to the budgets)."""
+        """Settle a slice for what it spent (the rest goes back to the budgets). One
+        the database cannot take now is kept and retried (``keep``)."""
         try:
             settled = await holds.settle(
                 self._db,
@@ -118,22 +152,26 @@ class Leases:
             # Past its ttl before it was settled (the process stalled): its expiry
             # rule applied, and with "release" what it admitted went uncharged.
             log.warning("keycap: a lease's slice %s closed before its settle: %s", at, closed)
+        except DatabaseUnavailableError as error:
+            await self._keep(held.hold_id, held.spent, error)
+        except Exception:
+            log.exception("keycap: a lease's slice %s could not be settled", at)
         else:
             remaining = (to_micros(b.remaining, "remaining") for b in settled.budgets)
             self._remaining[at] = min(remaining, default=held.amount * 8)
-        self._slices.pop(at, None)
 
     async def forget(self, key_id: str, now: datetime) -> None:
         """Settle the key's slices now (it was revoked, disabled or deleted through
         this client: it is refused from the next call on)."""
-        for at in [at for at in self._slices if at[0] == key_id]:
+        for at in {at for at in (*self._slices, *self._settling) if at[0] == key_id}:
             async with self._locks.setdefault(at, asyncio.Lock()):
-                if (held := self._slices.get(at)) is not None:
+                if (held := self._slices.pop(at, None)) is not None:
                     await self._settle(at, held, now)
+                await self._settled(at)
 
     async def close(self, now: datetime) -> None:
         """Settle every slice (``APIKeyClient.aclose``)."""
-        for key_id in {at[0] for at in self._slices}:
+        for key_id in {at[0] for at in (*self._slices, *self._settling)}:
             await self.forget(key_id, now)
 
 
