@@ -40,6 +40,10 @@ from keycap._db.schema import keys as keys_table
 from keycap._db.schema import ledger as ledger_table
 from keycap._db.schema import metadata
 
+# The round trips are counted as tests/test_round_trips.py counts them.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests._roundtrips import count_sqlite_hops, measure, wire_counter
+
 SECRET = "benchmark-signing-secret-0123456789-abcdefghij"
 FLOOR_TABLE = "keycap_bench_floor"
 TINY = Decimal("0.000001")
@@ -603,6 +607,23 @@ async def peer_row(db: str, url: str, floor: Floor, n: int, ours: Row) -> Row | 
     return found
 
 
+async def round_trips(db: str, url: str) -> dict[str, int]:
+    """Each hot call's round trips (SQLite: calls into aiosqlite's thread), warm,
+    alone, admitted: counted on the wire by a proxy, as the tests pin them."""
+    if db == "sqlite":
+        async with APIKeyClient(url, signing_secret=SECRET) as client:
+            return await measure(client, count_sqlite_hops)
+    async with (
+        wire_counter(url) as wire,
+        APIKeyClient(wire.url(url), signing_secret=SECRET) as client,
+    ):
+        return await measure(client, wire.counting)
+
+
+#: Round trips per call, by database (filled by :func:`bench`).
+TRIPS: dict[str, dict[str, int]] = {}
+
+
 async def bench(db: str, url: str, args: argparse.Namespace) -> list[Row]:
     out: list[Row] = []
     n = args.samples
@@ -618,6 +639,8 @@ async def bench(db: str, url: str, args: argparse.Namespace) -> list[Row]:
             await conn.run_sync(metadata.drop_all)
             await conn.run_sync(metadata.create_all)
         w = await build(client)
+        TRIPS[db] = await round_trips(db, url)
+        print(f"  round trips per call: {TRIPS[db]}", file=sys.stderr)
 
         async def read_off() -> Any:
             return await client.validate_key(
@@ -765,6 +788,17 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def trips_table(trips: dict[str, dict[str, int]]) -> str:
+    """Round trips per call (SQLite: thread hops), a column per database."""
+    names = list(trips)
+    calls = list(next(iter(trips.values()), {}))
+    head = f"{'round trips per call':<26}" + "".join(f"{n:>12}" for n in names)
+    lines = [head, "-" * len(head)]
+    for call in calls:
+        lines.append(f"{call:<26}" + "".join(f"{trips[n].get(call, 0):>12}" for n in names))
+    return "\n".join(lines)
+
+
 def machine() -> dict[str, Any]:
     return {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -790,9 +824,10 @@ def main() -> None:
         for db, url in urls(args.databases.split(","), Path(tmp)).items():
             rows += asyncio.run(bench(db, url, args))
     print(table(rows))
-    Path(args.json).write_text(
-        json.dumps({"machine": machine(), "rows": [asdict(r) for r in rows]}, indent=2) + "\n"
-    )
+    print()
+    print(trips_table(TRIPS))
+    result = {"machine": machine(), "rows": [asdict(r) for r in rows], "round_trips": TRIPS}
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nJSON: {args.json}", file=sys.stderr)
 
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from decimal import Decimal as D
 from typing import Any
 
 from sqlalchemy.engine import make_url
@@ -107,3 +108,59 @@ def count_sqlite_hops() -> Iterator[list[int]]:
         yield seen
     finally:
         aiosqlite.core.Connection._execute = original  # type: ignore[method-assign]
+
+
+# --- the hot calls, measured (tests/test_round_trips.py pins them; the benchmark
+# prints them) -----------------------------------------------------------------------
+
+Call = Callable[[], Awaitable[Any]]
+
+
+async def hot_calls(client: Any) -> dict[str, Call]:
+    """Each hot call of issue 10 on keys made for it, in the common case (admitted)."""
+    from keycap import Budget, RateLimit
+
+    org = (await client.create_organization("round trips")).id
+    plain = await client.create_key(org)
+    limited = await client.create_key(org, rate_limits=[RateLimit(1_000_000, "minute")])
+    metered = await client.create_key(
+        org, budgets=[Budget(D(1000))], rate_limits=[RateLimit(1_000_000, "minute")]
+    )
+    await client.set_budget(org, Budget(D(5000)))
+
+    async def settle() -> Any:
+        hold = await client.reserve(metered.id, D("0.05"))
+        return lambda: client.settle(hold.id, D("0.03"))
+
+    async def release() -> Any:
+        hold = await client.reserve(metered.id, D("0.05"))
+        return lambda: client.release(hold.id)
+
+    return {
+        "validate (read)": lambda: client.validate_key(plain.plaintext, track_usage=False),
+        "validate (tracked)": lambda: client.validate_key(plain.plaintext),
+        "validate (rate-limited)": lambda: client.validate_key(limited.plaintext),
+        "validate (metered)": lambda: client.validate_key(metered.plaintext, cost=D("0.01")),
+        "charge": lambda: client.charge(metered.id, D("0.01")),
+        "reserve": lambda: client.reserve(metered.id, D("0.01")),
+        # These two need a hold first: the setup call returns the measured one.
+        "settle": settle,
+        "release": release,
+    }
+
+
+_NEEDS_SETUP = {"settle", "release"}
+
+
+async def measure(client: Any, counting: Callable[[], Any]) -> dict[str, int]:
+    """Round trips (SQLite: thread hops) of each of :func:`hot_calls`, warm, alone."""
+    calls = await hot_calls(client)
+    seen: dict[str, int] = {}
+    for name, call in calls.items():
+        for _ in range(3):  # warm: statements prepared, caches filled, the key known
+            await ((await call())() if name in _NEEDS_SETUP else call())
+        measured = await call() if name in _NEEDS_SETUP else call
+        with counting() as count:
+            await measured()
+        seen[name] = count[0]
+    return seen

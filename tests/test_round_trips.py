@@ -11,15 +11,13 @@ the cost of a hot call never changes unseen.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable
 from decimal import Decimal as D
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from keycap import APIKeyClient, Budget, KeycapError, RateLimit
-from tests._roundtrips import count_sqlite_hops, wire_counter
+from tests._roundtrips import count_sqlite_hops, measure, wire_counter
 from tests.conftest import DATABASES, REPORT, SECRET, FakeClock, server_url
 
 # operation -> round trips (SQLite: thread hops), per database.
@@ -69,66 +67,18 @@ PINNED: dict[str, dict[str, int]] = {
     },
 }
 
-Call = Callable[[], Awaitable[Any]]
-
-
-async def _calls(client: APIKeyClient) -> dict[str, Call]:
-    org = (await client.create_organization("round trips")).id
-    plain = await client.create_key(org)
-    limited = await client.create_key(org, rate_limits=[RateLimit(1_000_000, "minute")])
-    metered = await client.create_key(
-        org, budgets=[Budget(D(1000))], rate_limits=[RateLimit(1_000_000, "minute")]
-    )
-    await client.set_budget(org, Budget(D(5000)))
-
-    async def settle() -> Any:
-        hold = await client.reserve(metered.id, D("0.05"))
-        return lambda: client.settle(hold.id, D("0.03"))
-
-    async def release() -> Any:
-        hold = await client.reserve(metered.id, D("0.05"))
-        return lambda: client.release(hold.id)
-
-    return {
-        "validate (read)": lambda: client.validate_key(plain.plaintext, track_usage=False),
-        "validate (tracked)": lambda: client.validate_key(plain.plaintext),
-        "validate (rate-limited)": lambda: client.validate_key(limited.plaintext),
-        "validate (metered)": lambda: client.validate_key(metered.plaintext, cost=D("0.01")),
-        "charge": lambda: client.charge(metered.id, D("0.01")),
-        "reserve": lambda: client.reserve(metered.id, D("0.01")),
-        # These two need a hold first: the setup call returns the measured one.
-        "settle": settle,
-        "release": release,
-    }
-
-
-_NEEDS_SETUP = {"settle", "release"}
-
-
-async def _measure(client: APIKeyClient, counting: Callable[[], Any]) -> dict[str, int]:
-    calls = await _calls(client)
-    seen: dict[str, int] = {}
-    for name, call in calls.items():
-        for _ in range(3):  # warm: statements prepared, caches filled, the key known
-            await ((await call())() if name in _NEEDS_SETUP else call())
-        measured = await call() if name in _NEEDS_SETUP else call
-        with counting() as count:
-            await measured()
-        seen[name] = count[0]
-    return seen
-
 
 async def test_each_hot_call_costs_its_pinned_round_trips(
     backend: str, db_url: str, clock: FakeClock
 ) -> None:
     if backend == "sqlite":
         async with APIKeyClient(db_url, signing_secret=SECRET, clock=clock) as client:
-            seen = await _measure(client, count_sqlite_hops)
+            seen = await measure(client, count_sqlite_hops)
     else:
         async with wire_counter(db_url) as wire:
             url = wire.url(db_url)
             async with APIKeyClient(url, signing_secret=SECRET, clock=clock) as client:
-                seen = await _measure(client, wire.counting)
+                seen = await measure(client, wire.counting)
     REPORT.append(
         f"{backend}: round trips per call " + ", ".join(f"{k}={v}" for k, v in seen.items())
     )

@@ -53,9 +53,9 @@ class Leases:
     """The slices of one client, by key and meter.
 
     Renewing a slice, the caller waits for the next slice's reserve only: the
-    spent one is settled in the background (a task this object keeps, awaited
-    by :meth:`close`). A reserve refused while the key's previous slice is
-    still being settled waits for that settle and tries again, so a refusal is
+    spent one is settled afterwards in the background (a task this object
+    keeps, awaited by :meth:`close`). A reserve refused while the key's spent
+    slice is not yet settled settles it first and tries again, so a refusal is
     never caused by money on its way back.
     """
 
@@ -85,10 +85,10 @@ class Leases:
             if held is not None and held.admits(amount, now, self._lease):
                 held.spent += amount
                 return _charged(key_id, meter, amount, held)
-            if held is not None:
-                del self._slices[at]
-                self._settle_soon(at, held, now)
-            held = await self._reserve(at, amount, now)
+            spent = self._slices.pop(at, None)
+            held, spent = await self._reserve(at, amount, now, spent)
+            if spent is not None:
+                self._settle_soon(at, spent, now)
             if held is None:
                 await self._settled(at)  # the exact charge then sees every slice back
                 return None
@@ -96,14 +96,21 @@ class Leases:
             self._slices[at] = held
             return _charged(key_id, meter, amount, held)
 
-    async def _reserve(self, at: tuple[str, str], amount: int, now: datetime) -> _Slice | None:
-        """The next slice for calls of ``amount``; None when none can be had. A
-        budget refusing a slice says what it has left, and a smaller one is tried
-        (after this key's settles under way have given their money back)."""
+    async def _reserve(
+        self, at: tuple[str, str], amount: int, now: datetime, spent: _Slice | None
+    ) -> tuple[_Slice | None, _Slice | None]:
+        """The next slice for calls of ``amount`` (None when none can be had), and
+        ``spent``, the slice it replaces, if it is still to be settled.
+
+        The next slice is reserved before the spent one is settled: the two would
+        wait on each other's row locks, and the caller waits only for the
+        reserve. A budget refusing the slice says what it has left: then the spent
+        slice (and this key's settles under way) give their money back first,
+        and a smaller slice is tried."""
         for _ in range(3):
             size = self._lease.next_slice(amount, self._remaining.get(at))
             if size is None:
-                return None
+                return None, spent
             try:
                 hold = await holds.reserve(
                     self._db,
@@ -115,15 +122,21 @@ class Leases:
                     now=now,
                     on_expiry=CHARGE_IN_FULL if self._lease.on_expiry == "charge" else None,
                 )
-            except BudgetExceededError as refused:
-                self._remaining[at] = to_micros(refused.remaining, "remaining")
+            except BaseException as error:
+                if isinstance(error, BudgetExceededError):
+                    self._remaining[at] = to_micros(error.remaining, "remaining")
+                if spent is not None:  # refused, or the key's own error: settle it
+                    await self._settle(at, spent, now)
+                    spent = None
+                if not isinstance(error, BudgetExceededError):
+                    raise
                 await self._settled(at)
                 continue
             self._remaining[at] = min(
                 (to_micros(b.remaining, "remaining") for b in hold.budgets), default=size * 8
             )
-            return _Slice(hold.id, size, 0, now, hold.budgets)
-        return None
+            return _Slice(hold.id, size, 0, now, hold.budgets), spent
+        return None, spent
 
     def _settle_soon(self, at: tuple[str, str], held: _Slice, now: datetime) -> None:
         task = asyncio.ensure_future(self._settle(at, held, now))
