@@ -38,6 +38,10 @@ class _Slice:
     taken: datetime
     #: Its budgets as the reserve left them (what a leased charge reports).
     budgets: tuple[BudgetStatus, ...]
+    #: The result of its last charge: the next of the same amount returns it
+    #: again (results are frozen models), sparing the model's construction.
+    last: Charge | None = None
+    last_amount: int = 0
 
     def admits(self, amount: int, now: datetime, lease: Lease) -> bool:
         return self.amount - self.spent >= amount and now - self.taken < lease.refresh
@@ -189,7 +193,11 @@ class Leases:
 
 
 def _charged(key_id: str, meter: str, amount: int, held: _Slice) -> Charge:
-    return Charge.model_construct(
+    """A leased charge's result (a slice is one key's and one meter's)."""
+    if held.last is not None and held.last_amount == amount:
+        return held.last
+    held.last_amount = amount
+    held.last = Charge.model_construct(
         key_id=key_id,
         identity_id=None,
         amounts={meter: from_micros(amount)},
@@ -198,3 +206,4 @@ def _charged(key_id: str, meter: str, amount: int, held: _Slice) -> Charge:
         replayed=False,
         leased=True,
     )
+    return held.last
