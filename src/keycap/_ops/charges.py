@@ -4,7 +4,7 @@ organization, or none; with its ledger entries.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -19,7 +19,7 @@ from keycap._ops.results import AlertHandler, budget_status, by_remaining, cross
 from keycap._ops.units import (
     BudgetRefused,
     Idempotency,
-    KeyRefused,
+    block_spent,
     claim,
     live_key,
     spent,
@@ -46,10 +46,8 @@ async def charge(
     # A keyless identity's charge is always a transaction (the one statement is
     # built around the key's row).
     keyed = idempotency_key is None and not ids.is_valid(ids.IDENTITY, key_id)
-    if keyed and db.one_statement:
+    if keyed and (db.one_statement or db.one_block):
         unit = _at_once(db, key_id, amounts, metadata, now)
-    elif keyed and db.one_block:
-        unit = _in_block(db, key_id, amounts, metadata, now)
     elif (replay := await stored_replay(db, Charge, idem)) is not None:
         return replay  # type: ignore[no-any-return]
     else:
@@ -77,36 +75,19 @@ def _at_once(
     metadata: Mapping[str, Any] | None,
     now: datetime,
 ) -> Unit:
-    """PostgreSQL: the whole charge in one statement (``keycap._db.metering``)."""
+    """The whole charge in one round trip: one statement on PostgreSQL
+    (``keycap._db.metering``), one compound statement on MariaDB
+    (``keycap._db.blocks``)."""
 
     async def unit() -> tuple[Charge, tuple[BudgetAlert, ...]]:
-        rows = await metering.charge_at_once(db.statement, key_id, amounts, metadata, now)
-        debited = [(row, amounts[row.meter]) for row in spent(rows, key_id)]
-        result = charged(key_id, amounts, debited, now)
-        return result, result.alerts
-
-    return unit
-
-
-def _in_block(
-    db: Database,
-    key_id: str,
-    amounts: Mapping[str, int],
-    metadata: Mapping[str, Any] | None,
-    now: datetime,
-) -> Unit:
-    """MariaDB: the whole charge in one compound statement (``keycap._db.blocks``)."""
-
-    async def unit() -> tuple[Charge, tuple[BudgetAlert, ...]]:
-        done = await blocks.charge_in_block(
-            db.block, db.engine.dialect, key_id, amounts, metadata, now
-        )
-        if done.step == blocks.KEY_REFUSED:
-            raise KeyRefused()
-        if done.step != blocks.DONE:
-            raise BudgetRefused(row=done.refused_budget, key=done.ref)
-        debited = [(row, amounts[row.meter]) for row in done.budgets]
-        result = charged(key_id, amounts, debited, now)  # type: ignore[arg-type]
+        if db.one_statement:
+            rows = await metering.charge_at_once(db.statement, key_id, amounts, metadata, now)
+            after: Sequence[Any] = spent(rows, key_id)
+        else:
+            dialect = db.engine.dialect
+            done = await blocks.charge_in_block(db.block, dialect, key_id, amounts, metadata, now)
+            after = block_spent(done)
+        result = charged(key_id, amounts, [(row, amounts[row.meter]) for row in after], now)
         return result, result.alerts
 
     return unit

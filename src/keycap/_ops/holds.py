@@ -31,7 +31,7 @@ from keycap._ops.units import (
     BudgetRefused,
     HoldRefused,
     Idempotency,
-    KeyRefused,
+    block_spent,
     claim,
     live_key,
     retrying,
@@ -67,10 +67,8 @@ async def reserve(
     )
     # A keyless identity's reserve is always a transaction, as its charge is.
     keyed = idempotency_key is None and not ids.is_valid(ids.IDENTITY, key_id)
-    if keyed and db.one_statement:
+    if keyed and (db.one_statement or db.one_block):
         unit = _reserve_at_once(db, key_id, meter, amount, now, now + ttl, on_expiry)
-    elif keyed and db.one_block:
-        unit = _reserve_in_block(db, key_id, meter, amount, now, now + ttl, on_expiry)
     elif (replay := await stored_replay(db, Hold, idem)) is not None:
         return replay  # type: ignore[no-any-return]
     else:
@@ -96,39 +94,32 @@ def _reserve_at_once(
     expires_at: datetime,
     on_expiry: str | None,
 ) -> Callable[[], Awaitable[tuple[Hold, tuple[()]]]]:
-    """PostgreSQL: the whole reserve in one statement (``keycap._db.metering``)."""
+    """The whole reserve in one round trip: one statement on PostgreSQL
+    (``keycap._db.metering``), one compound statement on MariaDB
+    (``keycap._db.blocks``)."""
 
     async def unit() -> tuple[Hold, tuple[()]]:
         hold_id = ids.new_id("hold")
-        params = metering.reserve_params(key_id, hold_id, meter, amount, now, expires_at, on_expiry)
-        rows = await metering.run(db.statement, metering.reserve_statement(), params)
-        held = spent(rows, key_id)
+        if db.one_statement:
+            params = metering.reserve_params(
+                key_id, hold_id, meter, amount, now, expires_at, on_expiry
+            )
+            rows = await metering.run(db.statement, metering.reserve_statement(), params)
+            held: Sequence[Any] = spent(rows, key_id)
+        else:
+            done = await blocks.reserve_in_block(
+                db.block,
+                db.engine.dialect,
+                key_id,
+                hold_id,
+                meter,
+                amount,
+                now,
+                expires_at,
+                on_expiry,
+            )
+            held = block_spent(done)
         return _opened(hold_id, key_id, meter, amount, now, expires_at, held), ()
-
-    return unit
-
-
-def _reserve_in_block(
-    db: Database,
-    key_id: str,
-    meter: str,
-    amount: int,
-    now: datetime,
-    expires_at: datetime,
-    on_expiry: str | None,
-) -> Callable[[], Awaitable[tuple[Hold, tuple[()]]]]:
-    """MariaDB: the whole reserve in one compound statement (``keycap._db.blocks``)."""
-
-    async def unit() -> tuple[Hold, tuple[()]]:
-        hold_id = ids.new_id("hold")
-        done = await blocks.reserve_in_block(
-            db.block, db.engine.dialect, key_id, hold_id, meter, amount, now, expires_at, on_expiry
-        )
-        if done.step == blocks.KEY_REFUSED:
-            raise KeyRefused()
-        if done.step != blocks.DONE:
-            raise BudgetRefused(row=done.refused_budget, key=done.ref)
-        return _opened(hold_id, key_id, meter, amount, now, expires_at, done.budgets), ()
 
     return unit
 

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from keycap._db import keys, metering, operations, tenancy
+from keycap._db import blocks, keys, metering, operations, tenancy
 from keycap._db.build import AnyRow, KeyRef
 from keycap._db.engine import Database, is_transient
 from keycap._errors import DatabaseError, DatabaseUnavailableError, IdempotencyConflictError
@@ -148,3 +148,14 @@ def spent(rows: Sequence[AnyRow], key_id: str) -> list[AnyRow]:
         key = KeyRef.of(key_id, first, "key_")
         raise BudgetRefused(row=metering.refused_budget(rows), key=key)
     return [row for row in rows if row.id is not None]
+
+
+def block_spent(done: blocks.Outcome) -> Sequence[Any]:
+    """:func:`spent` for a MariaDB block's outcome (``keycap._db.blocks``): the
+    budgets' rows after it, or its refusal (of the key, or of a budget) as
+    ``Refused``."""
+    if done.step == blocks.KEY_REFUSED:
+        raise KeyRefused()
+    if done.step != blocks.DONE:
+        raise BudgetRefused(row=done.refused_budget, key=done.ref)
+    return done.budgets
