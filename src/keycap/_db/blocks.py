@@ -70,6 +70,7 @@ from keycap._db.build import (
     int_param,
 )
 from keycap._db.grant import applies_to_row, grant_predicate, key_is_live_now
+from keycap._db.holds import has_expired_holds
 from keycap._db.hot import Compiled, HotRow, compiled
 from keycap._db.keys import KEY_COLUMNS, metered_use, usage_cap_open
 from keycap._db.ledger import ENTRY_COLUMNS
@@ -340,14 +341,7 @@ def _ending(w: _Writer, *, key: Any, cost: Cost, with_rates: bool) -> None:
     w.text("COMMIT;")
     w.text("ELSE")
     if cost.meters:
-        h = holds.c
-        expired = exists(
-            select(h.id).where(
-                h.status == "open",
-                h.expires_at <= NOW,
-                func.instr(h.budget_ids, func.concat(" ", b.id, " ")) > 0,
-            )
-        )
+        expired = has_expired_holds(b.id, w.dialect.name)
         w.text("IF v_bad IS NOT NULL THEN")
         w.result(
             "refused",

@@ -7,13 +7,16 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    ColumnElement,
+    exists,
     insert,
+    literal,
     select,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from keycap._db.build import HOLD_ID, AnyRow, contains
+from keycap._db.build import HOLD_ID, NOW, AnyRow, contains
 from keycap._db.keys import selected_by
 from keycap._db.schema import (
     holds,
@@ -75,3 +78,11 @@ async def open_hold_ids(conn: AsyncConnection, column: str, value: str) -> list[
         .order_by(h.id)
     )
     return list((await conn.execute(stmt)).scalars())
+
+
+def has_expired_holds(budget_id: Any, dialect: str) -> ColumnElement[bool]:
+    """Open holds past their expiry at ``m_now`` still hold part of the budget
+    ``budget_id`` (a column): a refusal by it frees them before it is final."""
+    h = holds.c
+    on_budget = contains(h.budget_ids, literal(" ") + budget_id + literal(" "), dialect)
+    return exists(select(h.id).where(h.status == "open", h.expires_at <= NOW, on_budget))

@@ -76,6 +76,7 @@ from keycap._db.build import (
     int_param,
 )
 from keycap._db.grant import applies_to_row, grant_predicate, key_is_live_now
+from keycap._db.holds import has_expired_holds
 from keycap._db.hot import HotRow
 from keycap._db.keys import KEY_COLUMNS, metered_use, usage_cap_open
 from keycap._db.ledger import ENTRY_COLUMNS
@@ -653,14 +654,7 @@ def _refused(room: Any) -> tuple[Any, list[Any]]:
     (a CTE), and its columns labelled ``x_...``: what the refusal names; with
     ``x_expired_holds``, whether open holds past their expiry still hold part of
     it (only then does the refusal need another round trip, to free them)."""
-    h = holds.c
-    expired = exists(
-        select(h.id).where(
-            h.status == "open",
-            h.expires_at <= NOW,
-            func.strpos(h.budget_ids, literal(" ") + room.c.id + literal(" ")) > 0,
-        )
-    )
+    expired = has_expired_holds(room.c.id, "postgresql")
     first = (
         select(*(room.c[c.name] for c in budgets.c), expired.label("expired_holds"))
         .where(~room.c.fits)
