@@ -191,15 +191,47 @@ def lease_storm(url: str, key_id: str, amount: str, calls: int, slice_: str) -> 
     return asyncio.run(run())
 
 
-def lease_forever(url: str, key_id: str, on_expiry: str, admitted: Any, ready: Any) -> None:
+def lease_validate_storm(url: str, plaintext: str, amount: str, calls: int, size: int) -> int:
+    """``calls`` concurrent coroutines each validating ``plaintext`` with a cost of
+    ``amount`` from this process's slices of ``size`` calls, until refused; how
+    many were admitted. The client's close settles the last slice."""
+
+    async def run() -> int:
+        admitted = 0
+        policy = LeasePolicy(slice="1.00", calls=size, refresh="1s", ttl="60s")
+        async with APIKeyClient(url, signing_secret=SECRET, leases=policy) as client:
+
+            async def one() -> None:
+                nonlocal admitted
+                while True:
+                    try:
+                        await client.validate_key(plaintext, cost=Decimal(amount))
+                    except KeycapError as error:
+                        assert error.code in ("budget_exceeded", "rate_limited"), error
+                        return
+                    admitted += 1
+
+            await asyncio.gather(*(one() for _ in range(calls)))
+        return admitted
+
+    return asyncio.run(run())
+
+
+def lease_forever(
+    url: str, key_id: str, on_expiry: str, admitted: Any, ready: Any, plaintext: str | None = None
+) -> None:
     """Charge 0.01 from a lease in a loop until killed (the lease SIGKILL test),
-    counting the admitted calls in ``admitted`` (a shared ``multiprocessing.Value``)."""
+    counting the admitted calls in ``admitted`` (a shared ``multiprocessing.Value``).
+    With ``plaintext``, validate it with a cost of 0.01 instead (slices of 10 calls)."""
 
     async def run() -> None:
-        policy = LeasePolicy(slice="0.10", refresh="1s", ttl="2s", on_expiry=on_expiry)
+        policy = LeasePolicy(slice="0.10", refresh="1s", ttl="2s", on_expiry=on_expiry, calls=10)
         async with APIKeyClient(url, signing_secret=SECRET, leases=policy) as client:
             while True:
-                await client.charge(key_id, Decimal("0.01"))
+                if plaintext is None:
+                    await client.charge(key_id, Decimal("0.01"))
+                else:
+                    await client.validate_key(plaintext, cost=Decimal("0.01"))
                 with admitted.get_lock():
                     admitted.value += 1
                     if admitted.value == 25:

@@ -20,11 +20,19 @@ from keycap import (
     BudgetExceededError,
     ConfigurationError,
     DatabaseUnavailableError,
+    DisabledKeyError,
+    ExpiredKeyError,
+    ForbiddenError,
+    InvalidKeyError,
     LeasePolicy,
+    RateLimit,
+    RateLimitedError,
     RevokedKeyError,
+    UsageExhaustedError,
 )
 from keycap._db.schema import holds, ledger
-from keycap._rules.leases import Lease
+from keycap._rules.leases import Lease, calls_that_fit
+from keycap._rules.tokens import KeyFormat
 from tests import _workers
 from tests._ledger import assert_balances_match_ledger
 from tests.conftest import REPORT, SECRET, FakeClock
@@ -199,15 +207,18 @@ async def test_leases_from_4_processes_never_overspend_and_strand_little(
 
 @pytest.mark.concurrency
 @pytest.mark.parametrize("on_expiry", ["release", "charge"])
+@pytest.mark.parametrize("leased", ["charge", "validate"])
 async def test_a_killed_lease_holder_leaves_its_slice_to_the_expiry_rule(
-    client: APIKeyClient, db_url: str, backend: str, on_expiry: str
+    client: APIKeyClient, db_url: str, backend: str, on_expiry: str, leased: str
 ) -> None:
     org = (await client.create_organization("A")).id
     issued = await client.create_key(org, budgets=[Budget(D("100"))])
     ctx = multiprocessing.get_context("spawn")
     ready, admitted = ctx.Event(), ctx.Value("i", 0)
+    plaintext = issued.plaintext if leased == "validate" else None
     proc = ctx.Process(
-        target=_workers.lease_forever, args=(db_url, issued.id, on_expiry, admitted, ready)
+        target=_workers.lease_forever,
+        args=(db_url, issued.id, on_expiry, admitted, ready, plaintext),
     )
     proc.start()
     assert await asyncio.to_thread(ready.wait, 60), "the leasing process never got going"
@@ -225,11 +236,15 @@ async def test_a_killed_lease_holder_leaves_its_slice_to_the_expiry_rule(
     lines = await assert_balances_match_ledger(client)
     async with client.engine.connect() as conn:
         kinds = sorted(set((await conn.execute(select(ledger.c.kind))).scalars()))
+    uses = (await client.get_key(issued.id)).use_count
     REPORT.append(
-        f"{backend}: SIGKILL of a lease holder, on_expiry={on_expiry} -> admitted={spent}, "
-        f"used={status.used}, ledger kinds={kinds}; {'; '.join(lines)}"
+        f"{backend}: SIGKILL of a lease holder ({leased}), on_expiry={on_expiry} -> "
+        f"admitted={spent}, used={status.used}, use_count={uses}, ledger kinds={kinds}; "
+        f"{'; '.join(lines)}"
     )
     assert status.held == 0
+    if leased == "validate":  # its last slice's uses stay counted: never fewer than admitted
+        assert uses >= admitted.value
     if on_expiry == "charge":  # never undercharged: the open slice charged in full
         assert status.used >= spent and "expiry" not in kinds
     else:  # released: what the dead process admitted since its last settle is not charged
@@ -264,3 +279,193 @@ async def test_a_slice_the_database_cannot_settle_is_kept_and_settled_later(
     (status,) = await client.get_budgets(issued.id)
     assert status.used == D("0.11") and status.held == 0
     await assert_balances_match_ledger(client)
+
+
+# --- validations ------------------------------------------------------------------------
+
+
+def test_a_slice_of_validations_is_sized_by_what_fits() -> None:
+    lease = LeasePolicy(slice="0.10", calls=50).checked()
+    cent = 10_000
+    assert lease.next_calls({}, None) == 50  # the policy's calls
+    assert lease.next_calls({"spend": cent}, None) == 10  # the policy's slice of money
+    assert lease.next_calls({}, 100) == 25  # a quarter of what fits
+    assert lease.next_calls({}, 15) is None  # 3 calls: validate exactly
+    assert calls_that_fit([(100, 1), (50_000, cent), (7, 0)]) == 5  # a cost of 0 never binds
+    assert calls_that_fit([(7, 0)]) is None
+    assert calls_that_fit([(-3, 1)]) == 0
+
+
+@pytest.mark.parametrize(
+    ("policy", "says"),
+    [
+        (LeasePolicy(slice="1", calls=0), "calls"),
+        (LeasePolicy(slice="1", calls=True), "calls"),
+        (LeasePolicy(slice="1", validations="yes"), "validations"),  # type: ignore[arg-type]
+    ],
+)
+def test_a_bad_validation_lease_is_a_configuration_error(policy: LeasePolicy, says: str) -> None:
+    with pytest.raises(ConfigurationError, match=says):
+        policy.checked()
+
+
+async def _limited_key(client: APIKeyClient, **options: object) -> tuple[str, str]:
+    org = (await client.create_organization("A")).id
+    issued = await client.create_key(
+        org,
+        budgets=[Budget(D("1.00"))],
+        rate_limits=[RateLimit(1000, "hour")],
+        **options,  # type: ignore[arg-type]
+    )
+    return issued.id, issued.plaintext
+
+
+async def test_leased_validations_spend_a_slice_in_memory_and_give_back_what_they_did_not(
+    client: APIKeyClient, db_url: str, clock: FakeClock
+) -> None:
+    key_id, plaintext = await _limited_key(client)
+    async with await _leasing(db_url, clock, calls=10) as leasing:
+        keys = [await leasing.validate_key(plaintext, cost=D("0.01")) for _ in range(25)]
+        assert all(k.charge is not None and k.charge.leased for k in keys)
+        assert keys[0].rate_limit is not None and keys[0].rate_limit.remaining == 990
+        (status,) = await client.get_budgets(key_id)
+        assert status.used + status.held == D("0.30")  # 2 slices settled, 1 open
+        assert (await client.get_key(key_id)).use_count == 30  # the open slice's too
+    async with client.engine.connect() as conn:
+        settled = (await conn.execute(select(holds.c.settled_micros))).scalars().all()
+    assert sorted(settled) == [50_000, 100_000, 100_000]
+    (status,) = await client.get_budgets(key_id)
+    assert status.used == D("0.25") and status.held == 0
+    assert (await client.get_key(key_id)).use_count == 25  # the unspent 5 given back
+    (rate,) = await client.get_rate_limits(key_id)
+    assert rate.remaining == 1000 - 25
+    await assert_balances_match_ledger(client)
+
+
+async def test_a_rate_limited_key_is_leased_without_a_cost_and_admitted_exactly_its_limit(
+    client: APIKeyClient, db_url: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from keycap._ops import leases as lease_ops
+
+    taken: list[int] = []
+    take = lease_ops.Leases._take
+
+    async def counted(
+        self: lease_ops.Leases, slot: object, d: object, size: int, *a: object
+    ) -> object:
+        taken.append(size)
+        return await take(self, slot, d, size, *a)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(lease_ops.Leases, "_take", counted)
+    org = (await client.create_organization("A")).id
+    issued = await client.create_key(org, rate_limits=[RateLimit(100, "hour")])
+    async with await _leasing(db_url, clock, calls=20) as leasing:
+        admitted = 0
+        with pytest.raises(RateLimitedError):
+            while True:
+                await leasing.validate_key(issued.plaintext)
+                admitted += 1
+    # The first call finds the key rate-limited; then slices shrink with what is left.
+    assert taken == [20, 19, 15, 11, 8, 6, 5]  # 84 calls; the last 15 exact
+    assert admitted == 100  # alone, nothing stranded: near the limit calls go exact
+    assert (await client.get_key(issued.id)).use_count == 100
+
+
+async def test_a_leased_validation_refuses_a_wrong_secret_an_expired_key_and_another_address(
+    client: APIKeyClient, db_url: str, clock: FakeClock
+) -> None:
+    org = (await client.create_organization("A")).id
+    issued = await client.create_key(
+        org,
+        budgets=[Budget(D("1.00"))],
+        allowed_ips=["203.0.113.0/24"],
+        expires_in=timedelta(seconds=5),
+    )
+    async with await _leasing(db_url, clock, calls=10) as leasing:
+        key = await leasing.validate_key(issued.plaintext, cost=D("0.01"), client_ip="203.0.113.7")
+        assert key.charge is not None and key.charge.leased
+        _, wrong = KeyFormat().generate(
+            KeyFormat().parse(issued.plaintext)
+        )  # its id, not its secret
+        with pytest.raises(InvalidKeyError):
+            await leasing.validate_key(wrong, cost=D("0.01"), client_ip="203.0.113.7")
+        with pytest.raises(ForbiddenError):
+            await leasing.validate_key(issued.plaintext, cost=D("0.01"), client_ip="198.51.100.1")
+        clock.advance(seconds=5)
+        with pytest.raises(ExpiredKeyError):
+            await leasing.validate_key(issued.plaintext, cost=D("0.01"), client_ip="203.0.113.7")
+    (status,) = await client.get_budgets(issued.id)
+    assert status.used == D("0.01") and status.held == 0
+    await assert_balances_match_ledger(client)
+
+
+async def test_a_leased_validation_sees_a_revocation_within_refresh_or_at_once_through_it(
+    client: APIKeyClient, db_url: str, clock: FakeClock
+) -> None:
+    key_id, plaintext = await _limited_key(client)
+    async with await _leasing(db_url, clock, refresh="10s", calls=10) as leasing:
+        await leasing.validate_key(plaintext, cost=D("0.01"))
+        await client.disable_key(key_id)  # another client: the lease does not know
+        clock.advance(seconds=9)
+        assert (await leasing.validate_key(plaintext, cost=D("0.01"))).charge.leased  # type: ignore[union-attr]
+        clock.advance(seconds=1)
+        with pytest.raises(DisabledKeyError):
+            await leasing.validate_key(plaintext, cost=D("0.01"))
+        await client.enable_key(key_id)
+        await leasing.validate_key(plaintext, cost=D("0.01"))
+        await leasing.revoke_key(key_id)  # through the leasing client: at once
+        with pytest.raises(RevokedKeyError):
+            await leasing.validate_key(plaintext, cost=D("0.01"))
+    (status,) = await client.get_budgets(key_id)
+    assert status.used == D("0.03") and status.held == 0
+    assert (await client.get_key(key_id)).use_count == 3
+    await assert_balances_match_ledger(client)
+
+
+async def test_a_capped_key_leased_is_admitted_exactly_its_uses(
+    client: APIKeyClient, db_url: str, clock: FakeClock
+) -> None:
+    key_id, plaintext = await _limited_key(client, max_uses=30)
+    async with await _leasing(db_url, clock, calls=10) as leasing:
+        admitted = 0
+        with pytest.raises(UsageExhaustedError):
+            while True:
+                await leasing.validate_key(plaintext, cost=D("0.01"))
+                admitted += 1
+    assert admitted == 30
+    (status,) = await client.get_budgets(key_id)
+    assert status.used == D("0.30") and status.held == 0
+    assert (await client.get_key(key_id)).use_count == 30
+
+
+@pytest.mark.concurrency
+@pytest.mark.parametrize(("calls", "budget", "most"), [(120, "1.50", 120), (1000, "1.00", 100)])
+async def test_leased_validations_from_4_processes_never_overshoot_a_rate_limit_or_budget(
+    client: APIKeyClient, db_url: str, backend: str, calls: int, budget: str, most: int
+) -> None:
+    org = (await client.create_organization("A")).id
+    await client.set_budget(org, Budget(D(budget)))
+    issued = await client.create_key(org, rate_limits=[RateLimit(calls, "hour")])
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(4, mp_context=ctx) as pool:
+        jobs = [
+            pool.submit(_workers.lease_validate_storm, db_url, issued.plaintext, "0.01", 16, 20)
+            for _ in range(4)
+        ]
+        admitted = sum(job.result() for job in jobs)
+    (status,) = await client.get_budgets(org)
+    (rate,) = await client.get_rate_limits(issued.id)
+    uses = (await client.get_key(issued.id)).use_count
+    lines = await assert_balances_match_ledger(client)
+    REPORT.append(
+        f"{backend}: leased validations (slices of 20 calls), 4 processes x 16 callers, "
+        f"0.01 each, {calls}/hour and an org budget of {budget}, until refused -> "
+        f"admitted={admitted}, "
+        f"used={status.used}, use_count={uses}, rate remaining={rate.remaining}; "
+        f"{'; '.join(lines)}"
+    )
+    assert admitted <= most  # never past the rate limit, or the budget
+    assert status.held == 0 and status.used == D("0.01") * admitted  # every call charged
+    assert uses == admitted  # what the slices did not spend was given back
+    assert rate.remaining == calls - admitted
+    assert admitted >= most - 20  # little stranded: slices shrink near the limit

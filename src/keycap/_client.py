@@ -205,11 +205,13 @@ class APIKeyClient:
             install 'keycap[argon2]'``): new keys, and older ones on their next
             use, are digested with Argon2id; its cost is in docs/performance.md.
         leases: a :class:`LeasePolicy` to serve :meth:`charge` (one meter, no
-            idempotency key, no metadata) from in-process slices held in the
-            database: a hold taken per key and meter, spent in memory, settled
-            in batches. Never overspends; what it trades away (exact refusals
-            near exhaustion, a revocation by another process seen within
-            ``refresh``, a dead process's slice) is in docs/limits-and-budgets.md.
+            idempotency key, no metadata), and :meth:`validate_key` with a cost
+            or of a rate-limited key, from in-process slices held in the
+            database: holds, uses and rate-limit units taken for many calls at
+            once, spent in memory, settled in batches. Never overspends; what
+            it trades away (exact refusals near exhaustion, a revocation by
+            another process seen within ``refresh``, a dead process's slice)
+            is in docs/limits-and-budgets.md.
 
     Raises:
         ConfigurationError: a bad URL, a missing driver, or bad secrets/prefixes.
@@ -287,9 +289,6 @@ class APIKeyClient:
             )
         if self._replica is not None and self._replica.dialect != self._db.dialect:
             raise ConfigurationError("read_replica must be the same kind of database")
-        self._pipeline = pipeline.Pipeline(
-            self._db, self._replica, self._ring, self._cache, self._on_alert
-        )
         self._leases: lease_ops.Leases | None = None
         if leases is not None:
             if not isinstance(leases, LeasePolicy):
@@ -297,6 +296,9 @@ class APIKeyClient:
             self._leases = lease_ops.Leases(
                 self._db, leases.checked(), self._on_alert, self._keep_settlement
             )
+        self._pipeline = pipeline.Pipeline(
+            self._db, self._replica, self._ring, self._cache, self._on_alert, self._leases
+        )
 
     def __repr__(self) -> str:
         url = self._db.engine.url.render_as_string(hide_password=True)

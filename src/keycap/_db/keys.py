@@ -35,6 +35,7 @@ from keycap._db.build import (
     changing,
     hot_binds,
     hot_params,
+    int_param,
 )
 from keycap._db.grant import (
     asked_product,
@@ -466,40 +467,75 @@ async def record_metered_use(
     return await changed(conn, stmt, hot_params(key_id, now, digests, client))
 
 
-def metered_use(track: bool, now: Any) -> tuple[tuple[Any, Any], ...]:
-    """What a metered validation writes to the key's row: the use counted, unless
-    tracking is off and the key has no cap."""
+async def record_slice_use(
+    conn: AsyncConnection,
+    key_id: str,
+    digests: Mapping[str, str],
+    req: Requirement,
+    now: datetime,
+    *,
+    track: bool,
+    client: ips.Address | None,
+    uses: int,
+) -> AnyRow | None:
+    """:func:`record_metered_use` for ``uses`` calls at once: a lease's slice of
+    validations (``keycap._ops.leases``). The cap must leave room for all of them;
+    they are counted as one metered use would be, and what the slice does not
+    spend is given back (:func:`give_back_uses`)."""
+    stmt = _metered_use(req, tuple(digests), conn.dialect.name, track, sliced=True)
+    params = {**hot_params(key_id, now, digests, client), "hot_uses": uses}
+    return await changed(conn, stmt, params)
+
+
+async def give_back_uses(conn: AsyncConnection, key_id: str, uses: int) -> None:
+    """Uncount ``uses`` a slice counted and never spent."""
+    k = keys.c
+    await conn.execute(
+        update(keys)
+        .where(k.id == key_id, k.use_count >= uses)
+        .values(use_count=k.use_count - uses),
+    )
+
+
+def metered_use(track: bool, now: Any, uses: Any = 1) -> tuple[tuple[Any, Any], ...]:
+    """What a metered validation writes to the key's row: the use counted (``uses``
+    of them, for a slice), unless tracking is off and the key has no cap."""
     k = keys.c
     capped = k.max_uses.is_not(None)
     if track:
-        return ((k.use_count, k.use_count + 1), (k.last_used_at, now))
+        return ((k.use_count, k.use_count + uses), (k.last_used_at, now))
     # A capped key is counted all the same. An uncapped one is written to
     # itself: the UPDATE is what takes the key's lock and re-decides the rule,
     # but it records nothing. (use_count first: last_used_at's CASE reads
     # only max_uses, so MySQL's left-to-right SET gives the same result.)
     return (
-        (k.use_count, case((capped, k.use_count + 1), else_=k.use_count)),
+        (k.use_count, case((capped, k.use_count + uses), else_=k.use_count)),
         (k.last_used_at, case((capped, now), else_=k.last_used_at)),
     )
 
 
-def usage_cap_open() -> ColumnElement[bool]:
-    """The key's usage cap leaves room for one more use."""
+def usage_cap_open(uses: Any = None) -> ColumnElement[bool]:
+    """The key's usage cap leaves room for one more use (or for ``uses`` more)."""
     k = keys.c
-    return or_(k.max_uses.is_(None), k.use_count < k.max_uses)
+    if uses is None:
+        return or_(k.max_uses.is_(None), k.use_count < k.max_uses)
+    return or_(k.max_uses.is_(None), k.use_count + uses <= k.max_uses)
 
 
 @lru_cache(maxsize=HOT_CACHE)
-def _metered_use(req: Requirement, peppers: tuple[str, ...], dialect: str, track: bool) -> Changing:
+def _metered_use(
+    req: Requirement, peppers: tuple[str, ...], dialect: str, track: bool, sliced: bool = False
+) -> Changing:
     k = keys.c
     key_id, digests, now = hot_binds(peppers)
-    values = metered_use(track, now)
+    uses = int_param("hot_uses") if sliced else None
+    values = metered_use(track, now, 1 if uses is None else uses)
     stmt = (
         update(keys)
         .where(
             k.id == key_id,
             grant_predicate(digests, req, now, dialect),
-            usage_cap_open(),
+            usage_cap_open(uses),
         )
         .ordered_values(*values)
     )

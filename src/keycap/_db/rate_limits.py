@@ -115,7 +115,12 @@ def _rate_limits_of() -> Any:
 
 
 async def consume_rates(
-    conn: AsyncConnection, key: KeyRef, amounts: Mapping[str, int], now_ms: int, count: int
+    conn: AsyncConnection,
+    key: KeyRef,
+    amounts: Mapping[str, int],
+    now_ms: int,
+    count: int,
+    calls: int = 1,
 ) -> list[AnyRow] | None:
     """Consume every rate limit that applies to the key (its own, its project's,
     its organization's) in one UPDATE: the sliding-window inequality of
@@ -125,8 +130,10 @@ async def consume_rates(
     admitted: refused, and the caller rolls back.
 
     What a call consumes is :func:`call_cost` (a row it costs nothing always
-    passes); the window arithmetic is :func:`window_step`, decided on the row
-    as it is under the UPDATE's lock.
+    passes); a lease's slice of ``calls`` calls consumes that many of a plain
+    limit, and ``amounts`` are then the whole slice's. The window arithmetic
+    is :func:`window_step`, decided on the row as it is under the UPDATE's
+    lock.
     """
     if not count:
         return []
@@ -134,15 +141,37 @@ async def consume_rates(
     for i, (meter, amount) in enumerate(amounts.items()):
         params[f"m_rate_meter_{i}"] = meter
         params[f"m_rate_units_{i}"] = amount
-    return await changed_rows(conn, _consume_rates(len(amounts)), params, count)
+    if calls != 1:
+        params["m_rate_calls"] = calls
+    stmt = _consume_rates(len(amounts), calls != 1)
+    return await changed_rows(conn, stmt, params, count)
+
+
+async def give_back(conn: AsyncConnection, limit: AnyRow, units: int) -> None:
+    """Uncount ``units`` a slice consumed of ``limit`` (its row after the slice) and
+    never spent: from the window it was counted in, whether that is still the
+    current one or has become the previous one; past that it no longer counts."""
+    if units <= 0:
+        return
+    c = rate_limits.c
+    start = limit.window_start
+    for column, at in ((c.current_units, start), (c.previous_units, start + limit.window_ms)):
+        done = await conn.execute(
+            update(rate_limits)
+            .where(c.id == limit.id, c.window_start == at, column >= units)
+            .values({column: column - units})
+        )
+        if done.rowcount:
+            return
 
 
 @lru_cache(maxsize=16)
-def _consume_rates(meter_count: int) -> Changing:
+def _consume_rates(meter_count: int, sliced: bool = False) -> Changing:
     c = rate_limits.c
     meters = [bindparam(f"m_rate_meter_{i}", type_=c.meter.type) for i in range(meter_count)]
     units = [int_param(f"m_rate_units_{i}") for i in range(meter_count)]
-    step = window_step(c, call_cost(c, meters, units), int_param("m_now_ms"))
+    calls = int_param("m_rate_calls") if sliced else big(1)
+    step = window_step(c, call_cost(c, meters, units, calls), int_param("m_now_ms"))
     stmt = (
         update(rate_limits)
         .where(applies_to_key(rate_limits), step.admits)
@@ -156,12 +185,13 @@ def _consume_rates(meter_count: int) -> Changing:
     return changing(stmt, reread)
 
 
-def call_cost(c: Any, meters: Sequence[Any], units: Sequence[Any]) -> Any:
+def call_cost(c: Any, meters: Sequence[Any], units: Sequence[Any], calls: Any = None) -> Any:
     """What one call consumes of the limit of columns ``c``: one unit of a plain
-    limit, the call's cost on the meter of a metered one (``units[i]`` of
-    ``meters[i]``; none if it has no cost on that meter)."""
+    limit (``calls`` units for a slice of that many), the call's cost on the
+    meter of a metered one (``units[i]`` of ``meters[i]``; none if it has no
+    cost on that meter)."""
     return case(
-        (c.meter.is_(None), big(1)),
+        (c.meter.is_(None), big(1) if calls is None else calls),
         *((c.meter == meter, unit) for meter, unit in zip(meters, units, strict=True)),
         else_=big(0),
     )

@@ -167,39 +167,54 @@ def _reserve_in_transaction(
         async with db.begin() as conn:
             key = await live_key(conn, key_id, now)
             op_id = await claim(conn, key.org_id, idem, now)
-            applicable = await budgets.applicable_budgets(conn, key, [meter])
-            held = await budgets.debit_all(
-                conn, applicable, {meter: amount}, now, key_id=key.key_id, hold=True
-            )
-            if held is None:
-                raise BudgetRefused(key=key)
-            values = {
-                "id": ids.new_id("hold"),
-                "org_id": key.org_id,
-                "project_id": key.project_id,
-                "key_id": key.key_id,
-                "identity_id": key.keyless_identity_id,
-                "meter": meter,
-                "amount_micros": amount,
-                "budget_ids": " " + " ".join(r.id for r in held) + " ",
-                "status": "open",
-                "settled_micros": None,
-                "shortfall_micros": None,
-                "created_at": now,
-                "expires_at": now + ttl,
-                "closed_at": None,
-                "on_expiry": on_expiry,
-            }
-            hold = SimpleNamespace(**values)
-            await holds.insert_hold(conn, values)
-            entries = movements.holds(origin_of(hold, now, idempotency_key), held, amount)
-            await ledger.insert_ledger(conn, entries)
-            result = hold_model(hold, [budget_status(r, now) for r in held])
+            result = await hold_in(conn, key, meter, amount, now, ttl, on_expiry, idempotency_key)
             if op_id is not None:
                 await operations.store_result(conn, op_id, result.model_dump(mode="json"))
             return result, ()
 
     return unit
+
+
+async def hold_in(
+    conn: AsyncConnection,
+    key: KeyRef,
+    meter: str,
+    amount: int,
+    now: datetime,
+    ttl: timedelta,
+    on_expiry: str | None,
+    idempotency_key: str | None = None,
+) -> Hold:
+    """Within a transaction that holds the key's lock: hold ``amount`` on every
+    budget of the meter, open the hold and write the ledger; or ``BudgetRefused``."""
+    applicable = await budgets.applicable_budgets(conn, key, [meter])
+    held = await budgets.debit_all(
+        conn, applicable, {meter: amount}, now, key_id=key.key_id, hold=True
+    )
+    if held is None:
+        raise BudgetRefused(key=key)
+    values = {
+        "id": ids.new_id("hold"),
+        "org_id": key.org_id,
+        "project_id": key.project_id,
+        "key_id": key.key_id,
+        "identity_id": key.keyless_identity_id,
+        "meter": meter,
+        "amount_micros": amount,
+        "budget_ids": " " + " ".join(r.id for r in held) + " ",
+        "status": "open",
+        "settled_micros": None,
+        "shortfall_micros": None,
+        "created_at": now,
+        "expires_at": now + ttl,
+        "closed_at": None,
+        "on_expiry": on_expiry,
+    }
+    hold = SimpleNamespace(**values)
+    await holds.insert_hold(conn, values)
+    entries = movements.holds(origin_of(hold, now, idempotency_key), held, amount)
+    await ledger.insert_ledger(conn, entries)
+    return hold_model(hold, [budget_status(r, now) for r in held])
 
 
 async def settle(

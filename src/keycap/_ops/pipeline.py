@@ -7,16 +7,22 @@ in order:
 1. **cached** (:meth:`Pipeline.cached`): with the auth cache on, an untracked
    call without a cost is served from memory: the secret checked, the grant
    rule re-run against now. No I/O.
-2. **metered** (:meth:`Pipeline.metered`): a call with a cost, or for a key
+2. **leased** (:meth:`Pipeline.leased`): with ``APIKeyClient(leases=...)``, a
+   call with a cost, or for a key known to be rate-limited, is admitted from
+   this process's slice of such calls (``keycap._ops.leases``): the secret's
+   fingerprint, the key's expiry and the client's address checked in memory,
+   a new slice taken in one transaction when it is spent or ``refresh`` old.
+   No slice to be had (near a limit, or refused): it goes on.
+3. **metered** (:meth:`Pipeline.metered`): a call with a cost, or for a key
    known to be rate-limited: the key, every rate limit, the usage cap and
    every budget decided and consumed together in the database
    (``keycap._ops.validation``: one statement on PostgreSQL, one compound
    statement on MariaDB, one transaction elsewhere); on MariaDB every tracked
    call too. A refusal by a rate limit or a budget is its typed error.
-3. **one statement** (:meth:`Pipeline.one_statement`): a tracked call for a
+4. **one statement** (:meth:`Pipeline.one_statement`): a tracked call for a
    key no rate limit is known to apply to, on PostgreSQL and SQLite: one
    ``UPDATE … RETURNING`` decides and counts.
-4. **explain** (:meth:`Pipeline.explain`): the key's row is read (from the
+5. **explain** (:meth:`Pipeline.explain`): the key's row is read (from the
    read replica for an untracked call, if there is one) and the secret and
    the policy say why the database refused it, or admit an untracked call (and
    on MySQL/MariaDB a tracked one, recorded under the rule re-checked in SQL).
@@ -49,6 +55,7 @@ from keycap._errors import (
 from keycap._models import APIKey
 from keycap._ops import results, validation
 from keycap._ops.authcache import AuthCache
+from keycap._ops.leases import Leases, Slot
 from keycap._rules import ips, policy
 from keycap._rules.hashing import PepperRing
 
@@ -88,12 +95,14 @@ class Pipeline:
         ring: PepperRing,
         cache: AuthCache | None,
         on_alert: results.AlertHandler | None,
+        leases: Leases | None = None,
     ) -> None:
         self.db = db
         self.replica = replica
         self.ring = ring
         self.cache = cache
         self.on_alert = on_alert
+        self.leases = leases if leases is not None and leases.validations else None
         self._rate_limited: dict[str, None] = {}  # insertion-ordered: oldest first
 
     async def validate(
@@ -111,12 +120,57 @@ class Pipeline:
         cacheable = self.cache is not None and amounts is None and not track
         if cacheable and (hit := self.cached(key_id, plaintext, req, now, client)) is not None:
             return hit
-        generation = self.cache.generation if self.cache is not None else 0
-        digests = (
-            self.ring.digests(plaintext)
-            if self.ring.cheap(plaintext)
-            else await asyncio.to_thread(self.ring.digests, plaintext)
+        slot = None
+        leases = self.leases
+        if leases is not None and (amounts is not None or key_id in self._rate_limited):
+            slot = leases.slot(plaintext, key_id, req, amounts, track)
+            if (key := await self.leased(slot, plaintext, now, client)) is not None:
+                return key
+        key = await self.decide(plaintext, key_id, req, amounts, track, now, client, cacheable)
+        if slot is not None and leases is not None:
+            leases.observe(slot, key)
+        return key
+
+    async def leased(
+        self, slot: Slot, plaintext: str, now: datetime, client: ips.Address | None
+    ) -> APIKey | None:
+        """Stage 2: a metered or rate-limited validation admitted from this process's
+        slice (``keycap._ops.leases``); None sends it on, to be decided exactly."""
+        assert self.leases is not None
+        if (key := self.leases.spend(slot, now, client)) is not None:
+            return key
+        key = await self.leases.validate(
+            slot,
+            lambda: self.digests(plaintext),
+            lambda pepper_id: self.upgrade_pepper(slot[0], pepper_id, plaintext),
+            now,
+            client,
         )
+        if key is not None:
+            self.note_rate_limited(key.id, key.rate_limit is not None)
+        return key
+
+    async def digests(self, plaintext: str) -> dict[str, str]:
+        """The presented key's digest under each signing secret (off the event loop
+        when the hasher is costly)."""
+        if self.ring.cheap(plaintext):
+            return self.ring.digests(plaintext)
+        return await asyncio.to_thread(self.ring.digests, plaintext)
+
+    async def decide(
+        self,
+        plaintext: str,
+        key_id: str,
+        req: policy.Requirement,
+        amounts: Mapping[str, int] | None,
+        track: bool,
+        now: datetime,
+        client: ips.Address | None,
+        cacheable: bool,
+    ) -> APIKey:
+        """The stages after the cache and the lease: the call decided in the database."""
+        generation = self.cache.generation if self.cache is not None else 0
+        digests = await self.digests(plaintext)
         call = Call(plaintext, key_id, digests, req, amounts, track, now, client)
         # A call with a cost, or for a key known to be rate-limited, goes straight to
         # the metered stage, which re-decides the whole grant rule in SQL; the

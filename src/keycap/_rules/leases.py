@@ -9,6 +9,7 @@ overspent. What a lease trades away is said in docs/limits-and-budgets.md.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal, InvalidOperation
@@ -21,6 +22,8 @@ from keycap._rules import money, timeutil
 #: settle are never charged), ``"charge"`` charges all of it (never
 #: undercharged; overcharged by what it had left).
 ON_EXPIRY = ("release", "charge")
+#: The most calls one slice of validations may admit.
+MAX_CALLS = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +41,11 @@ class LeasePolicy:
         on_expiry: ``"release"`` (default) or ``"charge"``: see :data:`ON_EXPIRY`.
         min_calls: a slice smaller than this many calls' cost is not taken: near
             exhaustion each call is charged exactly instead.
+        calls: the most validations one slice admits (``validate_key`` with a
+            cost, or of a rate-limited key): its uses, its rate limits' units and
+            its budgets' holds are taken together for that many calls.
+        validations: serve validations from slices too (default); False leases
+            ``charge`` only.
     """
 
     slice: Decimal | str
@@ -45,6 +53,8 @@ class LeasePolicy:
     ttl: timedelta | str = "60s"
     on_expiry: str = "release"
     min_calls: int = 4
+    calls: int = 100
+    validations: bool = True
 
     def checked(self) -> Lease:
         """This policy in micro-units and timedeltas, checked.
@@ -66,11 +76,16 @@ class LeasePolicy:
             raise ConfigurationError("leases: ttl must be at most 30 days")
         if self.on_expiry not in ON_EXPIRY:
             raise ConfigurationError("leases: on_expiry must be 'release' or 'charge'")
-        if not isinstance(self.min_calls, int) or isinstance(self.min_calls, bool):
-            raise ConfigurationError("leases: min_calls must be a whole number")
-        if self.min_calls < 1:
-            raise ConfigurationError("leases: min_calls must be at least 1")
-        return Lease(most, refresh, ttl, self.on_expiry, self.min_calls)
+        for name, count in (("min_calls", self.min_calls), ("calls", self.calls)):
+            if not isinstance(count, int) or isinstance(count, bool):
+                raise ConfigurationError(f"leases: {name} must be a whole number")
+            if not 1 <= count <= MAX_CALLS:
+                raise ConfigurationError(f"leases: {name} must be from 1 to {MAX_CALLS}")
+        if not isinstance(self.validations, bool):
+            raise ConfigurationError("leases: validations must be True or False")
+        return Lease(
+            most, refresh, ttl, self.on_expiry, self.min_calls, self.calls, self.validations
+        )
 
 
 def _decimal(value: object) -> object:
@@ -92,6 +107,8 @@ class Lease:
     ttl: timedelta
     on_expiry: str
     min_calls: int
+    calls: int = 100
+    validations: bool = True
 
     def next_slice(self, amount: int, remaining: int | None) -> int | None:
         """The slice to reserve for calls of ``amount``, when the budgets had
@@ -110,3 +127,26 @@ class Lease:
         if calls < self.min_calls:
             return None
         return calls * amount
+
+    def next_calls(self, amounts: Mapping[str, int], fits: int | None) -> int | None:
+        """How many validations of ``amounts`` (micro-units per meter) the next slice
+        admits, when ``fits`` more calls fitted every limit at the last look (None:
+        not looked yet).
+
+        At most :attr:`calls`, at most a quarter of what fits, and at most the
+        policy's slice of each meter. None: fewer than ``min_calls``, and the
+        call goes the exact way.
+        """
+        calls = self.calls if fits is None else min(self.calls, fits // 4)
+        for amount in amounts.values():
+            if amount > 0:
+                calls = min(calls, self.most // amount)
+        return calls if calls >= self.min_calls else None
+
+
+def calls_that_fit(room: Iterable[tuple[int, int]]) -> int | None:
+    """How many more calls fit, from ``(left, per_call)`` pairs of every limit a
+    call consumes (a rate limit, the usage cap, a budget); None: no limit
+    constrains it. A limit a call costs nothing on does not count."""
+    fits = [left // per_call for left, per_call in room if per_call > 0]
+    return max(0, min(fits)) if fits else None
