@@ -1,5 +1,6 @@
-"""Leases (``APIKeyClient(leases=LeasePolicy(...))``): charges admitted in memory
-from a slice held in the database, settled in batches; never overspent."""
+"""Leases (``APIKeyClient(leases=LeasePolicy(...))``): charges and validations
+admitted in memory from a slice held in the database, settled in batches; never
+over a budget, a rate limit or a usage cap."""
 
 from __future__ import annotations
 

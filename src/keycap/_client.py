@@ -110,7 +110,7 @@ def _observed(
         async def observed(self: APIKeyClient, *args: Any, **kwargs: Any) -> Any:
             first = args[0] if args else kwargs.get(argument)
             return await self._telemetry.observe(
-                operation, key_of(self, first), lambda: method(self, *args, **kwargs)
+                operation, lambda: key_of(self, first), lambda: method(self, *args, **kwargs)
             )
 
         return cast(Hot, observed)

@@ -62,15 +62,20 @@ class Telemetry:
         )
 
     async def observe(
-        self, operation: str, key_id: str | None, call: Callable[[], Awaitable[T]]
+        self,
+        operation: str,
+        key_of: Callable[[], str | None],
+        call: Callable[[], Awaitable[T]],
     ) -> T:
-        """Run ``call``; log its failure, and with OpenTelemetry record it."""
+        """Run ``call``; log its failure, and with OpenTelemetry record it.
+        ``key_of()`` names the key (only asked when it is needed)."""
         if self._tracer is None:
             try:
                 return await call()
             except KeycapError as error:
-                _log(operation, key_id, error)
+                _log(operation, key_of(), error)
                 raise
+        key_id = key_of()
         started = time.perf_counter()
         outcome = "ok"
         with self._tracer.start_as_current_span(f"keycap.{operation}") as span:

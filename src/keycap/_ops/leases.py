@@ -25,7 +25,6 @@ rate-limit units it did not spend.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import logging
 import os
@@ -285,7 +284,7 @@ class Leases:
     ) -> Slot:
         """Where a validation's slice is kept: a wrong secret finds none, and goes
         the exact way (which refuses it)."""
-        seen = hmac.new(self._fingerprint_key, plaintext.encode(), hashlib.sha256).digest()
+        seen = hmac.digest(self._fingerprint_key, plaintext.encode(), "sha256")
         return key_id, seen, req, tuple(sorted((amounts or {}).items())), track
 
     def spend(self, slot: Slot, now: datetime, client: ips.Address | None) -> APIKey | None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 
 ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-_CHARSET = frozenset(ALPHABET)
+_BASE62 = re.compile("[0-9A-Za-z]*")
 
 
 def random_string(length: int) -> str:
@@ -25,4 +26,4 @@ def encode_fixed(value: int, width: int) -> str:
 
 
 def is_base62(text: str) -> bool:
-    return all(c in _CHARSET for c in text)
+    return _BASE62.fullmatch(text) is not None
