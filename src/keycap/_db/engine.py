@@ -15,6 +15,7 @@ from sqlalchemy import event, exc
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from keycap._db import inthread
 from keycap._db.hot import Hot
 from keycap._errors import ConfigurationError, DatabaseError, DatabaseUnavailableError, KeycapError
 
@@ -502,11 +503,20 @@ class Database:
         # behind a pooler, in a transaction of its own (autocommit()).
         # On MySQL/MariaDB with aiomysql, statements that only read do too.
         driver = engine.dialect.driver
+        #: SQLite with aiosqlite: a unit of work in one call into its thread.
+        self._in_thread = inthread.Runner(engine) if driver == "aiosqlite" else None
         self._hot = (
             Hot(engine)
             if (driver == "asyncpg" and not self.transaction_pooler) or driver == "aiomysql"
             else None
         )
+
+    @property
+    def in_thread(self) -> bool:
+        """Work runs in one call into SQLite's thread (``keycap._db.inthread``),
+        and is not already running there."""
+        runner = self._in_thread
+        return runner is not None and runner.usable and not inthread.active()
 
     @property
     def one_block(self) -> bool:
@@ -533,7 +543,8 @@ class Database:
 
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[AsyncConnection]:
-        async with _translated(self.engine.begin()) as conn:
+        connecting = inthread.begin() if inthread.active() else self.engine.begin()
+        async with _translated(connecting) as conn:
             yield conn
 
     @asynccontextmanager
@@ -543,7 +554,13 @@ class Database:
         a transaction of its own instead: the statement and its COMMIT (switching
         a pooled aiomysql connection to AUTOCOMMIT and back costs four more round
         trips; see :meth:`reading`)."""
-        connecting = self.engine.begin() if self._own_transaction else self._autocommit.connect()
+        connecting: AbstractAsyncContextManager[AsyncConnection]
+        if inthread.active():
+            connecting = inthread.connect()
+        elif self._own_transaction:
+            connecting = self.engine.begin()
+        else:
+            connecting = self._autocommit.connect()
         async with _translated(connecting) as conn:
             yield conn
 
@@ -595,8 +612,14 @@ class Database:
         Raises:
             DatabaseUnavailableError: no answer within ``call_timeout`` seconds.
         """
+        if inthread.active():
+            return await work()  # already inside a unit in SQLite's thread
         limit = self.call_timeout if within is None else within
-        task = asyncio.ensure_future(work())
+        runner = self._in_thread
+        if runner is not None and self.in_thread:
+            task = asyncio.ensure_future(_translating(runner.run(work)))
+        else:
+            task = asyncio.ensure_future(work())
         try:
             async with asyncio.timeout(limit):
                 return await asyncio.shield(task)

@@ -233,7 +233,8 @@ async def settle(
     key is live); what does not fit is written to the ledger as a shortfall
     and reported, never dropped (``keycap._rules.movements.split_settlement``).
     """
-    if idempotency_key is None and (close := closer(db)) is not None:
+    if idempotency_key is None:
+        close = closer(db)
         done = await retrying(db, lambda: _settle_at_once(close, hold_id, actual, now))
         if done is not None:
             await deliver(done.alerts, on_alert)

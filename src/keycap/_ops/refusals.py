@@ -22,7 +22,15 @@ from keycap._errors import (
 )
 from keycap._ops.release import sweep
 from keycap._ops.results import budget_exceeded, epoch_ms, rate_limited_error
-from keycap._ops.units import Idempotency, KeyRefused, RateRefused, Refused, retrying, stored_replay
+from keycap._ops.units import (
+    Idempotency,
+    KeyRefused,
+    RateRefused,
+    Refused,
+    retrying,
+    stored_replay,
+    together,
+)
 from keycap._rules import budgets as budget_rules
 from keycap._rules import ids, policy
 from keycap._rules import rate_limits as ratelimit
@@ -163,21 +171,28 @@ async def run(
     model: Any,
 ) -> Any:
     """Run a unit, turning refusals into errors and a lost idempotency race into a replay."""
-    for _ in range(REFUSED_ATTEMPTS):
+
+    async def attempt() -> tuple[Any, Exception | None]:
+        """The unit's result, or why it was refused (None and None: room after all,
+        it goes again). On SQLite the two are one call into its thread."""
         try:
-            return await retrying(db, unit)
+            return await retrying(db, unit), None
         except Conflict:
             # Lost the race to a duplicate with the same idempotency key: its result.
             if (replay := await stored_replay(db, model, idem)) is None:
                 raise
-            return replay, ()
+            return (replay, ()), None
         except Refused as refused:
             if isinstance(refused, KeyRefused) or refused.key is None:
-                error = await key_refusal(db, key_id or "", now)
-            else:
-                error = await budget_refusal(db, refused, amounts, now, key_id)
-            if error is not None:
-                raise error from None
+                return None, await key_refusal(db, key_id or "", now)
+            return None, await budget_refusal(db, refused, amounts, now, key_id)
+
+    for _ in range(REFUSED_ATTEMPTS):
+        done, error = await together(db, attempt)
+        if error is not None:
+            raise error
+        if done is not None:
+            return done
     raise DatabaseError("the key or its budgets kept changing during the operation; try again")
 
 

@@ -79,15 +79,46 @@ async def open_hold(
 Closer = Callable[..., Awaitable[tuple[Any, list[Any]] | None]]
 
 
-def closer(db: Database) -> Closer | None:
-    """Closing a hold in one round trip, where the database can: one statement on
-    PostgreSQL (``keycap._db.metering``), one compound statement on MariaDB
-    (``keycap._db.blocks``); None elsewhere (a transaction)."""
+def closer(db: Database) -> Closer:
+    """Closing a hold without an idempotency key: one statement on PostgreSQL
+    (``keycap._db.metering``), one compound statement on MariaDB
+    (``keycap._db.blocks``), a transaction elsewhere (:func:`close_in_transaction`:
+    on SQLite in one call into its thread)."""
     if db.one_statement:
         return partial(metering.close_hold, db.statement)
     if db.one_block:
         return partial(blocks.close_hold, db.block, db.engine.dialect)
-    return None
+    return partial(close_in_transaction, db)
+
+
+async def close_in_transaction(
+    db: Database, hold_id: str, status: str, now: datetime, actual: int | None = None
+) -> tuple[Any, list[AnyRow]] | None:
+    """:data:`Closer` as one transaction: the hold released (``status``
+    ``released`` or ``expired``), or settled for ``actual`` within its amount;
+    the hold's row after and its budgets' rows after, or None when it did not
+    close it (not open, or ``actual`` beyond the hold: a settlement's transaction
+    then decides)."""
+    async with db.begin() as conn:
+        hold = await holds.get_hold(conn, hold_id)
+        if hold is None or (actual is not None and actual > hold.amount_micros):
+            return None
+        values = {} if actual is None else {"settled_micros": actual}
+        if hold.status != "open" or not await holds.close_hold(
+            conn, hold_id, status, now, **values
+        ):
+            return None
+        afters = await return_hold(conn, hold, now, used=actual or 0)
+        origin = origin_of(hold, now, None)
+        if actual is None:
+            amount = hold.amount_micros
+            entries = movements.releases(origin, afters, amount, expired=status != "released")
+        else:
+            split = movements.split_settlement(hold.amount_micros, actual, None)
+            entries = movements.settlement(origin, hold.meter, split, afters, [])
+        await ledger.insert_ledger(conn, entries)
+        closed = {**hold._mapping, "status": status, "closed_at": now, **values}
+        return SimpleNamespace(**closed), afters
 
 
 async def return_hold(
@@ -136,7 +167,8 @@ async def release(
     status: str = "released",
 ) -> Hold:
     """Return a hold to its budgets (``status="expired"``: the same, by expiry)."""
-    if idempotency_key is None and (close := closer(db)) is not None:
+    if idempotency_key is None:
+        close = closer(db)
 
         async def at_once() -> Hold | None:
             closed = await close(hold_id, status, now)
@@ -203,21 +235,6 @@ async def charge_in_full(db: Database, hold_id: str, now: datetime) -> bool:
     hold = await db.read(holds.get_hold, hold_id)
     if hold is None or hold.status != "open":
         return False
-    amount = hold.amount_micros
-    if (close := closer(db)) is not None:
-        closed = await retrying(db, lambda: close(hold_id, "expired", now, amount))
-        return closed is not None
-
-    async def unit() -> bool:
-        async with db.begin() as conn:
-            if not await holds.close_hold(conn, hold_id, "expired", now, settled_micros=amount):
-                return False
-            afters = await return_hold(conn, hold, now, used=amount)
-            split = movements.split_settlement(amount, amount, None)
-            entries = movements.settlement(
-                origin_of(hold, now, None), hold.meter, split, afters, []
-            )
-            await ledger.insert_ledger(conn, entries)
-            return True
-
-    return await retrying(db, unit)
+    close, amount = closer(db), hold.amount_micros
+    closed = await retrying(db, lambda: close(hold_id, "expired", now, amount))
+    return closed is not None

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from keycap._db import blocks, keys, metering, operations, tenancy
+from keycap._db import blocks, inthread, keys, metering, operations, tenancy
 from keycap._db.build import AnyRow, KeyRef
 from keycap._db.engine import Database, is_transient
 from keycap._errors import DatabaseError, DatabaseUnavailableError, IdempotencyConflictError
@@ -30,6 +30,8 @@ async def retrying(db: Database, unit: Callable[[], Awaitable[T]]) -> T:
     """Run ``unit`` (one whole transaction, guarded: ``Database.guarded``) again after
     a transient conflict (deadlock, serialization failure, busy SQLite), a bounded
     number of times."""
+    if inthread.active():
+        return await unit()  # inside a unit in SQLite's thread: the outer call retries
     deadline = time.monotonic() + db.call_timeout  # all attempts together
     for attempt in range(ATTEMPTS):
         try:
@@ -43,6 +45,16 @@ async def retrying(db: Database, unit: Callable[[], Awaitable[T]]) -> T:
                 ) from error
             await asyncio.sleep(random.uniform(0, 0.01 * 2**attempt))  # noqa: S311 - jitter
     raise AssertionError("unreachable")
+
+
+async def together(db: Database, work: Callable[[], Awaitable[T]]) -> T:
+    """``work`` (units of work and reads: a call and the explanation of its
+    refusal) in one call into SQLite's thread, where it can run there
+    (``keycap._db.inthread``), tried again as a whole after a transient
+    conflict; elsewhere as it is (its units retry on their own)."""
+    if db.in_thread:
+        return await retrying(db, work)
+    return await work()
 
 
 class Refused(Exception):

@@ -15,7 +15,14 @@ from keycap._models import BudgetAlert, Charge, RateLimitStatus
 from keycap._ops.charges import charge_in, charged
 from keycap._ops.refusals import REFUSED_ATTEMPTS, refused_error
 from keycap._ops.results import AlertHandler, deliver, epoch_ms, tightest_rate
-from keycap._ops.units import BudgetRefused, KeyRefused, RateRefused, Refused, retrying
+from keycap._ops.units import (
+    BudgetRefused,
+    KeyRefused,
+    RateRefused,
+    Refused,
+    retrying,
+    together,
+)
 from keycap._rules import ips
 from keycap._rules.policy import Requirement
 
@@ -109,17 +116,34 @@ async def validate(
             alerts = charge_result.alerts if charge_result is not None else ()
             return key_row, tightest, charge_result, alerts
 
-    for _ in range(REFUSED_ATTEMPTS):
+    path = at_once if db.one_statement else in_block if db.one_block else unit
+
+    async def attempt() -> tuple[Done | None, Exception | None]:
+        """The call, or why it was refused (None and None: the key itself, which
+        the explain stage says; or room after all, and it goes again)."""
         try:
-            path = at_once if db.one_statement else in_block if db.one_block else unit
-            key_row, tightest, charge_result, alerts = await retrying(db, path)
+            return await retrying(db, path), None
+        except KeyRefused:
+            return None, _KEY_REFUSED
         except Refused as refused:
-            if isinstance(refused, KeyRefused):
-                return None  # the explain stage says why
-            error = await refused_error(db, refused, amounts, now, key_id)
-            if error is not None:
-                raise error from None
+            return None, await refused_error(db, refused, amounts, now, key_id)
+
+    for _ in range(REFUSED_ATTEMPTS):
+        done, error = await together(db, attempt)  # on SQLite, with its refusal: one hop
+        if error is _KEY_REFUSED:
+            return None  # the explain stage says why
+        if error is not None:
+            raise error
+        if done is None:
             continue
+        key_row, tightest, charge_result, alerts = done
         await deliver(alerts, on_alert)
         return key_row, tightest, charge_result
     raise DatabaseError("the budgets kept changing during validation; try again")
+
+
+#: A validation's result inside it: the key's row, its tightest rate limit, its
+#: charge, and the alerts to deliver once it is committed.
+Done = tuple[AnyRow, RateLimitStatus | None, Charge | None, tuple[BudgetAlert, ...]]
+#: The key itself refused the call.
+_KEY_REFUSED = KeyRefused()
