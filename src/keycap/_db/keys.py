@@ -458,32 +458,20 @@ async def record_metered_use(
     *,
     track: bool,
     client: ips.Address | None = None,
+    uses: int = 1,
 ) -> AnyRow | None:
     """In a metered validation: the whole grant rule and the usage cap
     (``use_count < max_uses``) in the WHERE, with the use counted unless tracking
     is off and the key has no cap. Returns the key's row after it (with
-    ``pepper_id`` and ``rate_limit_count``), or None: refused, nothing written."""
-    stmt = _metered_use(req, tuple(digests), conn.dialect.name, track)
-    return await changed(conn, stmt, hot_params(key_id, now, digests, client))
+    ``pepper_id`` and ``rate_limit_count``), or None: refused, nothing written.
 
-
-async def record_slice_use(
-    conn: AsyncConnection,
-    key_id: str,
-    digests: Mapping[str, str],
-    req: Requirement,
-    now: datetime,
-    *,
-    track: bool,
-    client: ips.Address | None,
-    uses: int,
-) -> AnyRow | None:
-    """:func:`record_metered_use` for ``uses`` calls at once: a lease's slice of
-    validations (``keycap._ops.leases``). The cap must leave room for all of them;
-    they are counted as one metered use would be, and what the slice does not
-    spend is given back (:func:`give_back_uses`)."""
-    stmt = _metered_use(req, tuple(digests), conn.dialect.name, track, sliced=True)
-    params = {**hot_params(key_id, now, digests, client), "hot_uses": uses}
+    ``uses``: a lease's slice of that many validations (``keycap._ops.leases``):
+    the cap must leave room for all of them, counted as one use would be; what
+    the slice does not spend is given back (:func:`give_back_uses`)."""
+    params = hot_params(key_id, now, digests, client)
+    if uses != 1:
+        params["hot_uses"] = uses
+    stmt = _metered_use(req, tuple(digests), conn.dialect.name, track, sliced=uses != 1)
     return await changed(conn, stmt, params)
 
 

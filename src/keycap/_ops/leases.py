@@ -339,8 +339,14 @@ class Leases:
             room.append((int(left), per_call))
         if key.charge is not None:
             room.extend(_budget_room(key.charge.budgets, amounts))
-        if key.max_uses is not None:
-            room.append((key.max_uses - key.use_count, 1))
+        self._remember(slot, room, key.max_uses, key.use_count)
+
+    def _remember(
+        self, slot: Slot, room: list[tuple[int, int]], max_uses: int | None, use_count: int
+    ) -> None:
+        """Keep how many calls fit (``room``, and the usage cap) for the next slice."""
+        if max_uses is not None:
+            room.append((max_uses - use_count, 1))
         fits = calls_that_fit(room)
         if fits is None:
             self._fits.pop(slot, None)
@@ -363,7 +369,7 @@ class Leases:
 
         async def unit() -> tuple[AnyRow, list[AnyRow], list[Hold]]:
             async with self._db.begin() as conn:
-                row = await keys.record_slice_use(
+                row = await keys.record_metered_use(
                     conn, key_id, digests, req, now, track=track, client=client, uses=size
                 )
                 if row is None:
@@ -414,14 +420,8 @@ class Leases:
             room.append((rate_remaining(c.limit_units, counters), per_call))
         budgets = by_remaining([b for hold in held for b in hold.budgets])
         room.extend(_budget_room(budgets, amounts))
+        self._remember(slot, room, row.max_uses, row.use_count)
         counted = slot[4] or row.max_uses is not None
-        if row.max_uses is not None:
-            room.append((row.max_uses - row.use_count, 1))
-        fits = calls_that_fit(room)
-        if fits is None:
-            self._fits.pop(slot, None)
-        else:
-            self._fits[slot] = fits
         charge = None
         if amounts:
             charge = Charge.model_construct(
