@@ -566,6 +566,40 @@ async def held_replay(url: str, op: Op) -> tuple[Op, Any] | None:
     return replay, conn
 
 
+async def held_replay_mariadb(url: str, op: Op) -> tuple[Op, Any] | None:
+    """MariaDB: :func:`held_replay` for the one query keycap sent (a compound
+    statement, or a read with its ``COMMIT``), replayed with the same arguments
+    on a bare aiomysql connection held for the whole run, every result set read.
+    None when ``op`` sent other than one query."""
+    from aiomysql.cursors import Cursor
+
+    seen: list[tuple[str, Any]] = []
+    real = Cursor.execute
+
+    async def recording(self: Any, query: str, args: Any = None) -> Any:
+        seen.append((query, args))
+        return await real(self, query, args)
+
+    Cursor.execute = recording  # type: ignore[method-assign]
+    try:
+        await op()
+    finally:
+        Cursor.execute = real  # type: ignore[method-assign]
+    if len(seen) != 1:
+        return None
+    sql, args = seen[0]
+    conn = await _connect_my(make_url(url))
+
+    async def replay() -> Any:
+        async with conn.cursor() as cursor:
+            await cursor.execute(sql, args)
+            await cursor.fetchall()
+            while await cursor.nextset():
+                await cursor.fetchall()
+
+    return replay, conn
+
+
 async def peer_row(db: str, url: str, floor: Floor, n: int, ours: Row) -> Row | None:
     """The closest peer, apikeys-platform, its default validation of a key with a
     rate limit, in the same database and run; its note is its p50 as a multiple
@@ -684,19 +718,23 @@ async def bench(db: str, url: str, args: argparse.Namespace) -> list[Row]:
                 *await paired(floor.update, read_on, n),
             )
         )
-        if db == "postgresql":
+        if db in ("postgresql", "mariadb"):
+            replaying = held_replay if db == "postgresql" else held_replay_mariadb
             for name, op in (
                 ("validate_key read path, tracking off", read_off),
                 ("validate_key metered (rate + key/org budget)", metered),
                 ("charge (key + org budget)", charge),
             ):
-                if (held := await held_replay(url, op)) is None:
+                if (held := await replaying(url, op)) is None:
                     continue
                 replay, conn = held
                 found = row(db, f"{name}: vs its SQL, held", "held", *await paired(replay, op, n))
                 found.note = "keycap's call / the same statement on a held bare connection"
                 say(found)
-                await conn.close()
+                if db == "postgresql":
+                    await conn.close()
+                else:
+                    conn.close()
         keycap_metered = row(
             db,
             "validate_key metered (rate + key/org budget)",
