@@ -616,7 +616,7 @@ class Database:
             return await work()  # already inside a unit in SQLite's thread
         limit = self.call_timeout if within is None else within
         runner = self._in_thread
-        if runner is not None and self.in_thread:
+        if runner is not None and runner.usable:
             task = asyncio.ensure_future(_translating(runner.run(work)))
         else:
             task = asyncio.ensure_future(work())

@@ -37,17 +37,22 @@ from keycap._db import keys, rate_limits, rows
 from keycap._db.build import AnyRow, KeyRef
 from keycap._db.engine import Database
 from keycap._errors import BudgetExceededError, DatabaseUnavailableError, HoldClosedError
-from keycap._models import APIKey, BudgetStatus, Charge, Hold, Settlement
+from keycap._models import APIKey, BudgetStatus, Charge, Hold, RateLimitStatus, Settlement
 from keycap._ops import holds
+from keycap._ops.refusals import call_units
 from keycap._ops.release import CHARGE_IN_FULL
-from keycap._ops.results import AlertHandler, by_remaining, epoch_ms, tightest_rate
+from keycap._ops.results import (
+    AlertHandler,
+    by_remaining,
+    epoch_ms,
+    rate_limit_status,
+    rate_order,
+)
 from keycap._ops.units import KeyRefused, RateRefused, Refused, retrying
 from keycap._rules import ips, periods
 from keycap._rules.leases import Lease, calls_that_fit
 from keycap._rules.money import from_micros, to_micros
 from keycap._rules.policy import Requirement
-from keycap._rules.rate_limits import remaining as rate_remaining
-from keycap._rules.rate_limits import view
 
 log = logging.getLogger("keycap")
 
@@ -332,11 +337,7 @@ class Leases:
         """Remember how many calls fit after an exact validation (``key`` as it
         returned), which sizes the next slice."""
         amounts = dict(slot[3])
-        room: list[tuple[int, int]] = []
-        if (rate := key.rate_limit) is not None:
-            per_call = 1 if rate.meter is None else amounts.get(rate.meter, 0)
-            left = rate.remaining if rate.meter is None else to_micros(rate.remaining, "remaining")
-            room.append((int(left), per_call))
+        room = _rate_room([] if key.rate_limit is None else [key.rate_limit], amounts)
         if key.charge is not None:
             room.extend(_budget_room(key.charge.budgets, amounts))
         self._remember(slot, room, key.max_uses, key.use_count)
@@ -407,17 +408,14 @@ class Leases:
     ) -> _Calls:
         """The slice a :meth:`_take` took, and how many calls fit beside it."""
         amounts = dict(slot[3])
-        per_limit = [(limit, _per_call(limit, amounts)) for limit in limits]
+        per_limit = [(limit, call_units(limit, amounts)) for limit in limits]
         until = now + self._lease.refresh
-        now_ms = epoch_ms(now)
-        room: list[tuple[int, int]] = []
         for limit, per_call in per_limit:
             if per_call > 0:
                 ends = periods.EPOCH + timedelta(milliseconds=limit.window_start + limit.window_ms)
                 until = min(until, ends)
-            c = limit
-            counters = view(c.window_ms, now_ms, c.window_start, c.current_units, c.previous_units)
-            room.append((rate_remaining(c.limit_units, counters), per_call))
+        statuses = [rate_limit_status(limit, now) for limit in limits]
+        room = _rate_room(statuses, amounts)
         budgets = by_remaining([b for hold in held for b in hold.budgets])
         room.extend(_budget_room(budgets, amounts))
         self._remember(slot, room, row.max_uses, row.use_count)
@@ -433,7 +431,8 @@ class Leases:
                 replayed=False,
                 leased=True,
             )
-        key = rows.to_key(row, rate_limit=tightest_rate(limits, now), charge=charge)
+        tightest = min(statuses, key=rate_order) if statuses else None
+        key = rows.to_key(row, rate_limit=tightest, charge=charge)
         any_client = row.allowed_ips is None and row.identity_id is None
         return _Calls(
             calls=size,
@@ -472,9 +471,18 @@ class Leases:
             log.exception("keycap: a lease's unspent calls of %s could not be given back", slot[0])
 
 
-def _per_call(limit: AnyRow, amounts: Mapping[str, int]) -> int:
-    """One call's units of a rate limit: one call, or its cost on the limit's meter."""
-    return 1 if limit.meter is None else amounts.get(limit.meter, 0)
+def _rate_room(
+    statuses: Sequence[RateLimitStatus], amounts: Mapping[str, int]
+) -> list[tuple[int, int]]:
+    """``(left, per_call)`` of each rate limit, in its units (calls, or micro-units
+    of its meter), for :func:`calls_that_fit`."""
+    return [
+        (
+            int(s.remaining) if s.meter is None else to_micros(s.remaining, "remaining"),
+            call_units(s, amounts),
+        )
+        for s in statuses
+    ]
 
 
 def _budget_room(

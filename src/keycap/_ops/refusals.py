@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from keycap._db import budgets, keys, rate_limits, rows, tenancy
-from keycap._db.build import AnyRow, KeyRef
+from keycap._db.build import KeyRef
 from keycap._db.engine import Conflict, Database
 from keycap._db.schema import identities
 from keycap._errors import (
@@ -125,7 +125,7 @@ def locked_rate_refusal(
 ) -> RateLimitedError | None:
     """The error naming the rate limit ``current`` if it does not admit the call now
     (a one-statement call's refusing row, as it locked it: no round trip)."""
-    units = _units(current, amounts)
+    units = call_units(current, amounts)
     v = ratelimit.view(
         current.window_ms,
         epoch_ms(now),
@@ -196,6 +196,7 @@ async def run(
     raise DatabaseError("the key or its budgets kept changing during the operation; try again")
 
 
-def _units(row: AnyRow, amounts: Mapping[str, int]) -> int:
-    """What one call consumes of this limit: one call, or the call's cost on its meter."""
+def call_units(row: Any, amounts: Mapping[str, int]) -> int:
+    """What one call consumes of a rate limit (its row, or its status): one call,
+    or the call's cost on its meter."""
     return 1 if row.meter is None else amounts.get(row.meter, 0)
