@@ -85,3 +85,45 @@ def test_a_block_holds_no_percent_sign_of_its_own() -> None:
 
 def _every_bind(block: blocks.Block) -> dict[str, object]:
     return {name: None for part in block.parts for name, _ in part.binds}
+
+
+@ON_MARIADB
+async def test_a_failed_block_leaves_no_transaction_behind_on_its_connection(
+    db_url: str,
+) -> None:
+    """A statement that fails ends the block but not its transaction, and the
+    server's error says nothing of it: left open, the pooled connection's read
+    view would hide what others commit afterwards (a replayed reserve's hold
+    read as missing)."""
+    from sqlalchemy import text
+
+    from keycap._db.engine import Conflict, Database, create_engine
+
+    engine = create_engine(db_url + "?pool_size=1&max_overflow=0")  # one connection
+    db = Database(engine, owned=True)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("DROP TABLE IF EXISTS kc_probe"))
+            await conn.execute(text("CREATE TABLE kc_probe (id INT PRIMARY KEY)"))
+            await conn.execute(text("INSERT INTO kc_probe VALUES (1)"))
+        ok = "BEGIN NOT ATOMIC START TRANSACTION; SELECT COUNT(*) FROM kc_probe; COMMIT; END"
+        await db.block(ok, [])  # its last status: no transaction open
+        failing = (
+            "BEGIN NOT ATOMIC DECLARE v INT; START TRANSACTION;"
+            " SELECT COUNT(*) INTO v FROM kc_probe; INSERT INTO kc_probe VALUES (1); COMMIT; END"
+        )
+        with pytest.raises(Conflict):
+            await db.block(failing, [])
+        other = create_engine(db_url)
+        try:
+            async with other.begin() as conn:
+                await conn.execute(text("INSERT INTO kc_probe VALUES (2)"))
+        finally:
+            await other.dispose()
+        async with db.reading() as conn:
+            seen = (await conn.execute(text("SELECT id FROM kc_probe ORDER BY id"))).scalars()
+            assert list(seen) == [1, 2]
+    finally:
+        async with engine.begin() as conn:
+            await conn.execute(text("DROP TABLE IF EXISTS kc_probe"))
+        await db.dispose()

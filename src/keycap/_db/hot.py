@@ -160,8 +160,8 @@ WITH_COMMIT = ";COMMIT"
 async def _run_aiomysql(fairy: Any, sql: str, args: list[Any]) -> tuple[Any, int]:
     """``sql`` (a read, or a single write) and ``COMMIT`` sent as one query: one
     round trip, the server sending both results at once. Its rows, and how many
-    rows it matched. If the statement fails the ``COMMIT`` does not run, and the
-    pool's reset rolls back what the server says is still open."""
+    rows it matched. If the statement fails the ``COMMIT`` does not run: it is
+    rolled back (:func:`_rolled_back`)."""
     cursor = await fairy.driver_connection.cursor()
     try:
         await cursor.execute(sql + WITH_COMMIT, args)
@@ -169,8 +169,20 @@ async def _run_aiomysql(fairy: Any, sql: str, args: list[Any]) -> tuple[Any, int
         count = cursor.rowcount
         await cursor.nextset()  # the COMMIT's answer, already received
         return found, count
+    except Exception:
+        await _rolled_back(fairy)
+        raise
     finally:
         await cursor.close()
+
+
+async def _rolled_back(fairy: Any) -> None:
+    """After a failed query on MySQL/MariaDB: roll back the transaction it leaves
+    open. The server's error carries no status, so the pool's reset (which rolls
+    back only when the last status said "in a transaction") could return the
+    connection with it open, and its read view: later reads there would be
+    stale. If the rollback fails too, its error is the answer."""
+    await fairy.driver_connection.rollback()
 
 
 async def _run_block(fairy: Any, sql: str, args: list[Any]) -> list[list[Any]]:
@@ -183,6 +195,9 @@ async def _run_block(fairy: Any, sql: str, args: list[Any]) -> list[list[Any]]:
         while await cursor.nextset():
             sets.append(list(await cursor.fetchall()))
         return sets
+    except Exception:
+        await _rolled_back(fairy)  # a failed statement ends the block, not its transaction
+        raise
     finally:
         await cursor.close()
 
