@@ -13,7 +13,13 @@ async def assert_balances_match_ledger(client: APIKeyClient) -> list[str]:
     SUM(delta_held) == the amounts of its open holds.
     Returns one line per budget for reports."""
     lines = []
-    async with client.engine.begin() as conn:
+    # One snapshot for every read: a call still running on the server (sent by a
+    # process killed since, which the server has not noticed yet) may commit
+    # between reading a budget and summing its ledger.
+    engine = client.engine
+    if engine.dialect.name == "postgresql":
+        engine = engine.execution_options(isolation_level="REPEATABLE READ")
+    async with engine.begin() as conn:
         for b in (await conn.execute(select(budgets))).all():
             used = await conn.scalar(
                 select(func.coalesce(func.sum(ledger.c.delta_used), 0)).where(
