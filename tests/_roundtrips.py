@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from decimal import Decimal as D
 from typing import Any
@@ -136,6 +137,22 @@ async def hot_calls(client: Any) -> dict[str, Call]:
         hold = await client.reserve(metered.id, D("0.05"))
         return lambda: client.release(hold.id)
 
+    async def replayed() -> Any:
+        key = uuid.uuid4().hex
+        await client.charge(metered.id, D("0.01"), idempotency_key=key)
+        return lambda: client.charge(metered.id, D("0.01"), idempotency_key=key)
+
+    def fresh() -> str:
+        return uuid.uuid4().hex
+
+    async def settle_idempotently() -> Any:
+        hold = await client.reserve(metered.id, D("0.05"))
+        return lambda: client.settle(hold.id, D("0.03"), idempotency_key=fresh())
+
+    async def release_idempotently() -> Any:
+        hold = await client.reserve(metered.id, D("0.05"))
+        return lambda: client.release(hold.id, idempotency_key=fresh())
+
     return {
         "validate (read)": lambda: client.validate_key(plain.plaintext, track_usage=False),
         "validate (tracked)": lambda: client.validate_key(plain.plaintext),
@@ -143,13 +160,28 @@ async def hot_calls(client: Any) -> dict[str, Call]:
         "validate (metered)": lambda: client.validate_key(metered.plaintext, cost=D("0.01")),
         "charge": lambda: client.charge(metered.id, D("0.01")),
         "reserve": lambda: client.reserve(metered.id, D("0.01")),
-        # These two need a hold first: the setup call returns the measured one.
+        # These need a hold, or a charge, first: the setup call returns the measured one.
         "settle": settle,
         "release": release,
+        "charge (idempotent)": lambda: client.charge(
+            metered.id, D("0.01"), idempotency_key=fresh()
+        ),
+        "charge (replayed)": replayed,
+        "reserve (idempotent)": lambda: client.reserve(
+            metered.id, D("0.01"), idempotency_key=fresh()
+        ),
+        "settle (idempotent)": settle_idempotently,
+        "release (idempotent)": release_idempotently,
     }
 
 
-_NEEDS_SETUP = {"settle", "release"}
+_NEEDS_SETUP = {
+    "settle",
+    "release",
+    "charge (replayed)",
+    "settle (idempotent)",
+    "release (idempotent)",
+}
 
 
 async def measure(client: Any, counting: Callable[[], Any]) -> dict[str, int]:

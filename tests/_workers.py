@@ -114,17 +114,20 @@ def storm(
     lock_pass: bool = True,
     clock_iso: str | None = None,
 ) -> int:
-    """``calls`` concurrent charges (``op="charge"`` or ``"idempotent charge"``) or
-    reserves (``"reserve"``, or ``"reserve and settle half"``: then settle for half
-    or release) of the key id ``target``, or validations (of the
-    plaintext ``target``, with ``amount`` as their cost); how many were admitted.
+    """``calls`` concurrent charges (``op="charge"`` or ``"idempotent charge"``, of a
+    key, or of a keyless identity: a transaction on every database) or reserves
+    (``"reserve"``, or ``"reserve and settle half"``: then settle for half or
+    release) of the key id ``target``, or validations (of the plaintext
+    ``target``, with ``amount`` as their cost); how many were admitted.
     With ``lock_pass=False``, PostgreSQL's one-statement forms without their lock
     pass: the negative control of tests/test_one_statement.py."""
     from keycap._db import metering
 
     if not lock_pass:
         charge, validation = metering.charge_statement, metering.validation_statement
-        metering.charge_statement = lambda count, lock_pass=True: charge(count, False)  # type: ignore[assignment, misc]
+        metering.charge_statement = (  # type: ignore[assignment]
+            lambda count, lock_pass=True, idempotent=False: charge(count, False, idempotent)
+        )
         metering.validation_statement = (  # type: ignore[assignment]
             lambda req, peppers, count, track, lock_pass=True: validation(
                 req, peppers, count, track, False
@@ -150,7 +153,7 @@ def storm(
                             await client.release(hold.id)
                         else:
                             await client.settle(hold.id, cost / 2)  # type: ignore[operator]
-                    elif op == "idempotent charge":  # a transaction on every database
+                    elif op == "idempotent charge":  # with its operation's row
                         idem = uuid.uuid4().hex
                         await client.charge(target, cost, idempotency_key=idem)  # type: ignore[arg-type]
                     else:

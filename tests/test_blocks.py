@@ -4,8 +4,8 @@ its hold and a release in one round trip.
 
 tests/test_round_trips.py shows these calls take the block (one round trip);
 tests/test_one_statement.py storms them from four processes, alone and beside
-the transactions that still run (idempotent charges) on the same rows; here,
-what is MariaDB's own.
+the transactions that still run (a keyless identity's charges) on the same
+rows; here, what is MariaDB's own.
 """
 
 from __future__ import annotations

@@ -633,3 +633,92 @@ async def test_a_charge_is_a_use_of_the_key_to_within_a_second(
     clock.advance(seconds=1)
     await client.charge(issued.id, D("0.01"))
     assert (await client.get_key(issued.id)).last_used_at == clock.now
+
+
+async def test_a_replayed_charge_or_reserve_is_the_original_marked_replayed(
+    client: APIKeyClient, clock: FakeClock
+) -> None:
+    # One statement (one block on MariaDB) writes the call's operation with it;
+    # its replay is rebuilt from what that stored: the same budgets, amounts and
+    # alerts, as they were then.
+    org = await _org(client)
+    await client.set_budget(org, Budget(D("10"), alert_thresholds=[50]))
+    issued = await client.create_key(
+        org, budgets=[Budget(D("2"), alert_thresholds=[25, 75]), Budget(D("5"), meter="tokens")]
+    )
+    amounts = {"spend": D("0.60"), "tokens": D("1.25"), "images": D("3")}
+    first = await client.charge(issued.id, amounts, idempotency_key="c-1")
+    assert [a.threshold for a in first.alerts] == [25]
+    clock.advance(days=40)  # another period: the replay still says what the charge did
+    again = await client.charge(issued.id, amounts, idempotency_key="c-1")
+    assert again == first.model_copy(update={"replayed": True})
+    hold = await client.reserve(issued.id, D("0.25"), idempotency_key="r-1")
+    assert await client.reserve(issued.id, D("0.25"), idempotency_key="r-1") == (
+        hold.model_copy(update={"replayed": True})
+    )
+    settled = await client.settle(hold.id, D("0.20"), idempotency_key="s-1")
+    assert await client.settle(hold.id, D("0.20"), idempotency_key="s-1") == (
+        settled.model_copy(update={"replayed": True})
+    )
+    other = await client.reserve(issued.id, D("0.25"))
+    released = await client.release(other.id, idempotency_key="x-1")
+    assert await client.release(other.id, idempotency_key="x-1") == (
+        released.model_copy(update={"replayed": True})
+    )
+    beyond = await client.reserve(issued.id, D("0.10"))  # settled beyond: a transaction
+    over = await client.settle(beyond.id, D("0.30"), idempotency_key="s-2")
+    assert await client.settle(beyond.id, D("0.30"), idempotency_key="s-2") == (
+        over.model_copy(update={"replayed": True})
+    )
+    await assert_balances_match_ledger(client)
+
+
+async def test_an_idempotent_call_writes_its_key_on_its_ledger_entries(
+    client: APIKeyClient,
+) -> None:
+    from sqlalchemy import select
+
+    from keycap._db.schema import ledger
+
+    org = await _org(client)
+    await client.set_budget(org, Budget(D("10")))
+    issued = await client.create_key(org, budgets=[Budget(D("2"))])
+    await client.charge(issued.id, {"spend": D("0.5"), "tokens": D(1)}, idempotency_key="pay-1")
+    hold = await client.reserve(issued.id, D("0.25"), idempotency_key="hold-1")
+    await client.settle(hold.id, D("0.2"), idempotency_key="settle-1")
+    other = await client.reserve(issued.id, D("0.25"))
+    await client.release(other.id, idempotency_key="release-1")
+    async with client.engine.connect() as conn:
+        query = select(ledger.c.kind, ledger.c.idempotency_key).where(ledger.c.kind != "hold")
+        rows = (await conn.execute(query)).all()
+    assert sorted(rows) == sorted(
+        [("charge", "pay-1")] * 3 + [("settle", "settle-1")] * 2 + [("release", "release-1")] * 2
+    )
+
+
+async def test_a_result_stored_by_a_transaction_replays_through_one_statement(
+    client: APIKeyClient, clock: FakeClock
+) -> None:
+    # Operations written by a transaction (a keyless identity's calls, and
+    # every call before one statement wrote its own) hold the result itself.
+    from keycap._db import operations
+    from keycap._ops.units import Idempotency
+
+    org = await _org(client)
+    issued = await client.create_key(org, budgets=[Budget(D("2"))])
+    stored = await client.charge(issued.id, D("0.5"))
+    idem = Idempotency.of("charge", issued.id, "old-1", amounts={"spend": 500_000})
+    async with client.engine.begin() as conn:
+        op_id = await operations.claim_operation(
+            conn,
+            org_id=org,
+            scope=issued.id,
+            kind="charge",
+            idempotency_key="old-1",
+            request_hash=idem.request_hash,
+            now=clock(),
+        )
+        await operations.store_result(conn, op_id, stored.model_dump(mode="json"))
+    again = await client.charge(issued.id, D("0.5"), idempotency_key="old-1")
+    assert again == stored.model_copy(update={"replayed": True})
+    assert (await client.get_budgets(issued.id))[0].used == D("0.5")

@@ -250,26 +250,29 @@ def _report(backend: str, lock_pass: bool, what: str, admitted: int) -> None:
 
 @ON_EVERY_SERVER
 @pytest.mark.concurrency
-async def test_one_statement_and_transactional_charges_share_a_budget_exactly(
+async def test_one_statement_idempotent_and_transactional_charges_share_a_budget_exactly(
     client: APIKeyClient, db_url: str, backend: str
 ) -> None:
-    # Mixed traffic on the same rows: charges (one statement) through one key,
-    # idempotent charges (a transaction) through another, on their org's budget.
+    # Mixed traffic on the same rows, the org's budget: charges (one statement)
+    # and idempotent charges (one statement with its operation's row) through a
+    # key, and both kinds by a keyless identity (a transaction on every database).
     org = (await client.create_organization("A")).id
     await client.set_budget(org, Budget(D("1.00")))
-    plain = await client.create_key(org, budgets=[Budget(D("0.80"))])
-    idempotent = await client.create_key(org, budgets=[Budget(D("0.80"))])
+    key = await client.create_key(org, budgets=[Budget(D("0.80"))])
+    identity, _ = await client.get_or_create_identity(org, "ada")
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(4, mp_context=ctx) as pool:
         jobs = [
-            pool.submit(_workers.storm, db_url, op, key.id, "0.01", 64)
-            for op, key in [("charge", plain), ("idempotent charge", idempotent)] * 2
+            pool.submit(_workers.storm, db_url, op, payer, "0.01", 64)
+            for op in ("charge", "idempotent charge")
+            for payer in (key.id, identity.id)
         ]
         admitted = sum(job.result() for job in jobs)
     (status,) = await client.get_budgets(org)
     ledger_lines = await assert_balances_match_ledger(client)
     REPORT.append(
-        f"{backend}: 2x64 one-statement + 2x64 transactional charges of 0.01 on an org "
-        f"budget of 1.00 -> admitted={admitted}, org used={status.used}; {'; '.join(ledger_lines)}"
+        f"{backend}: 64 one-statement + 64 idempotent one-statement charges by a key, and "
+        f"64 + 64 transactional charges by a keyless identity, of 0.01 on an org budget "
+        f"of 1.00 -> admitted={admitted}, org used={status.used}; {'; '.join(ledger_lines)}"
     )
     assert admitted == 100 and status.used == D("1.00")

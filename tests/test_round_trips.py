@@ -33,6 +33,11 @@ PINNED: dict[str, dict[str, int]] = {
         "reserve": 1,
         "settle": 1,
         "release": 1,
+        "charge (idempotent)": 1,
+        "charge (replayed)": 1,
+        "reserve (idempotent)": 1,
+        "settle (idempotent)": 1,
+        "release (idempotent)": 1,
     },
     # Every statement in a transaction (BEGIN and COMMIT are round trips), and
     # each statement prepared unnamed: its Parse and its execution are two.
@@ -45,6 +50,11 @@ PINNED: dict[str, dict[str, int]] = {
         "reserve": 4,
         "settle": 4,
         "release": 4,
+        "charge (idempotent)": 4,
+        "charge (replayed)": 4,
+        "reserve (idempotent)": 4,
+        "settle (idempotent)": 4,
+        "release (idempotent)": 4,
     },
     # Every call but the read path is one compound statement (keycap._db.blocks).
     "mariadb": {
@@ -56,6 +66,11 @@ PINNED: dict[str, dict[str, int]] = {
         "reserve": 1,
         "settle": 1,
         "release": 1,
+        "charge (idempotent)": 1,
+        "charge (replayed)": 1,
+        "reserve (idempotent)": 1,
+        "settle (idempotent)": 1,
+        "release (idempotent)": 1,
     },
     # Each call one unit of work, run in one call into aiosqlite's thread
     # (keycap._db.inthread).
@@ -68,6 +83,11 @@ PINNED: dict[str, dict[str, int]] = {
         "reserve": 1,
         "settle": 1,
         "release": 1,
+        "charge (idempotent)": 1,
+        "charge (replayed)": 1,
+        "reserve (idempotent)": 1,
+        "settle (idempotent)": 1,
+        "release (idempotent)": 1,
     },
 }
 

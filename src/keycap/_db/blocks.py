@@ -58,7 +58,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Dialect
 
-from keycap._db import metering
+from keycap._db import metering, operations
 from keycap._db.build import (
     HOLD_ID,
     KEY_ID,
@@ -76,12 +76,14 @@ from keycap._db.keys import KEY_COLUMNS, metered_use, usage_cap_open
 from keycap._db.ledger import ENTRY_COLUMNS
 from keycap._db.rate_limits import call_cost, window_step
 from keycap._db.schema import ANCESTORS, budgets, holds, keys, ledger, rate_limits
+from keycap._db.schema import operations as operations_table
 from keycap._db.types import JSONText, UTCDateTime
 from keycap._rules import ips, periods
 from keycap._rules.policy import Requirement
 
-#: What a block's first result set says: how far the decision got.
-KEY_REFUSED, RATE_REFUSED, BUDGET_REFUSED, DONE = 0, 1, 2, 3
+#: What a block's first result set says: how far the decision got (``REPLAYED``:
+#: an idempotent call's key has a committed operation; nothing was done).
+KEY_REFUSED, RATE_REFUSED, BUDGET_REFUSED, DONE, REPLAYED = 0, 1, 2, 3, 4
 
 
 class _KeyVariables:
@@ -266,13 +268,15 @@ def _debited(cost: Cost) -> Any:
     )
 
 
-def _ledger(w: _Writer, cost: Cost, *, hold: bool = False) -> None:
+def _ledger(w: _Writer, cost: Cost, *, hold: bool = False, idempotent: bool = False) -> None:
     """``keycap._rules.movements.charges`` (``hold``: ``holds``) as one INSERT: an
     entry per budget debited (primary: the first of its meter), and for a charge
-    one for each meter no budget took (a hold on no budget holds nothing)."""
+    one for each meter no budget took (a hold on no budget holds nothing);
+    ``idempotent``: each with the call's idempotency key."""
     b = budgets.c
     metadata = bindparam("m_metadata", type_=JSONText())
     none = null()
+    idem = operations.OP_KEY if idempotent else none
     first = func.row_number().over(partition_by=b.meter, order_by=b.id) == 1
     amount = cost.on(b.meter)
     budgeted = select(
@@ -288,7 +292,7 @@ def _ledger(w: _Writer, cost: Cost, *, hold: bool = False) -> None:
         amount if hold else big(0),
         b.period_start,
         first,
-        none,
+        idem,
         case((first, metadata), else_=null()),
         NOW,
     ).where(_debited(cost))
@@ -309,7 +313,7 @@ def _ledger(w: _Writer, cost: Cost, *, hold: bool = False) -> None:
             big(0),
             none,
             true(),
-            none,
+            idem,
             metadata,
             NOW,
         ).where(~exists(select(b.id).where(_debited(cost), b.meter == meter)))
@@ -318,7 +322,64 @@ def _ledger(w: _Writer, cost: Cost, *, hold: bool = False) -> None:
     w.stmt(insert(ledger).from_select(ENTRY_COLUMNS, union_all(budgeted, *unbudgeted)))
 
 
-def _ending(w: _Writer, *, key: Any, cost: Cost, with_rates: bool) -> None:
+def _unless_replayed(w: _Writer, scope: Any) -> None:
+    """An idempotent call: leave at once when its idempotency key (scoped to
+    ``scope``) has a committed operation (:data:`REPLAYED`); it is read in the
+    ending."""
+    w.text(f"SET v_step = {REPLAYED};")
+    w.stmt(select(func.count()).select_from(operations.prior(scope).subquery()), into="v_n")
+    w.text("IF v_n > 0 THEN LEAVE decide; END IF;")
+    w.text(f"SET v_step = {KEY_REFUSED};")
+
+
+def _claim(w: _Writer, org_id: Any, scope: Any, where: Any = None) -> None:
+    """The call's operation row (scoped to ``scope``, the key's or the hold's id),
+    after the row's lock: a duplicate committed since :func:`_unless_replayed`
+    (or in flight, then committed) fails the block on the unique index, and the
+    caller replays it (``Conflict``)."""
+    o = operations_table.c
+    row = select(
+        operations.OP_ID,
+        org_id,
+        scope,
+        operations.OP_KIND,
+        operations.OP_KEY,
+        operations.OP_HASH,
+        null(),
+        NOW,
+    )
+    columns = [
+        o.id,
+        o.org_id,
+        o.scope,
+        o.kind,
+        o.idempotency_key,
+        o.request_hash,
+        o.result,
+        o.created_at,
+    ]
+    sourced = row.where(where) if where is not None else row
+    w.stmt(insert(operations_table).from_select(columns, sourced))
+
+
+def _store_result(w: _Writer, moved: Any, *, closing: bool = False) -> None:
+    """The operation's result, as ``keycap._db.operations`` stores a statement's:
+    its head, the rows after of the budgets ``moved`` selects, and (``closing``)
+    the hold's row after."""
+    b, h, o = budgets.c, holds.c, operations_table.c
+    after = func.json_object(*operations.fields(budgets, b))
+    rows = select(func.concat("[", func.coalesce(func.group_concat(after), ""), "]"))
+    parts = [operations.OP_HEAD, rows.where(moved).scalar_subquery()]
+    if closing:
+        hold = select(func.json_object(*operations.fields(holds, h))).where(h.id == HOLD_ID)
+        parts += [literal(operations.HOLD_AFTER), hold.scalar_subquery()]
+    text = func.concat(*parts, "}")
+    w.stmt(update(operations_table).where(o.id == operations.OP_ID).values({o.result: text}))
+
+
+def _ending(
+    w: _Writer, *, key: Any, cost: Cost, with_rates: bool, idempotent: bool = False
+) -> None:
     """``step`` 3: the key, its rate limits and budgets after, and COMMIT; else the
     refused budget (if a budget refused) and ROLLBACK. The first result set is
     always the step."""
@@ -340,6 +401,10 @@ def _ending(w: _Writer, *, key: Any, cost: Cost, with_rates: bool) -> None:
         w.result("budgets", select(budgets).where(_debited(cost)).order_by(b.id))
     w.text("COMMIT;")
     w.text("ELSE")
+    if idempotent:
+        w.text(f"IF v_step = {REPLAYED} THEN")
+        w.result("prior", operations.prior(KEY_ID))
+        w.text("END IF;")
     if cost.meters:
         expired = has_expired_holds(b.id, w.dialect.name)
         w.text("IF v_bad IS NOT NULL THEN")
@@ -380,29 +445,41 @@ def validation_block(
     return w.block()
 
 
-@lru_cache(maxsize=32)
-def charge_block(dialect: Dialect, meter_count: int) -> Block:
+@lru_cache(maxsize=64)
+def charge_block(dialect: Dialect, meter_count: int, idempotent: bool = False) -> Block:
     """A charge of ``meter_count`` meters as one block: the key live (its row
     locked; ``last_used_at`` moved when over ``LAST_USED_STEP`` old), every budget
-    debited, the ledger."""
+    debited, the ledger; ``idempotent``: its operation's row, or the earlier
+    call's found instead (:data:`REPLAYED`)."""
     cost = Cost(meter_count)
     w = _Writer(dialect)
     _declarations(w)
+    if idempotent:
+        _unless_replayed(w, KEY_ID)
     _live_key(w)
+    if idempotent:
+        _claim(w, K.org_id, KEY_ID)
     _budgets(w, cost)
-    _ledger(w, cost)
-    _ending(w, key=KEY_ID, cost=cost, with_rates=False)
+    _ledger(w, cost, idempotent=idempotent)
+    if idempotent:
+        _store_result(w, _debited(cost))
+    _ending(w, key=KEY_ID, cost=cost, with_rates=False, idempotent=idempotent)
     return w.block()
 
 
-@lru_cache(maxsize=1)
-def reserve_block(dialect: Dialect) -> Block:
+@lru_cache(maxsize=2)
+def reserve_block(dialect: Dialect, idempotent: bool = False) -> Block:
     """A hold of one meter's amount as one block: the charge's key and budget steps
-    with ``held`` raised instead of ``used``, the hold's row, its ledger entries."""
+    with ``held`` raised instead of ``used``, the hold's row, its ledger entries
+    (``idempotent``: as :func:`charge_block`)."""
     cost = Cost(1)
     w = _Writer(dialect)
     _declarations(w)
+    if idempotent:
+        _unless_replayed(w, KEY_ID)
     _live_key(w)
+    if idempotent:
+        _claim(w, K.org_id, KEY_ID)
     _budgets(w, cost, hold=True)
     h = holds.c
     listed = case((DEBITED == " ", literal("  ")), else_=DEBITED)
@@ -423,13 +500,15 @@ def reserve_block(dialect: Dialect) -> Block:
             }
         )
     )
-    _ledger(w, cost, hold=True)
-    _ending(w, key=KEY_ID, cost=cost, with_rates=False)
+    _ledger(w, cost, hold=True, idempotent=idempotent)
+    if idempotent:
+        _store_result(w, _debited(cost))
+    _ending(w, key=KEY_ID, cost=cost, with_rates=False, idempotent=idempotent)
     return w.block()
 
 
-@lru_cache(maxsize=4)
-def closing_block(dialect: Dialect, settle: bool) -> Block:
+@lru_cache(maxsize=8)
+def closing_block(dialect: Dialect, settle: bool, idempotent: bool = False) -> Block:
     """A hold closed as one block: released (``m_status``: ``released`` or
     ``expired``), or with ``settle`` settled for ``m_actual`` within its amount
     (``keycap._db.metering.closing_statement``'s twin).
@@ -441,7 +520,8 @@ def closing_block(dialect: Dialect, settle: bool) -> Block:
     by primary key, ``m_actual`` of it spent, after its rollover, with its ledger
     entry (the first primary); a settlement on no budget gets a budget-less one.
     Result sets: the step, then (closed) the hold's row after and one set per
-    budget after it."""
+    budget after it. ``idempotent``: as :func:`charge_block`, keyed by the hold
+    (:data:`REPLAYED`: the step, then the earlier call's operation)."""
     h, b = holds.c, budgets.c
     actual = int_param("m_actual")
     w = _Writer(dialect)
@@ -451,8 +531,11 @@ def closing_block(dialect: Dialect, settle: bool) -> Block:
     w.text("DECLARE v_step INT DEFAULT 0;")
     w.text("DECLARE v_first INT DEFAULT 1;")
     w.text("DECLARE v_start DATETIME(6);")
+    w.text("DECLARE v_n INT DEFAULT 0;")
     w.text("START TRANSACTION;")
     w.text("decide: BEGIN")
+    if idempotent:
+        _unless_replayed(w, HOLD_ID)
     closing = (
         update(holds)
         .where(h.id == HOLD_ID, h.status == "open")
@@ -462,6 +545,8 @@ def closing_block(dialect: Dialect, settle: bool) -> Block:
         closing = closing.where(h.amount_micros >= actual).values(settled_micros=actual)
     w.stmt(closing)
     w.text("IF ROW_COUNT() <> 1 THEN LEAVE decide; END IF;")
+    if idempotent:
+        _claim(w, h.org_id, HOLD_ID, h.id == HOLD_ID)
     w.text(f"SET v_step = {DONE};")
     w.result("step", select(literal_column("v_step").label("step")))
     w.result("hold", select(holds).where(h.id == HOLD_ID))
@@ -490,6 +575,7 @@ def closing_block(dialect: Dialect, settle: bool) -> Block:
     w.text("IF ROW_COUNT() = 1 THEN")  # a budget deleted since the reserve: skipped
     kind = literal("settle") if settle else bindparam("m_kind", type_=ledger.c.kind.type)
     amount = actual if settle else h.amount_micros
+    idem = operations.OP_KEY if idempotent else null()
     entry = select(
         b.org_id,
         h.project_id,
@@ -503,7 +589,7 @@ def closing_block(dialect: Dialect, settle: bool) -> Block:
         -h.amount_micros,
         b.period_start,
         literal_column("v_first") == 1,
-        null(),
+        idem,
         null(),
         NOW,
     ).where(b.id == at, h.id == HOLD_ID)
@@ -526,13 +612,22 @@ def closing_block(dialect: Dialect, settle: bool) -> Block:
             big(0),
             null(),
             true(),
-            null(),
+            idem,
             null(),
             NOW,
         ).where(h.id == HOLD_ID, literal_column("v_first") == 1)
         w.stmt(insert(ledger).from_select(ENTRY_COLUMNS, unbudgeted))
+    if idempotent:
+        listed = select(h.budget_ids).where(h.id == HOLD_ID).scalar_subquery()
+        _store_result(w, func.instr(listed, func.concat(" ", b.id, " ")) > 0, closing=True)
     w.text("END decide;")
-    w.text(f"IF v_step = {DONE} THEN COMMIT; ELSE ROLLBACK; SELECT v_step AS step; END IF;")
+    w.text(f"IF v_step = {DONE} THEN COMMIT; ELSE")
+    w.text("SELECT v_step AS step;")
+    if idempotent:
+        w.text(f"IF v_step = {REPLAYED} THEN")
+        w.result("prior", operations.prior(HOLD_ID))
+        w.text("END IF;")
+    w.text("ROLLBACK; END IF;")
     w.text("END")
     return w.block()
 
@@ -544,15 +639,22 @@ async def close_hold(
     status: str,
     now: datetime,
     actual: int | None = None,
-) -> tuple[HotRow, list[HotRow]] | None:
+    claim: Mapping[str, Any] | None = None,
+) -> tuple[HotRow, list[HotRow]] | operations.Prior | None:
     """Run :func:`closing_block`: the hold's row after closing and its budgets' rows
     after, in id order; None when it did not close the hold (not open, or,
-    settling, ``actual`` is above its amount)."""
-    block = closing_block(dialect, actual is not None)
-    params = flat(metering.closing_params(hold_id, status, now, actual))
-    sets = await run(block.sql, block.args(params))
+    settling, ``actual`` is above its amount). With ``claim``
+    (``keycap._db.operations.claim_params``) the call is idempotent: what the
+    earlier call stored, when there is one."""
+    block = closing_block(dialect, actual is not None, claim is not None)
+    params = metering.closing_params(hold_id, status, now, actual)
+    sets = await run(block.sql, block.args(flat({**params, **(claim or {})})))
     readers = dict(block.sets)
-    if not sets[0] or int(sets[0][0][0]) != DONE:
+    step = int(sets[0][0][0]) if sets[0] else None
+    if step == REPLAYED:
+        found = readers["prior"].row(sets[1][0])
+        return operations.Prior(found.result, found.request_hash)
+    if step != DONE:
         return None
     hold = readers["hold"].row(sets[1][0])
     after = [readers["budget"].row(rows[0]) for rows in sets[2:] if rows]
@@ -597,12 +699,17 @@ class Outcome:
     rate_limits: Sequence[HotRow] = ()
     budgets: Sequence[HotRow] = ()
     refused_budget: HotRow | None = None
+    #: :data:`REPLAYED`: what the earlier call stored.
+    prior: operations.Prior | None = None
 
     @classmethod
     def of(cls, block: Block, sets: Sequence[Sequence[Any]]) -> Outcome:
-        _, reader = block.sets[0]
-        first = reader.row(sets[0][0])
+        readers = dict(block.sets)
+        first = readers["step"].row(sets[0][0])
         step = int(first.step)
+        if step == REPLAYED:
+            found = readers["prior"].row(sets[1][0])
+            return cls(step, prior=operations.Prior(found.result, found.request_hash))
         ref = KeyRef.of(first.id, first) if step != KEY_REFUSED else None
         if step == DONE:
             read = {
@@ -618,8 +725,7 @@ class Outcome:
                 budgets=read.get("budgets", []),
             )
         if step == BUDGET_REFUSED and len(sets) > 1 and sets[1]:
-            _, reader = block.sets[-1]
-            return cls(step, ref=ref, refused_budget=reader.row(sets[1][0]))
+            return cls(step, ref=ref, refused_budget=readers["refused"].row(sets[1][0]))
         return cls(step, ref=ref)
 
 
@@ -646,32 +752,18 @@ async def validate_in_block(
 
 
 async def charge_in_block(
-    run: RunBlock,
-    dialect: Dialect,
-    key_id: str,
-    amounts: Mapping[str, int],
-    metadata: Mapping[str, Any] | None,
-    now: datetime,
+    run: RunBlock, dialect: Dialect, meter_count: int, params: dict[str, Any], idempotent: bool
 ) -> Outcome:
-    """A charge in one round trip."""
-    block = charge_block(dialect, len(amounts))
-    params = flat(metering.charge_params(key_id, amounts, metadata, now))
-    return Outcome.of(block, await run(block.sql, block.args(params)))
+    """A charge in one round trip (``params``: ``keycap._db.metering.charge_params``,
+    and ``keycap._db.operations.claim_params`` when ``idempotent``)."""
+    block = charge_block(dialect, meter_count, idempotent)
+    return Outcome.of(block, await run(block.sql, block.args(flat(params))))
 
 
 async def reserve_in_block(
-    run: RunBlock,
-    dialect: Dialect,
-    key_id: str,
-    hold_id: str,
-    meter: str,
-    amount: int,
-    now: datetime,
-    expires_at: datetime,
-    on_expiry: str | None = None,
+    run: RunBlock, dialect: Dialect, params: dict[str, Any], idempotent: bool
 ) -> Outcome:
-    """A reserve in one round trip."""
-    block = reserve_block(dialect)
-    params = metering.reserve_params(key_id, hold_id, meter, amount, now, expires_at, on_expiry)
-    params = flat(params)
-    return Outcome.of(block, await run(block.sql, block.args(params)))
+    """A reserve in one round trip (``params``: ``keycap._db.metering.reserve_params``,
+    and ``keycap._db.operations.claim_params`` when ``idempotent``)."""
+    block = reserve_block(dialect, idempotent)
+    return Outcome.of(block, await run(block.sql, block.args(flat(params))))

@@ -42,10 +42,12 @@ from typing import Any
 
 from sqlalchemy import (
     DateTime,
+    Text,
     and_,
     any_,
     bindparam,
     case,
+    cast,
     exists,
     func,
     insert,
@@ -60,6 +62,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, aggregate_order_by
 from sqlalchemy.sql.expression import Grouping
 
+from keycap._db import operations
 from keycap._db.budgets import rollover
 from keycap._db.build import (
     HOLD_ID,
@@ -82,6 +85,7 @@ from keycap._db.keys import KEY_COLUMNS, metered_use, usage_cap_open
 from keycap._db.ledger import ENTRY_COLUMNS
 from keycap._db.rate_limits import call_cost, window_step
 from keycap._db.schema import ANCESTORS, budgets, holds, keys, ledger, rate_limits
+from keycap._db.schema import operations as operations_table
 from keycap._db.types import JSONText, UTCDateTime
 from keycap._rules import ips, periods
 from keycap._rules.policy import Requirement
@@ -105,19 +109,6 @@ def charge_params(
     return params
 
 
-async def charge_at_once(
-    execute: Execute,
-    key_id: str,
-    amounts: Mapping[str, int],
-    metadata: Mapping[str, Any] | None,
-    now: datetime,
-) -> Sequence[AnyRow]:
-    """Run :func:`charge_statement` (see :func:`run`)."""
-    return await run(
-        execute, charge_statement(len(amounts)), charge_params(key_id, amounts, metadata, now)
-    )
-
-
 async def run(execute: Execute, stmt: Any, params: Mapping[str, Any]) -> Sequence[AnyRow]:
     """A charge's or reserve's statement: one row per budget debited (its row after,
     in id order) or a single row without budget columns; each row has ``ok``
@@ -125,6 +116,24 @@ async def run(execute: Execute, stmt: Any, params: Mapping[str, Any]) -> Sequenc
     was not live)."""
     rows = await execute(stmt, params)
     return sorted(rows, key=lambda row: row.id or "")
+
+
+def found(rows: Sequence[AnyRow]) -> operations.Prior | None:
+    """What an idempotent call's statement found instead of running (its
+    ``op_...`` columns); None: it ran, or is not idempotent."""
+    first = rows[0] if rows else None
+    if first is None or not first._mapping.get("op_prior"):
+        return None
+    return operations.Prior(first.op_result, first.op_request_hash)
+
+
+def _replay_columns(prior: Any) -> list[Any]:
+    """The ``op_...`` columns :func:`found` reads, from the ``prior`` CTE."""
+    return [
+        exists(select(prior.c.result)).label("op_prior"),
+        select(prior.c.result).scalar_subquery().label("op_result"),
+        select(prior.c.request_hash).scalar_subquery().label("op_request_hash"),
+    ]
 
 
 #: How old a key's ``last_used_at`` must be for a one-statement charge or reserve
@@ -172,19 +181,19 @@ def _current_start() -> Any:
     )
 
 
-@lru_cache(maxsize=32)
-def charge_statement(meter_count: int, lock_pass: bool = True) -> Any:
-    """The charge of ``meter_count`` meters as one statement. ``lock_pass=False``
-    leaves the budgets unlocked until their UPDATE: the over-spending version,
-    kept for the tests' negative control only."""
-    return _spend(meter_count, hold=False, lock_pass=lock_pass)
+@lru_cache(maxsize=64)
+def charge_statement(meter_count: int, lock_pass: bool = True, idempotent: bool = False) -> Any:
+    """The charge of ``meter_count`` meters as one statement (``idempotent``: see
+    :func:`_spend`). ``lock_pass=False`` leaves the budgets unlocked until their
+    UPDATE: the over-spending version, kept for the tests' negative control only."""
+    return _spend(meter_count, hold=False, lock_pass=lock_pass, idempotent=idempotent)
 
 
-@lru_cache(maxsize=1)
-def reserve_statement() -> Any:
+@lru_cache(maxsize=2)
+def reserve_statement(idempotent: bool = False) -> Any:
     """A hold of one meter's amount as one statement: the charge's lock pass and
     decision, the budgets' ``held`` raised, the hold's row, its ledger entries."""
-    return _spend(1, hold=True, lock_pass=True)
+    return _spend(1, hold=True, lock_pass=True, idempotent=idempotent)
 
 
 def reserve_params(
@@ -204,13 +213,22 @@ def reserve_params(
     return params
 
 
-def _spend(meter_count: int, *, hold: bool, lock_pass: bool) -> Any:
+def _spend(meter_count: int, *, hold: bool, lock_pass: bool, idempotent: bool = False) -> Any:
+    """A charge or a reserve. ``idempotent``: unless the call's idempotency key has
+    a committed operation (then nothing is locked or written, and its ``op_...``
+    columns are returned, to replay it), the operation's row is written with the
+    call, its result as ``keycap._db.operations`` stores a statement's. A
+    duplicate committed meanwhile fails the statement on the unique index, and
+    the caller replays it (``Conflict``)."""
     k = keys.c
     cost = Cost(meter_count)
     key_q = select(
         k.id, k.org_id, k.project_id, k.identity_id, *(k[name] for name in ANCESTORS)
     ).where(k.id == KEY_ID, *key_is_live_now(NOW))
-    key = key_q.with_for_update(key_share=True).cte("hot_key")
+    prior = operations.prior(KEY_ID).cte("hot_prior") if idempotent else None
+    if prior is not None:
+        key_q = key_q.where(~exists(select(prior.c.result)))
+    key = key_q.with_for_update(key_share=True, of=keys).cte("hot_key")
     room = _budget_pass(key, cost, lock_pass)
 
     ok = and_(exists(select(key.c.id)), ~exists(select(room.c.id).where(~room.c.fits)))
@@ -231,9 +249,14 @@ def _spend(meter_count: int, *, hold: bool, lock_pass: bool) -> Any:
         .returning(k.id)
         .cte("hot_used")
     )
-    writes = [used, _ledger(key, room, debited, decided, cost, hold=hold)]
+    idempotent = prior is not None
+    writes = [used, _ledger(key, room, debited, decided, cost, hold=hold, idempotent=idempotent)]
     if hold:
         writes.append(_open_hold(key, room, decided, cost))
+    replay: list[Any] = []
+    if prior is not None:
+        writes.append(_claim(key.c.org_id, KEY_ID, debited, decided=decided))
+        replay = _replay_columns(prior)
     refused, refused_columns = _refused(room)
     return (
         select(
@@ -244,12 +267,55 @@ def _spend(meter_count: int, *, hold: bool, lock_pass: bool) -> Any:
             *(key.c[name].label(f"key_{name}") for name in ANCESTORS),
             *(debited.c[c.name] for c in budgets.c),
             *refused_columns,
+            *replay,
         )
         .select_from(
             decision.outerjoin(key, true()).outerjoin(debited, true()).outerjoin(refused, true())
         )
         .add_cte(*writes)
     )
+
+
+def _claim(org_id: Any, scope: Any, after: Any, hold: Any = None, decided: Any = None) -> Any:
+    """The call's operation row (only if ``decided``, when given), its result as
+    ``keycap._db.operations`` stores a statement's: the head, the rows of
+    ``after`` (the budgets after the call, a CTE) and, closing a hold, the row
+    of ``hold`` (a CTE) after it."""
+    b = after.c
+    rows = func.json_agg(
+        aggregate_order_by(func.json_build_object(*operations.fields(budgets, b)), b.id)
+    )
+    text = (
+        operations.OP_HEAD
+        + select(func.coalesce(cast(rows, Text), literal("[]"))).scalar_subquery()
+    )
+    if hold is not None:
+        closed = func.json_build_object(*operations.fields(holds, hold.c))
+        text = text + literal(operations.HOLD_AFTER) + cast(closed, Text)
+    row = select(
+        operations.OP_ID,
+        org_id,
+        scope,
+        operations.OP_KIND,
+        operations.OP_KEY,
+        operations.OP_HASH,
+        text + literal("}"),
+        NOW,
+    )
+    if decided is not None:
+        row = row.where(decided)
+    o = operations_table.c
+    columns = [
+        o.id,
+        o.org_id,
+        o.scope,
+        o.kind,
+        o.idempotency_key,
+        o.request_hash,
+        o.result,
+        o.created_at,
+    ]
+    return insert(operations_table).from_select(columns, row).returning(o.id).cte("hot_claim")
 
 
 def _open_hold(key: Any, room: Any, decided: Any, cost: Cost) -> Any:
@@ -299,21 +365,31 @@ def closing_params(
 
 
 async def close_hold(
-    execute: Execute, hold_id: str, status: str, now: datetime, actual: int | None = None
-) -> tuple[TableRow, list[AnyRow]] | None:
+    execute: Execute,
+    hold_id: str,
+    status: str,
+    now: datetime,
+    actual: int | None = None,
+    claim: Mapping[str, Any] | None = None,
+) -> tuple[TableRow, list[AnyRow]] | operations.Prior | None:
     """Run :func:`closing_statement`: the hold's row after closing and its budgets'
-    rows after, in id order; None when it did not close the hold."""
-    stmt = closing_statement(actual is not None)
-    rows = await execute(stmt, closing_params(hold_id, status, now, actual))
-    if not rows:
+    rows after, in id order; None when it did not close the hold. With
+    ``claim`` (``keycap._db.operations.claim_params``) the call is idempotent:
+    what the earlier call stored, when there is one."""
+    stmt = closing_statement(actual is not None, claim is not None)
+    params = closing_params(hold_id, status, now, actual)
+    rows = await execute(stmt, {**params, **claim} if claim else params)
+    if (prior := found(rows)) is not None:
+        return prior
+    if not rows or rows[0].hold_id is None:
         return None
     return _distinct(rows[:1], "hold_")[0], sorted(
         (row for row in rows if row.id is not None), key=lambda row: str(row.id)
     )
 
 
-@lru_cache(maxsize=2)
-def closing_statement(settle: bool) -> Any:
+@lru_cache(maxsize=4)
+def closing_statement(settle: bool, idempotent: bool = False) -> Any:
     """A hold closed as one statement: released (``m_status``: ``released`` or
     ``expired``), or with ``settle`` settled for ``m_actual`` within its amount
     (a settlement beyond the hold runs as a transaction: ``keycap._ops.holds``).
@@ -324,7 +400,9 @@ def closing_statement(settle: bool) -> Any:
     written (``keycap._rules.movements.releases`` or ``settlement`` as SQL).
     Returns one row per budget after it (or one without budget columns), each
     with the hold's row after closing (``hold_...``); no row: not open (or,
-    settling, ``actual`` is above its amount)."""
+    settling, ``actual`` is above its amount). ``idempotent``: as a charge's
+    (:func:`_spend`), keyed by the hold; always a row, whose ``hold_id`` is NULL
+    when it did not close the hold."""
     h, b = holds.c, budgets.c
     actual = int_param("m_actual")
     closing = (
@@ -334,6 +412,9 @@ def closing_statement(settle: bool) -> Any:
     )
     if settle:
         closing = closing.where(h.amount_micros >= actual).values(settled_micros=actual)
+    prior = operations.prior(HOLD_ID).cte("hot_prior") if idempotent else None
+    if prior is not None:
+        closing = closing.where(~exists(select(prior.c.result)))
     hold = closing.returning(*holds.c).cte("hot_hold")
 
     on_hold = b.id == any_(func.string_to_array(func.btrim(hold.c.budget_ids), " "))
@@ -364,23 +445,29 @@ def closing_statement(settle: bool) -> Any:
         .returning(*budgets.c)
         .cte("hot_returned")
     )
-    entries = insert(ledger).from_select(ENTRY_COLUMNS, _closing_entries(hold, returned, settle))
-    written = entries.returning(ledger.c.id).cte("hot_ledger")
-    return (
-        select(
-            *(hold.c[c.name].label(f"hold_{c.name}") for c in holds.c),
-            *(returned.c[c.name] for c in budgets.c),
-        )
-        .select_from(hold.outerjoin(returned, true()))
-        .add_cte(written)
-    )
+    entries = _closing_entries(hold, returned, settle, idempotent)
+    writes = [
+        insert(ledger).from_select(ENTRY_COLUMNS, entries).returning(ledger.c.id).cte("hot_ledger")
+    ]
+    columns = [
+        *(hold.c[c.name].label(f"hold_{c.name}") for c in holds.c),
+        *(returned.c[c.name] for c in budgets.c),
+    ]
+    rows: Any = hold.outerjoin(returned, true())
+    if prior is not None:
+        writes.append(_claim(hold.c.org_id, HOLD_ID, returned, hold=hold))
+        looked = select(*_replay_columns(prior)).cte("hot_found")
+        columns += list(looked.c)
+        rows = looked.outerjoin(hold, true()).outerjoin(returned, true())
+    return select(*columns).select_from(rows).add_cte(*writes)
 
 
-def _closing_entries(hold: Any, returned: Any, settle: bool) -> Any:
+def _closing_entries(hold: Any, returned: Any, settle: bool, idempotent: bool) -> Any:
     """The ledger's entries of a hold's release, expiry or settlement within it:
     one per budget (the first primary), and a settlement on no budget gets a
-    budget-less one."""
+    budget-less one (``idempotent``: each with the call's idempotency key)."""
     none = null()
+    idem = operations.OP_KEY if idempotent else none
     first = func.row_number().over(order_by=returned.c.id) == 1
     kind = literal("settle") if settle else bindparam("m_kind", type_=ledger.c.kind.type)
     amount = int_param("m_actual") if settle else hold.c.amount_micros
@@ -397,7 +484,7 @@ def _closing_entries(hold: Any, returned: Any, settle: bool) -> Any:
         -hold.c.amount_micros,
         returned.c.period_start,
         first,
-        none,
+        idem,
         none,
         NOW,
     ).select_from(returned.join(hold, true()))
@@ -416,7 +503,7 @@ def _closing_entries(hold: Any, returned: Any, settle: bool) -> Any:
         big(0),
         none,
         true(),
-        none,
+        idem,
         none,
         NOW,
     ).where(~exists(select(returned.c.id)))
@@ -692,19 +779,30 @@ def _debit(room: Any, decided: Any, *, hold: bool = False) -> Any:
 
 
 def _ledger(
-    key: Any, room: Any, debited: Any, decided: Any, cost: Cost, *, hold: bool = False
+    key: Any,
+    room: Any,
+    debited: Any,
+    decided: Any,
+    cost: Cost,
+    *,
+    hold: bool = False,
+    idempotent: bool = False,
 ) -> Any:
     entries = insert(ledger).from_select(
-        ENTRY_COLUMNS, _entries(key, room, debited, decided, cost, hold)
+        ENTRY_COLUMNS, _entries(key, room, debited, decided, cost, hold, idempotent)
     )
     return entries.returning(ledger.c.id).cte("hot_ledger")
 
 
-def _entries(key: Any, room: Any, debited: Any, decided: Any, cost: Cost, hold: bool) -> Any:
+def _entries(
+    key: Any, room: Any, debited: Any, decided: Any, cost: Cost, hold: bool, idempotent: bool
+) -> Any:
     """``keycap._rules.movements.charges`` (with ``hold``: ``movements.holds``) as a
-    SELECT: the ledger's entries of the charge or hold."""
+    SELECT: the ledger's entries of the charge or hold (``idempotent``: each with
+    the call's idempotency key)."""
     metadata = bindparam("m_metadata", type_=JSONText())
     none = null()
+    idem = operations.OP_KEY if idempotent else none
     first = func.row_number().over(partition_by=debited.c.meter, order_by=debited.c.id) == 1
     amount = cost.on(debited.c.meter)
     budgeted = select(
@@ -720,7 +818,7 @@ def _entries(key: Any, room: Any, debited: Any, decided: Any, cost: Cost, hold: 
         amount if hold else big(0),
         debited.c.period_start,
         first,
-        none,
+        idem,
         case((first, metadata), else_=null()),
         NOW,
     ).select_from(debited.join(key, true()))
@@ -740,7 +838,7 @@ def _entries(key: Any, room: Any, debited: Any, decided: Any, cost: Cost, hold: 
             big(0),
             null(),
             true(),
-            none,
+            idem,
             metadata,
             NOW,
         ).where(decided, ~exists(select(room.c.id).where(room.c.meter == meter)))

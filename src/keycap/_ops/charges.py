@@ -21,9 +21,10 @@ from keycap._ops.units import (
     Idempotency,
     block_spent,
     claim,
+    claim_params,
     live_key,
+    prior_replay,
     spent,
-    stored_replay,
 )
 from keycap._rules import ids, movements
 from keycap._rules.money import from_micros
@@ -45,11 +46,9 @@ async def charge(
     idem = Idempotency.of("charge", key_id, idempotency_key, amounts=dict(amounts))
     # A keyless identity's charge is always a transaction (the one statement is
     # built around the key's row).
-    keyed = idempotency_key is None and not ids.is_valid(ids.IDENTITY, key_id)
-    if keyed and (db.one_statement or db.one_block):
-        unit = _at_once(db, key_id, amounts, metadata, now)
-    elif (replay := await stored_replay(db, Charge, idem)) is not None:
-        return replay  # type: ignore[no-any-return]
+    at_once = (db.one_statement or db.one_block) and not ids.is_valid(ids.IDENTITY, key_id)
+    if at_once:
+        unit = _at_once(db, key_id, amounts, idem, metadata, now)
     else:
         unit = _in_transaction(db, key_id, amounts, idem, metadata, now)
     result, alerts = await run(
@@ -59,7 +58,8 @@ async def charge(
         amounts=amounts,
         now=now,
         idem=idem,
-        model=Charge,
+        decode=replayed,
+        replay_first=not at_once,
     )
     await deliver(alerts, on_alert)
     return result  # type: ignore[no-any-return]
@@ -72,21 +72,33 @@ def _at_once(
     db: Database,
     key_id: str,
     amounts: Mapping[str, int],
+    idem: Idempotency,
     metadata: Mapping[str, Any] | None,
     now: datetime,
 ) -> Unit:
     """The whole charge in one round trip: one statement on PostgreSQL
     (``keycap._db.metering``), one compound statement on MariaDB
-    (``keycap._db.blocks``)."""
+    (``keycap._db.blocks``); with an idempotency key, its operation's row too,
+    or the earlier call's result found instead."""
+    idempotent = idem.key is not None
 
     async def unit() -> tuple[Charge, tuple[BudgetAlert, ...]]:
+        params = claim_params(idem, {"key_id": key_id, "amounts": dict(amounts), "at": now})
+        params.update(metering.charge_params(key_id, amounts, metadata, now))
+        after: Sequence[Any] = ()
         if db.one_statement:
-            rows = await metering.charge_at_once(db.statement, key_id, amounts, metadata, now)
-            after: Sequence[Any] = spent(rows, key_id)
+            stmt = metering.charge_statement(len(amounts), idempotent=idempotent)
+            rows = await metering.run(db.statement, stmt, params)
+            if (found := metering.found(rows)) is None:
+                after = spent(rows, key_id)
         else:
-            dialect = db.engine.dialect
-            done = await blocks.charge_in_block(db.block, dialect, key_id, amounts, metadata, now)
-            after = block_spent(done)
+            done = await blocks.charge_in_block(
+                db.block, db.engine.dialect, len(amounts), params, idempotent
+            )
+            if (found := done.prior) is None:
+                after = block_spent(done)
+        if found is not None:
+            return prior_replay(found, idem, replayed), ()
         result = charged(key_id, amounts, [(row, amounts[row.meter]) for row in after], now)
         return result, result.alerts
 
@@ -139,10 +151,22 @@ async def charge_in(
     return charged(key.key_id, amounts, debited, now, identity_id=key.keyless_identity_id)
 
 
+def replayed(result: dict[str, Any]) -> Charge:
+    """A charge's stored result, replayed: as a transaction stored it, or rebuilt
+    from what its statement stored (``keycap._db.operations``)."""
+    if (after := operations.rows_after(result)) is None:
+        return Charge.model_validate(result)
+    head = result["head"]
+    amounts = head["amounts"]
+    at = operations.head_time(result, "at")
+    debited = [(row, amounts[row.meter]) for row in after]
+    return charged(head["key_id"], amounts, debited, at).model_copy(update={"replayed": True})
+
+
 def charged(
     key_id: str | None,
     amounts: Mapping[str, int],
-    debited: list[tuple[AnyRow, int]],
+    debited: Sequence[tuple[Any, int]],
     now: datetime,
     identity_id: str | None = None,
 ) -> Charge:

@@ -19,7 +19,9 @@ from keycap._models import BudgetAlert, Hold, Settlement
 from keycap._ops.refusals import run
 from keycap._ops.release import (
     Closer,
+    at_once,
     closer,
+    closes_idempotently,
     hold_model,
     open_hold,
     origin_of,
@@ -33,10 +35,11 @@ from keycap._ops.units import (
     Idempotency,
     block_spent,
     claim,
+    claim_params,
     live_key,
-    retrying,
+    prior_replay,
     spent,
-    stored_replay,
+    together,
 )
 from keycap._rules import budgets as budget_rules
 from keycap._rules import ids, movements
@@ -66,11 +69,9 @@ async def reserve(
         ttl_us=ttl // timedelta(microseconds=1),
     )
     # A keyless identity's reserve is always a transaction, as its charge is.
-    keyed = idempotency_key is None and not ids.is_valid(ids.IDENTITY, key_id)
-    if keyed and (db.one_statement or db.one_block):
-        unit = _reserve_at_once(db, key_id, meter, amount, now, now + ttl, on_expiry)
-    elif (replay := await stored_replay(db, Hold, idem)) is not None:
-        return replay  # type: ignore[no-any-return]
+    at_once = (db.one_statement or db.one_block) and not ids.is_valid(ids.IDENTITY, key_id)
+    if at_once:
+        unit = _reserve_at_once(db, key_id, meter, amount, idem, now, now + ttl, on_expiry)
     else:
         unit = _reserve_in_transaction(db, key_id, meter, amount, idem, now, ttl, on_expiry)
     result, _ = await run(
@@ -80,7 +81,8 @@ async def reserve(
         amounts={meter: amount},
         now=now,
         idem=idem,
-        model=Hold,
+        decode=replayed,
+        replay_first=not at_once,
     )
     return result  # type: ignore[no-any-return]
 
@@ -90,38 +92,58 @@ def _reserve_at_once(
     key_id: str,
     meter: str,
     amount: int,
+    idem: Idempotency,
     now: datetime,
     expires_at: datetime,
     on_expiry: str | None,
 ) -> Callable[[], Awaitable[tuple[Hold, tuple[()]]]]:
     """The whole reserve in one round trip: one statement on PostgreSQL
     (``keycap._db.metering``), one compound statement on MariaDB
-    (``keycap._db.blocks``)."""
+    (``keycap._db.blocks``); with an idempotency key, as a charge's."""
+    idempotent = idem.key is not None
 
     async def unit() -> tuple[Hold, tuple[()]]:
         hold_id = ids.new_id("hold")
+        head = {
+            "hold_id": hold_id,
+            "key_id": key_id,
+            "meter": meter,
+            "amount": amount,
+            "at": now,
+            "expires_at": expires_at,
+        }
+        params = claim_params(idem, head)
+        params.update(
+            metering.reserve_params(key_id, hold_id, meter, amount, now, expires_at, on_expiry)
+        )
+        held: Sequence[Any] = ()
         if db.one_statement:
-            params = metering.reserve_params(
-                key_id, hold_id, meter, amount, now, expires_at, on_expiry
-            )
-            rows = await metering.run(db.statement, metering.reserve_statement(), params)
-            held: Sequence[Any] = spent(rows, key_id)
+            stmt = metering.reserve_statement(idempotent)
+            rows = await metering.run(db.statement, stmt, params)
+            if (found := metering.found(rows)) is None:
+                held = spent(rows, key_id)
         else:
-            done = await blocks.reserve_in_block(
-                db.block,
-                db.engine.dialect,
-                key_id,
-                hold_id,
-                meter,
-                amount,
-                now,
-                expires_at,
-                on_expiry,
-            )
-            held = block_spent(done)
+            done = await blocks.reserve_in_block(db.block, db.engine.dialect, params, idempotent)
+            if (found := done.prior) is None:
+                held = block_spent(done)
+        if found is not None:
+            return prior_replay(found, idem, replayed), ()
         return _opened(hold_id, key_id, meter, amount, now, expires_at, held), ()
 
     return unit
+
+
+def replayed(result: dict[str, Any]) -> Hold:
+    """A reserve's stored result, replayed: as a transaction stored it, or rebuilt
+    from what its statement stored (``keycap._db.operations``)."""
+    if (held := operations.rows_after(result)) is None:
+        return Hold.model_validate(result)
+    head = result["head"]
+    at, expires_at = (operations.head_time(result, name) for name in ("at", "expires_at"))
+    opened = _opened(
+        head["hold_id"], head["key_id"], head["meter"], head["amount"], at, expires_at, held
+    )
+    return opened.model_copy(update={"replayed": True})
 
 
 def _opened(
@@ -233,16 +255,34 @@ async def settle(
     key is live); what does not fit is written to the ledger as a shortfall
     and reported, never dropped (``keycap._rules.movements.split_settlement``).
     """
-    if idempotency_key is None:
-        close = closer(db)
-        done = await retrying(db, lambda: _settle_at_once(close, hold_id, actual, now))
-        if done is not None:
-            await deliver(done.alerts, on_alert)
-            return done
     idem = Idempotency.of("settle", hold_id, idempotency_key, actual=actual)
-    hold, replay = await open_hold(db, hold_id, idem, Settlement)
-    if hold is None:
-        return replay  # type: ignore[no-any-return]
+    if idempotency_key is None or closes_idempotently(db):
+        close = closer(db)
+        done = await at_once(db, lambda: _settle_at_once(close, hold_id, actual, now, idem))
+        if done is not None:
+            if not done.replayed:
+                await deliver(done.alerts, on_alert)
+            return done
+
+    async def in_transaction() -> tuple[Settlement, tuple[BudgetAlert, ...]]:
+        hold, replay = await open_hold(db, hold_id, idem, replayed_settlement)
+        if hold is None:
+            return replay, ()
+        unit = _settle_in_transaction(db, hold, actual, idem, now)
+        return await run_hold(db, unit, hold_id, idem, replayed_settlement)  # type: ignore[no-any-return]
+
+    result, alerts = await together(db, in_transaction)  # on SQLite, one call into its thread
+    await deliver(alerts, on_alert)
+    return result
+
+
+def _settle_in_transaction(
+    db: Database, hold: AnyRow, actual: int, idem: Idempotency, now: datetime
+) -> Callable[[], Awaitable[tuple[Settlement, tuple[BudgetAlert, ...]]]]:
+    """The settlement as a transaction (beyond the hold, or without one statement
+    for it): claim the idempotency key, close the hold, return it to its
+    budgets, charge the excess where it fits, write the ledger, store the result."""
+    hold_id, idempotency_key = hold.id, idem.key
 
     async def unit() -> tuple[Settlement, tuple[BudgetAlert, ...]]:
         async with db.begin() as conn:
@@ -284,24 +324,40 @@ async def settle(
                 await operations.store_result(conn, op_id, result.model_dump(mode="json"))
             return result, alerts
 
-    result, alerts = await run_hold(db, unit, hold_id, idem, Settlement)
-    await deliver(alerts, on_alert)
-    return result  # type: ignore[no-any-return]
+    return unit
 
 
 async def _settle_at_once(
-    close: Closer, hold_id: str, actual: int, now: datetime
+    close: Closer, hold_id: str, actual: int, now: datetime, idem: Idempotency
 ) -> Settlement | None:
     """A settlement within the hold in one round trip (``keycap._db.metering``'s
-    statement, ``keycap._db.blocks``' compound statement). None when it did not
-    settle: the hold is not open, or ``actual`` is beyond it (the transaction
-    then decides)."""
-    closed = await close(hold_id, "settled", now, actual)
+    statement, ``keycap._db.blocks``' compound statement; with an idempotency
+    key, its operation's row too, or the earlier call's result found instead).
+    None when it did not settle: the hold is not open, or ``actual`` is beyond
+    it (the transaction then decides)."""
+    claim = claim_params(idem, {"actual": actual, "at": now})
+    if claim:
+        closed = await close(hold_id, "settled", now, actual, claim=claim)
+    else:
+        closed = await close(hold_id, "settled", now, actual)
+    if isinstance(closed, operations.Prior):
+        return prior_replay(closed, idem, replayed_settlement)  # type: ignore[no-any-return]
     if closed is None:
         return None
     hold, afters = closed
     split = movements.split_settlement(hold.amount_micros, actual, None)
     return _settlement(hold, actual, split, afters, now)
+
+
+def replayed_settlement(result: dict[str, Any]) -> Settlement:
+    """A settlement's stored result, replayed: as a transaction stored it, or
+    rebuilt from what its statement stored (``keycap._db.operations``)."""
+    if (afters := operations.rows_after(result)) is None:
+        return Settlement.model_validate(result)
+    hold, actual = operations.hold_after(result), result["head"]["actual"]
+    split = movements.split_settlement(hold.amount_micros, actual, None)
+    settled = _settlement(hold, actual, split, afters, operations.head_time(result, "at"))
+    return settled.model_copy(update={"replayed": True})
 
 
 def _settlement(

@@ -23,6 +23,7 @@ from keycap._errors import (
 from keycap._ops.release import sweep
 from keycap._ops.results import budget_exceeded, epoch_ms, rate_limited_error
 from keycap._ops.units import (
+    Decode,
     Idempotency,
     KeyRefused,
     RateRefused,
@@ -168,21 +169,31 @@ async def run(
     amounts: Mapping[str, int],
     now: datetime,
     idem: Idempotency,
-    model: Any,
+    decode: Decode,
+    replay_first: bool = False,
 ) -> Any:
-    """Run a unit, turning refusals into errors and a lost idempotency race into a replay."""
+    """Run a unit, turning refusals into errors and a lost idempotency race into a
+    replay. ``replay_first``: an idempotent call whose unit does not look for an
+    earlier call's result itself (a transaction's): it is looked for first."""
 
     async def attempt() -> tuple[Any, Exception | None]:
         """The unit's result, or why it was refused (None and None: room after all,
-        it goes again). On SQLite the two are one call into its thread."""
+        it goes again). On SQLite all of it is one call into its thread."""
         try:
+            if replay_first and (replay := await stored_replay(db, decode, idem)) is not None:
+                return (replay, ()), None
             return await retrying(db, unit), None
         except Conflict:
             # Lost the race to a duplicate with the same idempotency key: its result.
-            if (replay := await stored_replay(db, model, idem)) is None:
+            if (replay := await stored_replay(db, decode, idem)) is None:
                 raise
             return (replay, ()), None
         except Refused as refused:
+            # A one-statement call decides on the key and budgets first: a duplicate
+            # that committed while it waited for their locks can leave it without
+            # room. The first committed call of an idempotency key is the answer.
+            if (replay := await stored_replay(db, decode, idem)) is not None:
+                return (replay, ()), None
             if isinstance(refused, KeyRefused) or refused.key is None:
                 return None, await key_refusal(db, key_id or "", now)
             return None, await budget_refusal(db, refused, amounts, now, key_id)

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from functools import partial
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -19,9 +19,22 @@ from keycap._db.engine import Conflict, Database
 from keycap._errors import HoldClosedError, NotFoundError
 from keycap._models import BudgetStatus, Hold
 from keycap._ops.results import budget_status, by_remaining
-from keycap._ops.units import HoldRefused, Idempotency, Refused, claim, retrying, stored_replay
+from keycap._ops.units import (
+    Decode,
+    HoldRefused,
+    Idempotency,
+    Refused,
+    claim,
+    claim_params,
+    prior_replay,
+    retrying,
+    stored_replay,
+    together,
+)
 from keycap._rules import movements
 from keycap._rules.money import from_micros
+
+T = TypeVar("T")
 
 
 def hold_model(row: Any, statuses: Sequence[BudgetStatus] = (), replayed: bool = False) -> Hold:
@@ -53,7 +66,7 @@ def origin_of(hold: Any, now: datetime, idempotency_key: str | None) -> movement
 
 
 async def open_hold(
-    db: Database, hold_id: str, idem: Idempotency, model: Any
+    db: Database, hold_id: str, idem: Idempotency, decode: Decode
 ) -> tuple[AnyRow | None, Any]:
     """``(hold, None)`` for an open hold to settle or release; ``(None, result)`` when
     this same call (its idempotency key) closed it already, maybe concurrently:
@@ -69,26 +82,44 @@ async def open_hold(
         raise NotFoundError("hold", hold_id)
     if row.status == "open":
         return row, None
-    if (replay := await stored_replay(db, model, idem)) is not None:
+    if (replay := await stored_replay(db, decode, idem)) is not None:
         return None, replay
     raise HoldClosedError(hold_id, row.status)
 
 
-#: How a hold is closed in one round trip: ``(hold_id, status, now, actual=None)``
-#: -> the hold's row and its budgets' rows after, or None (not closed).
-Closer = Callable[..., Awaitable[tuple[Any, list[Any]] | None]]
+#: How a hold is closed in one round trip: ``(hold_id, status, now, actual=None,
+#: claim=None)`` -> the hold's row and its budgets' rows after; or, with ``claim``
+#: (``keycap._db.operations.claim_params``: idempotent), what the earlier call
+#: of its idempotency key stored; or None (not closed).
+Closer = Callable[..., Awaitable[tuple[Any, list[Any]] | operations.Prior | None]]
 
 
 def closer(db: Database) -> Closer:
-    """Closing a hold without an idempotency key: one statement on PostgreSQL
-    (``keycap._db.metering``), one compound statement on MariaDB
-    (``keycap._db.blocks``), a transaction elsewhere (:func:`close_in_transaction`:
-    on SQLite in one call into its thread)."""
+    """Closing a hold: one statement on PostgreSQL (``keycap._db.metering``), one
+    compound statement on MariaDB (``keycap._db.blocks``), with or without an
+    idempotency key (:func:`closes_idempotently`); a transaction elsewhere
+    (:func:`close_in_transaction`, without one: on SQLite in one call into its
+    thread)."""
     if db.one_statement:
         return partial(metering.close_hold, db.statement)
     if db.one_block:
         return partial(blocks.close_hold, db.block, db.engine.dialect)
     return partial(close_in_transaction, db)
+
+
+async def at_once(db: Database, close: Callable[[], Awaitable[T]]) -> T | None:
+    """A hold's closing in one round trip (``close``, using :func:`closer`); None
+    when it did not close it, and when a duplicate of the same idempotency key
+    claimed it first: the transaction then says what happened (its replay)."""
+    try:
+        return await retrying(db, close)
+    except Conflict:
+        return None
+
+
+def closes_idempotently(db: Database) -> bool:
+    """Whether :func:`closer` takes an idempotent call (a ``claim``)."""
+    return db.one_statement or db.one_block
 
 
 async def close_in_transaction(
@@ -141,18 +172,18 @@ async def run_hold(
     unit: Callable[[], Awaitable[Any]],
     hold_id: str,
     idem: Idempotency,
-    model: Any,
+    decode: Decode,
 ) -> Any:
     """Run a settle or release unit. A concurrent duplicate that got there first
     (its claim won, or it closed the hold) means its result is the answer."""
     try:
         return await retrying(db, unit)
     except Conflict:
-        if (replay := await stored_replay(db, model, idem)) is None:
+        if (replay := await stored_replay(db, decode, idem)) is None:
             raise
         return replay, ()
     except Refused:
-        if (replay := await stored_replay(db, model, idem)) is not None:
+        if (replay := await stored_replay(db, decode, idem)) is not None:
             return replay, ()
         row = await db.read(holds.get_hold, hold_id)
         raise HoldClosedError(hold_id, row.status if row is not None else "gone") from None
@@ -167,44 +198,63 @@ async def release(
     status: str = "released",
 ) -> Hold:
     """Return a hold to its budgets (``status="expired"``: the same, by expiry)."""
-    if idempotency_key is None:
+    idem = Idempotency.of("release", hold_id, idempotency_key)
+    if idempotency_key is None or closes_idempotently(db):
         close = closer(db)
 
-        async def at_once() -> Hold | None:
-            closed = await close(hold_id, status, now)
+        async def closing() -> Hold | None:
+            claim = claim_params(idem, {"at": now})
+            closed = await (
+                close(hold_id, status, now, claim=claim) if claim else close(hold_id, status, now)
+            )
+            if isinstance(closed, operations.Prior):
+                return prior_replay(closed, idem, replayed)  # type: ignore[no-any-return]
             if closed is None:
                 return None  # not open: the transaction below says why
             hold, afters = closed
             return hold_model(hold, [budget_status(a, now) for a in afters])
 
-        if (done := await retrying(db, at_once)) is not None:
+        if (done := await at_once(db, closing)) is not None:
             return done
-    idem = Idempotency.of("release", hold_id, idempotency_key)
-    hold, replay = await open_hold(db, hold_id, idem, Hold)
-    if hold is None:
-        return replay  # type: ignore[no-any-return]
 
-    async def unit() -> tuple[Hold, tuple[()]]:
-        async with db.begin() as conn:
-            op_id = await claim(conn, hold.org_id, idem, now)
-            if not await holds.close_hold(conn, hold_id, status, now):
-                raise HoldRefused()
-            afters = await return_hold(conn, hold, now, used=0)
-            entries = movements.releases(
-                origin_of(hold, now, idempotency_key),
-                afters,
-                hold.amount_micros,
-                expired=status != "released",
-            )
-            await ledger.insert_ledger(conn, entries)
-            closed = SimpleNamespace(**{**hold._mapping, "status": status, "closed_at": now})
-            result = hold_model(closed, [budget_status(a, now) for a in afters])
-            if op_id is not None:
-                await operations.store_result(conn, op_id, result.model_dump(mode="json"))
-            return result, ()
+    async def in_transaction() -> tuple[Hold, tuple[()]]:
+        hold, replay = await open_hold(db, hold_id, idem, replayed)
+        if hold is None:
+            return replay, ()
 
-    result, _ = await run_hold(db, unit, hold_id, idem, Hold)
-    return result  # type: ignore[no-any-return]
+        async def unit() -> tuple[Hold, tuple[()]]:
+            async with db.begin() as conn:
+                op_id = await claim(conn, hold.org_id, idem, now)
+                if not await holds.close_hold(conn, hold_id, status, now):
+                    raise HoldRefused()
+                afters = await return_hold(conn, hold, now, used=0)
+                entries = movements.releases(
+                    origin_of(hold, now, idempotency_key),
+                    afters,
+                    hold.amount_micros,
+                    expired=status != "released",
+                )
+                await ledger.insert_ledger(conn, entries)
+                closed = SimpleNamespace(**{**hold._mapping, "status": status, "closed_at": now})
+                result = hold_model(closed, [budget_status(a, now) for a in afters])
+                if op_id is not None:
+                    await operations.store_result(conn, op_id, result.model_dump(mode="json"))
+                return result, ()
+
+        return await run_hold(db, unit, hold_id, idem, replayed)  # type: ignore[no-any-return]
+
+    result, _ = await together(db, in_transaction)  # on SQLite, one call into its thread
+    return result
+
+
+def replayed(result: dict[str, Any]) -> Hold:
+    """A release's stored result, replayed: as a transaction stored it, or rebuilt
+    from what its statement stored (``keycap._db.operations``)."""
+    if (afters := operations.rows_after(result)) is None:
+        return Hold.model_validate(result)
+    at = operations.head_time(result, "at")
+    statuses = [budget_status(a, at) for a in afters]
+    return hold_model(operations.hold_after(result), statuses, replayed=True)
 
 
 async def sweep(db: Database, now: datetime, *, budget_id: str | None = None) -> int:

@@ -34,7 +34,7 @@ log = logging.getLogger("keycap")
 AlertHandler = Callable[[BudgetAlert], Awaitable[None]]
 
 
-def budget_status(row: AnyRow, now: datetime) -> BudgetStatus:
+def budget_status(row: Any, now: datetime) -> BudgetStatus:
     state = budget_rules.state_at(row, now)
     return BudgetStatus.model_construct(
         id=row.id,

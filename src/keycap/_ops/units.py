@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from keycap._db import blocks, inthread, keys, metering, operations, tenancy
 from keycap._db.build import AnyRow, KeyRef
-from keycap._db.engine import Database, is_transient
+from keycap._db.engine import Conflict, Database, is_transient
 from keycap._errors import DatabaseError, DatabaseUnavailableError, IdempotencyConflictError
 from keycap._rules import ids
 
@@ -103,7 +103,11 @@ class Idempotency:
         return cls(kind, scope, key, hashlib.sha256(canonical.encode()).hexdigest())
 
 
-async def stored_replay(db: Database, model: Any, idem: Idempotency) -> Any | None:
+#: How a call's stored result is read back: its result, marked ``replayed``.
+Decode = Callable[[dict[str, Any]], Any]
+
+
+async def stored_replay(db: Database, decode: Decode, idem: Idempotency) -> Any | None:
     """The stored result of an earlier call with this idempotency key, marked
     replayed; None if there is none (yet).
 
@@ -115,11 +119,46 @@ async def stored_replay(db: Database, model: Any, idem: Idempotency) -> Any | No
     stored = await db.read(
         operations.stored_result, scope=idem.scope, kind=idem.kind, idempotency_key=idem.key
     )
-    if stored is None or stored.result is None:
+    if stored is None:
         return None
-    if stored.request_hash is not None and stored.request_hash != idem.request_hash:
-        raise IdempotencyConflictError(idem.key, idem.kind)
-    return model.model_validate({**stored.result, "replayed": True})
+    return replay_of(stored.result, stored.request_hash, idem, decode)
+
+
+def replay_of(
+    result: dict[str, Any] | None, request_hash: str | None, idem: Idempotency, decode: Decode
+) -> Any | None:
+    """An earlier call's stored result and parameters' hash, replayed (None: it
+    stored no result).
+
+    Raises:
+        IdempotencyConflictError: the earlier call had other parameters.
+    """
+    if result is None:
+        return None
+    if request_hash is not None and request_hash != idem.request_hash:
+        raise IdempotencyConflictError(idem.key or "", idem.kind)
+    return decode({**result, "replayed": True})
+
+
+def claim_params(idem: Idempotency, head: dict[str, Any]) -> dict[str, Any]:
+    """The binds that make a one-statement call idempotent (none without a key):
+    ``keycap._db.operations.claim_params``, its result rebuilt from ``head``."""
+    if idem.key is None:
+        return {}
+    return operations.claim_params(idem.kind, idem.key, idem.request_hash, head)
+
+
+def prior_replay(found: operations.Prior, idem: Idempotency, decode: Decode) -> Any:
+    """The earlier call an idempotent one-statement call found instead of running,
+    replayed.
+
+    Raises:
+        IdempotencyConflictError: the earlier call had other parameters.
+        Conflict: the earlier call stored no result (replayed once it has).
+    """
+    if (replay := replay_of(found.result, found.request_hash, idem, decode)) is None:
+        raise Conflict(f"the {idem.kind} of idempotency key {idem.key!r} has no result yet")
+    return replay
 
 
 async def claim(conn: AsyncConnection, org_id: str, idem: Idempotency, now: datetime) -> str | None:

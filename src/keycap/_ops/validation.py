@@ -63,7 +63,7 @@ async def validate(
         charge_result = None
         if amounts:
             debited = [(row, amounts[row.meter]) for row in done.budgets]
-            charge_result = charged(key_id, amounts, debited, now)  # type: ignore[arg-type]
+            charge_result = charged(key_id, amounts, debited, now)
         alerts = charge_result.alerts if charge_result is not None else ()
         return done.key, tightest, charge_result, alerts
 
@@ -92,7 +92,7 @@ async def validate(
         charge_result = None
         if amounts:
             debited = [(row, amounts[row.meter]) for row in done.budgets]
-            charge_result = charged(key_id, amounts, debited, now)  # type: ignore[arg-type]
+            charge_result = charged(key_id, amounts, debited, now)
         alerts = charge_result.alerts if charge_result is not None else ()
         return done.key, tightest_rate(done.rate_limits, now), charge_result, alerts  # type: ignore[return-value]
 
