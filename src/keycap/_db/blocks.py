@@ -337,29 +337,7 @@ def _claim(w: _Writer, org_id: Any, scope: Any, where: Any = None) -> None:
     after the row's lock: a duplicate committed since :func:`_unless_replayed`
     (or in flight, then committed) fails the block on the unique index, and the
     caller replays it (``Conflict``)."""
-    o = operations_table.c
-    row = select(
-        operations.OP_ID,
-        org_id,
-        scope,
-        operations.OP_KIND,
-        operations.OP_KEY,
-        operations.OP_HASH,
-        null(),
-        NOW,
-    )
-    columns = [
-        o.id,
-        o.org_id,
-        o.scope,
-        o.kind,
-        o.idempotency_key,
-        o.request_hash,
-        o.result,
-        o.created_at,
-    ]
-    sourced = row.where(where) if where is not None else row
-    w.stmt(insert(operations_table).from_select(columns, sourced))
+    w.stmt(operations.claiming(org_id, scope, null(), where))
 
 
 def _store_result(w: _Writer, moved: Any, *, closing: bool = False) -> None:
@@ -652,8 +630,7 @@ async def close_hold(
     readers = dict(block.sets)
     step = int(sets[0][0][0]) if sets[0] else None
     if step == REPLAYED:
-        found = readers["prior"].row(sets[1][0])
-        return operations.Prior(found.result, found.request_hash)
+        return _prior(readers, sets)
     if step != DONE:
         return None
     hold = readers["hold"].row(sets[1][0])
@@ -708,8 +685,7 @@ class Outcome:
         first = readers["step"].row(sets[0][0])
         step = int(first.step)
         if step == REPLAYED:
-            found = readers["prior"].row(sets[1][0])
-            return cls(step, prior=operations.Prior(found.result, found.request_hash))
+            return cls(step, prior=_prior(readers, sets))
         ref = KeyRef.of(first.id, first) if step != KEY_REFUSED else None
         if step == DONE:
             read = {
@@ -727,6 +703,12 @@ class Outcome:
         if step == BUDGET_REFUSED and len(sets) > 1 and sets[1]:
             return cls(step, ref=ref, refused_budget=readers["refused"].row(sets[1][0]))
         return cls(step, ref=ref)
+
+
+def _prior(readers: Mapping[str, Compiled], sets: Sequence[Sequence[Any]]) -> operations.Prior:
+    """A :data:`REPLAYED` block's second result set: the earlier call's operation."""
+    found = readers["prior"].row(sets[1][0])
+    return operations.Prior(found.result, found.request_hash)
 
 
 #: How a block is run: ``Database.block``, one round trip, its result sets.

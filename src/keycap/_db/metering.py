@@ -292,30 +292,8 @@ def _claim(org_id: Any, scope: Any, after: Any, hold: Any = None, decided: Any =
     if hold is not None:
         closed = func.json_build_object(*operations.fields(holds, hold.c))
         text = text + literal(operations.HOLD_AFTER) + cast(closed, Text)
-    row = select(
-        operations.OP_ID,
-        org_id,
-        scope,
-        operations.OP_KIND,
-        operations.OP_KEY,
-        operations.OP_HASH,
-        text + literal("}"),
-        NOW,
-    )
-    if decided is not None:
-        row = row.where(decided)
-    o = operations_table.c
-    columns = [
-        o.id,
-        o.org_id,
-        o.scope,
-        o.kind,
-        o.idempotency_key,
-        o.request_hash,
-        o.result,
-        o.created_at,
-    ]
-    return insert(operations_table).from_select(columns, row).returning(o.id).cte("hot_claim")
+    claimed = operations.claiming(org_id, scope, text + literal("}"), decided)
+    return claimed.returning(operations_table.c.id).cte("hot_claim")
 
 
 def _open_hold(key: Any, room: Any, decided: Any, cost: Cost) -> Any:

@@ -14,7 +14,7 @@ from sqlalchemy import String, Table, bindparam, insert, literal_column, select,
 from sqlalchemy.engine.default import DefaultDialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from keycap._db.build import AnyRow
+from keycap._db.build import NOW, AnyRow
 from keycap._db.hot import HotRow
 from keycap._db.schema import budgets, holds, operations
 from keycap._db.types import UTCDateTime
@@ -115,6 +115,24 @@ def _iso(value: Any) -> str:
     if isinstance(value, datetime):
         return value.isoformat()
     raise TypeError(f"not JSON: {type(value).__name__}")
+
+
+def claiming(org_id: Any, scope: Any, result: Any, where: Any = None) -> Any:
+    """The INSERT of an idempotent call's operation row (scoped to ``scope``, the
+    key's or the hold's id), with ``result`` (an SQL expression: the stored
+    text, or NULL until it is written), only ``where`` it holds when given."""
+    row = select(OP_ID, org_id, scope, OP_KIND, OP_KEY, OP_HASH, result, NOW)
+    columns = [
+        o.id,
+        o.org_id,
+        o.scope,
+        o.kind,
+        o.idempotency_key,
+        o.request_hash,
+        o.result,
+        o.created_at,
+    ]
+    return insert(operations).from_select(columns, row if where is None else row.where(where))
 
 
 def prior(scope: Any) -> Any:

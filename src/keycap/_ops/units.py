@@ -98,7 +98,10 @@ class Idempotency:
     @classmethod
     def of(cls, kind: str, scope: str, key: str | None, **request: Any) -> Idempotency:
         """``request`` is every parameter that decides what the call does: the same
-        key sent with other parameters is a conflict, never a replay (as Stripe's)."""
+        key sent with other parameters is a conflict, never a replay (as Stripe's).
+        Without a key nothing is compared, and nothing is hashed."""
+        if key is None:
+            return cls(kind, scope, None, "")
         canonical = json.dumps(request, sort_keys=True, separators=(",", ":"), default=str)
         return cls(kind, scope, key, hashlib.sha256(canonical.encode()).hexdigest())
 
