@@ -24,6 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
 import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
@@ -694,6 +695,9 @@ async def bench(db: str, url: str, args: argparse.Namespace) -> list[Row]:
         async def charge() -> Any:
             return await client.charge(w.charge_key_id, TINY)
 
+        async def idempotent_charge() -> Any:
+            return await client.charge(w.charge_key_id, TINY, idempotency_key=uuid.uuid4().hex)
+
         async def reserve_settle() -> Any:
             hold = await client.reserve(w.holder_key_id, Decimal("0.01"))
             return await client.settle(hold.id, TINY)
@@ -752,6 +756,14 @@ async def bench(db: str, url: str, args: argparse.Namespace) -> list[Row]:
                 "update",
                 *await paired(floor.update, charge, n),
                 target=3.0,
+            )
+        )
+        say(
+            row(
+                db,
+                "charge with an idempotency key",
+                "update",
+                *await paired(floor.update, idempotent_charge, n),
             )
         )
         say(
