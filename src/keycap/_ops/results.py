@@ -114,9 +114,11 @@ def crossed_alerts(
 ) -> tuple[BudgetAlert, ...]:
     out = []
     for after, amount in debited:
+        if not (thresholds := budget_rules.decode_thresholds(after.thresholds)):
+            continue
         state = budget_rules.state_at(after, now)
         for threshold in budget_rules.crossed(
-            budget_rules.decode_thresholds(after.thresholds),
+            thresholds,
             state.limit,
             state.used - amount,
             state.used,

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 from keycap._errors import InvalidArgumentError
@@ -89,6 +90,7 @@ def encode_thresholds(thresholds: tuple[int, ...]) -> str:
     return " " + " ".join(str(t) for t in thresholds) + " "
 
 
+@lru_cache(maxsize=1024)
 def decode_thresholds(stored: str) -> tuple[int, ...]:
     return tuple(int(t) for t in stored.split())
 

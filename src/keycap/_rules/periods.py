@@ -14,6 +14,7 @@ from __future__ import annotations
 import calendar
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from functools import lru_cache
 from typing import Final
 
 from keycap._errors import InvalidArgumentError
@@ -60,6 +61,9 @@ def _add_months(year: int, month: int, n: int) -> tuple[int, int]:
     return index // 12, index % 12 + 1
 
 
+# start and end are pure, and a call asks them the same thing for each of its
+# budgets (and a result and its alerts once more each): worked out once.
+@lru_cache(maxsize=1024)
 def start(period: Period, now: datetime, anchor_day: int | None = None) -> datetime:
     """The start of the period containing ``now`` (aware UTC)."""
     if period is Period.LIFETIME:
@@ -76,6 +80,7 @@ def start(period: Period, now: datetime, anchor_day: int | None = None) -> datet
     return candidate
 
 
+@lru_cache(maxsize=1024)
 def end(period: Period, period_start: datetime, anchor_day: int | None = None) -> datetime | None:
     """The start of the next period (when this one resets), or None for lifetime."""
     if period is Period.LIFETIME:
