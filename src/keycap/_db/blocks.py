@@ -733,19 +733,9 @@ async def validate_in_block(
     return Outcome.of(block, await run(block.sql, block.args(params)))
 
 
-async def charge_in_block(
-    run: RunBlock, dialect: Dialect, meter_count: int, params: dict[str, Any], idempotent: bool
-) -> Outcome:
-    """A charge in one round trip (``params``: ``keycap._db.metering.charge_params``,
-    and ``keycap._db.operations.claim_params`` when ``idempotent``)."""
-    block = charge_block(dialect, meter_count, idempotent)
-    return Outcome.of(block, await run(block.sql, block.args(flat(params))))
-
-
-async def reserve_in_block(
-    run: RunBlock, dialect: Dialect, params: dict[str, Any], idempotent: bool
-) -> Outcome:
-    """A reserve in one round trip (``params``: ``keycap._db.metering.reserve_params``,
-    and ``keycap._db.operations.claim_params`` when ``idempotent``)."""
-    block = reserve_block(dialect, idempotent)
+async def spend(run: RunBlock, block: Block, params: dict[str, Any]) -> Outcome:
+    """A charge's or reserve's block (:func:`charge_block`, :func:`reserve_block`)
+    in one round trip; ``params``: ``keycap._db.metering.charge_params`` or
+    ``reserve_params``, and ``keycap._db.operations.claim_params`` when it is
+    idempotent."""
     return Outcome.of(block, await run(block.sql, block.args(flat(params))))

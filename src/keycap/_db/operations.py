@@ -172,10 +172,18 @@ _AT = UTCDateTime()
 _DIALECT = DefaultDialect()  # the conversion is the same on every database
 
 
+#: The columns of each table a stored result holds rows of that the database
+#: writes in JSON as text: its datetimes.
+_TIMES = {
+    table: frozenset(c.name for c in table.c if isinstance(c.type, UTCDateTime))
+    for table in (budgets, holds)
+}
+
+
 def _row(table: Table, written: Mapping[str, Any]) -> HotRow:
     """A row the database wrote in JSON, read as the statement's own rows are
     (its datetimes were written as text)."""
-    times = {c.name for c in table.c if isinstance(c.type, UTCDateTime)}
+    times = _TIMES[table]
     return HotRow(
         {
             name: _AT.process_result_value(value, _DIALECT) if name in times else value

@@ -19,12 +19,11 @@ from keycap._ops.results import AlertHandler, budget_status, by_remaining, cross
 from keycap._ops.units import (
     BudgetRefused,
     Idempotency,
-    block_spent,
     claim,
     claim_params,
     live_key,
     prior_replay,
-    spent,
+    spent_at_once,
 )
 from keycap._rules import ids, movements
 from keycap._rules.money import from_micros
@@ -81,24 +80,23 @@ def _at_once(
     (``keycap._db.blocks``); with an idempotency key, its operation's row too,
     or the earlier call's result found instead."""
     idempotent = idem.key is not None
+    count = len(amounts)
 
     async def unit() -> tuple[Charge, tuple[BudgetAlert, ...]]:
-        params = claim_params(idem, {"key_id": key_id, "amounts": dict(amounts), "at": now})
-        params.update(metering.charge_params(key_id, amounts, metadata, now))
-        after: Sequence[Any] = ()
-        if db.one_statement:
-            stmt = metering.charge_statement(len(amounts), idempotent=idempotent)
-            rows = await metering.run(db.statement, stmt, params)
-            if (found := metering.found(rows)) is None:
-                after = spent(rows, key_id)
-        else:
-            done = await blocks.charge_in_block(
-                db.block, db.engine.dialect, len(amounts), params, idempotent
-            )
-            if (found := done.prior) is None:
-                after = block_spent(done)
-        if found is not None:
-            return prior_replay(found, idem, replayed), ()
+        params = metering.charge_params(key_id, amounts, metadata, now)
+        if claim := claim_params(
+            idem, lambda: {"key_id": key_id, "amounts": dict(amounts), "at": now}
+        ):
+            params.update(claim)
+        after = await spent_at_once(
+            db,
+            key_id,
+            lambda: metering.charge_statement(count, idempotent=idempotent),
+            lambda dialect: blocks.charge_block(dialect, count, idempotent),
+            params,
+        )
+        if isinstance(after, operations.Prior):
+            return prior_replay(after, idem, replayed), ()
         result = charged(key_id, amounts, [(row, amounts[row.meter]) for row in after], now)
         return result, result.alerts
 

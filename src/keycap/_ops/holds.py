@@ -33,12 +33,11 @@ from keycap._ops.units import (
     BudgetRefused,
     HoldRefused,
     Idempotency,
-    block_spent,
     claim,
     claim_params,
     live_key,
     prior_replay,
-    spent,
+    spent_at_once,
     together,
 )
 from keycap._rules import budgets as budget_rules
@@ -104,30 +103,28 @@ def _reserve_at_once(
 
     async def unit() -> tuple[Hold, tuple[()]]:
         hold_id = ids.new_id("hold")
-        head = {
-            "hold_id": hold_id,
-            "key_id": key_id,
-            "meter": meter,
-            "amount": amount,
-            "at": now,
-            "expires_at": expires_at,
-        }
-        params = claim_params(idem, head)
-        params.update(
-            metering.reserve_params(key_id, hold_id, meter, amount, now, expires_at, on_expiry)
+        params = metering.reserve_params(key_id, hold_id, meter, amount, now, expires_at, on_expiry)
+        if claim := claim_params(
+            idem,
+            lambda: {
+                "hold_id": hold_id,
+                "key_id": key_id,
+                "meter": meter,
+                "amount": amount,
+                "at": now,
+                "expires_at": expires_at,
+            },
+        ):
+            params.update(claim)
+        held = await spent_at_once(
+            db,
+            key_id,
+            lambda: metering.reserve_statement(idempotent),
+            lambda dialect: blocks.reserve_block(dialect, idempotent),
+            params,
         )
-        held: Sequence[Any] = ()
-        if db.one_statement:
-            stmt = metering.reserve_statement(idempotent)
-            rows = await metering.run(db.statement, stmt, params)
-            if (found := metering.found(rows)) is None:
-                held = spent(rows, key_id)
-        else:
-            done = await blocks.reserve_in_block(db.block, db.engine.dialect, params, idempotent)
-            if (found := done.prior) is None:
-                held = block_spent(done)
-        if found is not None:
-            return prior_replay(found, idem, replayed), ()
+        if isinstance(held, operations.Prior):
+            return prior_replay(held, idem, replayed), ()
         return _opened(hold_id, key_id, meter, amount, now, expires_at, held), ()
 
     return unit
@@ -335,11 +332,8 @@ async def _settle_at_once(
     key, its operation's row too, or the earlier call's result found instead).
     None when it did not settle: the hold is not open, or ``actual`` is beyond
     it (the transaction then decides)."""
-    claim = claim_params(idem, {"actual": actual, "at": now})
-    if claim:
-        closed = await close(hold_id, "settled", now, actual, claim=claim)
-    else:
-        closed = await close(hold_id, "settled", now, actual)
+    claim = claim_params(idem, lambda: {"actual": actual, "at": now})
+    closed = await close(hold_id, "settled", now, actual, claim=claim)
     if isinstance(closed, operations.Prior):
         return prior_replay(closed, idem, replayed_settlement)  # type: ignore[no-any-return]
     if closed is None:

@@ -5,7 +5,7 @@ Below the refusal diagnosis, which sweeps expired holds before it refuses.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from functools import partial
 from types import SimpleNamespace
@@ -123,13 +123,19 @@ def closes_idempotently(db: Database) -> bool:
 
 
 async def close_in_transaction(
-    db: Database, hold_id: str, status: str, now: datetime, actual: int | None = None
+    db: Database,
+    hold_id: str,
+    status: str,
+    now: datetime,
+    actual: int | None = None,
+    claim: Mapping[str, Any] | None = None,
 ) -> tuple[Any, list[AnyRow]] | None:
     """:data:`Closer` as one transaction: the hold released (``status``
     ``released`` or ``expired``), or settled for ``actual`` within its amount;
     the hold's row after and its budgets' rows after, or None when it did not
     close it (not open, or ``actual`` beyond the hold: a settlement's transaction
-    then decides)."""
+    then decides). Never idempotent (``claim`` None: :func:`closes_idempotently`)."""
+    assert claim is None, "an idempotent closing runs as the settle or release transaction"
     async with db.begin() as conn:
         hold = await holds.get_hold(conn, hold_id)
         if hold is None or (actual is not None and actual > hold.amount_micros):
@@ -203,10 +209,8 @@ async def release(
         close = closer(db)
 
         async def closing() -> Hold | None:
-            claim = claim_params(idem, {"at": now})
-            closed = await (
-                close(hold_id, status, now, claim=claim) if claim else close(hold_id, status, now)
-            )
+            claim = claim_params(idem, lambda: {"at": now})
+            closed = await close(hold_id, status, now, claim=claim)
             if isinstance(closed, operations.Prior):
                 return prior_replay(closed, idem, replayed)  # type: ignore[no-any-return]
             if closed is None:

@@ -143,12 +143,32 @@ def replay_of(
     return decode({**result, "replayed": True})
 
 
-def claim_params(idem: Idempotency, head: dict[str, Any]) -> dict[str, Any]:
-    """The binds that make a one-statement call idempotent (none without a key):
-    ``keycap._db.operations.claim_params``, its result rebuilt from ``head``."""
+def claim_params(idem: Idempotency, head: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
+    """The binds that make a one-statement call idempotent
+    (``keycap._db.operations.claim_params``, its result rebuilt from what
+    ``head`` returns); None without a key, and ``head`` is not called."""
     if idem.key is None:
-        return {}
-    return operations.claim_params(idem.kind, idem.key, idem.request_hash, head)
+        return None
+    return operations.claim_params(idem.kind, idem.key, idem.request_hash, head())
+
+
+async def spent_at_once(
+    db: Database,
+    key_id: str,
+    statement: Callable[[], Any],
+    block: Callable[[Any], blocks.Block],
+    params: dict[str, Any],
+) -> Sequence[Any] | operations.Prior:
+    """A charge or a reserve in one round trip: its ``statement`` on PostgreSQL
+    (``keycap._db.metering``), its ``block`` for the dialect on MariaDB
+    (``keycap._db.blocks``). The budgets' rows after it; what an earlier call of
+    its idempotency key stored (nothing was done); or ``Refused``."""
+    if db.one_statement:
+        rows = await metering.run(db.statement, statement(), params)
+        found = metering.found(rows)
+        return spent(rows, key_id) if found is None else found
+    done = await blocks.spend(db.block, block(db.engine.dialect), params)
+    return block_spent(done) if done.prior is None else done.prior
 
 
 def prior_replay(found: operations.Prior, idem: Idempotency, decode: Decode) -> Any:

@@ -45,9 +45,7 @@ async def validate(
     raises RateLimitedError or BudgetExceededError naming what refused.
     """
 
-    async def at_once() -> tuple[
-        AnyRow, RateLimitStatus | None, Charge | None, tuple[BudgetAlert, ...]
-    ]:
+    async def at_once() -> Done:
         done = await metering.validate_at_once(
             db.statement, key_id, digests, req, amounts, track, now, epoch_ms(now), client
         )
@@ -67,9 +65,7 @@ async def validate(
         alerts = charge_result.alerts if charge_result is not None else ()
         return done.key, tightest, charge_result, alerts
 
-    async def in_block() -> tuple[
-        AnyRow, RateLimitStatus | None, Charge | None, tuple[BudgetAlert, ...]
-    ]:
+    async def in_block() -> Done:
         done = await blocks.validate_in_block(
             db.block,
             db.engine.dialect,
@@ -96,9 +92,7 @@ async def validate(
         alerts = charge_result.alerts if charge_result is not None else ()
         return done.key, tightest_rate(done.rate_limits, now), charge_result, alerts  # type: ignore[return-value]
 
-    async def unit() -> tuple[
-        AnyRow, RateLimitStatus | None, Charge | None, tuple[BudgetAlert, ...]
-    ]:
+    async def unit() -> Done:
         async with db.begin() as conn:
             key_row = await keys.record_metered_use(
                 conn, key_id, digests, req, now, track=track, client=client
